@@ -1,0 +1,45 @@
+# robustkit: every target creates .venv when missing and installs the project into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-dev
+# Keep pip quiet and offline-friendly; torch/torchvision come from the machine's wheel cache.
+PIP_FLAGS := --disable-pip-version-check -q
+
+.PHONY: install demo test test-slow bench lint clean samples
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install $(PIP_FLAGS) --upgrade "pip>=23" wheel
+
+# One install of the project with its dev extra. torchattacks' wheel overwrites files of the real
+# robustbench package, so robustbench is reinstalled last, without dependencies.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install $(PIP_FLAGS) -e ".[dev]"
+	$(PIP) install $(PIP_FLAGS) --force-reinstall --no-deps robustbench==1.1.1
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/robustkit demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_attacks.py
+	$(PY) benchmarks/bench_training.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check robustkit tests benchmarks train evaluate
+
+samples: $(STAMP)
+	$(PY) train/prepare_samples.py
+
+clean:
+	rm -rf $(VENV) runs bench_results *.egg-info

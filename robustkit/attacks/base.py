@@ -1,0 +1,93 @@
+"""The ``Attack`` seam: every attack maps ``(x, y)`` in [0, 1] to ``x_adv`` in the ε-ball ∩ [0, 1].
+
+Subclasses implement ``_perturb``. The base class validates the inputs, runs the model in eval
+mode (BatchNorm on running statistics, methods.md §1.1) and restores the previous mode, and
+enables autograd itself so an attack works under ``torch.no_grad()``. Attacks take gradients with
+``torch.autograd.grad`` on the input only and never write a parameter's ``.grad``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Attack", "AttackResult", "Norm"]
+
+Norm = Literal["Linf", "L2"]
+
+
+@dataclass
+class AttackResult:
+    """What ``Attack.perturb`` returns.
+
+    Attributes:
+        x_adv: ``(N, C, H, W)`` in [0, 1], detached.
+        info: per-sample ``(N,)`` tensors keyed as in methods.md §7.1: ``eps`` (budget used),
+            ``steps_used`` (gradient evaluations spent on the sample), ``stopped`` (bool, frozen by
+            early stopping), ``kappa`` (iterates still classified correctly, GAIRAT's κ).
+            Attacks fill what they know; keys they do not compute are absent.
+    """
+
+    x_adv: Tensor
+    info: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Attack:
+    """Base class of all attacks.
+
+    Args:
+        model: ``nn.Module`` mapping ``(N, C, H, W)`` in [0, 1] to logits ``(N, K)``. Hold the bare
+            module, never a DDP wrapper.
+        eps: budget in [0, 1] pixel units (float).
+        norm: ``"Linf"`` or ``"L2"``.
+
+    Example:
+        >>> x_adv = PGD(model, eps=8/255, alpha=2/255, steps=10)(x, y)
+    """
+
+    def __init__(self, model: nn.Module, eps: float, norm: Norm = "Linf") -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        if norm not in ("Linf", "L2"):
+            raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+        eps = float(eps)
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.model = model
+        self.eps = eps
+        self.norm: Norm = norm
+
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor:
+        """Return ``x_adv`` (detached, same shape as ``x``)."""
+        return self.perturb(x, y).x_adv
+
+    def perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
+        """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``, ...)."""
+        _check_inputs(x, y)
+        was_training = self.model.training
+        self.model.eval()  # attack on running BN statistics (methods.md §1.1, step 6)
+        try:
+            with torch.enable_grad():  # so the attack works when called under torch.no_grad()
+                result = self._perturb(x.detach(), y.detach(), **overrides)
+        finally:
+            self.model.train(was_training)
+        result.x_adv = result.x_adv.detach()
+        return result
+
+    def _perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:.6g}, norm={self.norm!r})"
+
+
+def _check_inputs(x: Tensor, y: Tensor) -> None:
+    if x.dim() < 2:
+        raise ValueError(f"x must be batched (N, ...), got shape {tuple(x.shape)}")
+    if y.shape != (x.shape[0],):
+        raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
+    if x.numel() and (x.min() < 0 or x.max() > 1):
+        raise ValueError("x must lie in [0, 1]: normalisation belongs inside the model")

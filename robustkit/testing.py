@@ -1,0 +1,79 @@
+"""Tiny and analytic models shared by the tests and benchmarks (captum.testing's idea).
+
+Everything here takes [0, 1] inputs and returns logits, like every robustkit model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["TinyCNN", "LinearModel", "ConstantModel", "random_batch", "separable_toy_data"]
+
+
+class TinyCNN(nn.Module):
+    """conv(8) → BN → ReLU → pool → linear; BatchNorm makes train/eval mode observable."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, size: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.fc = nn.Linear(8 * 16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+class LinearModel(nn.Module):
+    """``logits = W · flatten(x) + b``: input gradients are rows of W, so FGSM is analytic."""
+
+    def __init__(self, in_shape: tuple[int, ...] = (3, 8, 8), num_classes: int = 10) -> None:
+        super().__init__()
+        self.fc = nn.Linear(int(torch.tensor(in_shape).prod()), num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(x.flatten(1))
+
+
+class ConstantModel(nn.Module):
+    """Predicts ``label`` for every input; its logits still depend (weakly) on x so gradients exist.
+
+    With ``sensitivity=0`` the logits are exactly constant (zero input gradient).
+    """
+
+    def __init__(self, num_classes: int = 10, label: int = 0, sensitivity: float = 1e-3) -> None:
+        super().__init__()
+        logits = torch.zeros(num_classes)
+        logits[label] = 10.0
+        self.register_buffer("logits", logits)
+        self.sensitivity = sensitivity
+
+    def forward(self, x: Tensor) -> Tensor:
+        wiggle = self.sensitivity * x.flatten(1).mean(1, keepdim=True)
+        return self.logits.expand(x.shape[0], -1) + wiggle
+
+
+def random_batch(
+    n: int = 8, shape: tuple[int, ...] = (3, 32, 32), num_classes: int = 10, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """A reproducible batch ``x`` uniform in [0, 1] and labels ``y``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand((n, *shape), generator=g)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    return x, y
+
+
+def separable_toy_data(
+    n: int = 256, shape: tuple[int, ...] = (1, 8, 8), num_classes: int = 2, seed: int = 0
+) -> tuple[Tensor, Tensor]:
+    """Images whose class is the brightness level: learnable in a few steps by any model."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, num_classes, (n,), generator=g)
+    level = (y.float() + 0.5) / num_classes
+    noise = 0.05 * torch.randn((n, *shape), generator=g)
+    x = (level.view(-1, *([1] * len(shape))) + noise).clamp(0, 1)
+    return x, y

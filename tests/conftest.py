@@ -1,0 +1,40 @@
+"""Shared fixtures. tests/ is not a package (robustbench installs a top-level ``tests``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustkit.testing import TinyCNN, random_batch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+if os.environ.get("ROBUSTKIT_SHARED_DATA"):
+    SHARED_DATA = Path(os.environ["ROBUSTKIT_SHARED_DATA"])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data`` next to the checkout; tests using it skip cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"offline data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def tiny_cnn() -> TinyCNN:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+@pytest.fixture
+def batch():
+    return random_batch(8, (3, 32, 32), 10, seed=0)
