@@ -1,0 +1,1 @@
+"""Real-data samples shipped with robustkit (see ``robustkit.data.samples``); no code."""
