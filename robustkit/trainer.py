@@ -1,0 +1,326 @@
+"""The one training loop shared by every objective (methods.md §7.1, architecture.md §3).
+
+The trainer owns train mode, ``sampler.set_epoch``, device moves, autocast, ``zero_grad``,
+backward, clipping, the optimizer and scheduler steps, ``objective.after_step()`` and the meters
+(reduced across ranks). What a batch's loss *is* belongs to the objective; evaluation,
+checkpoints and logging are callbacks, called in the order given with events ``on_fit_start``,
+``on_batch_end(trainer, out, batch)``, ``on_epoch_end``, ``on_fit_end`` and ``on_exception``.
+
+Example:
+    >>> trainer = Trainer(model, objective, optimizer, scheduler, epochs=100, callbacks=[...])
+    >>> state = trainer.fit(loaders.train)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from robustkit import distributed as dist
+from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
+
+__all__ = ["Trainer", "TrainerState", "NonFiniteLossError"]
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; raised before backward and the optimizer step.
+
+    The parameters keep their values (BatchNorm statistics of the failing forward are not rolled
+    back); the last checkpoint on disk is untouched.
+    """
+
+
+@dataclass
+class TrainerState:
+    """Shared by the trainer and its callbacks.
+
+    Attributes:
+        epoch: epochs completed (``fit`` resumes from here).
+        step: optimizer steps completed.
+        metrics: this epoch's reduced means (``train/<name>``, ``train/throughput`` in images/s,
+            ``lr``), plus what callbacks add (``eval/clean``, ``eval/pgd20``).
+        history: one ``metrics`` dict per completed epoch.
+        best: best value of the checkpoint monitor so far.
+        stop: set by a callback to end training after the current batch.
+        batch: the last batch's 0-dim values (``loss``, ``acc``, objective metrics), detached and
+            on the device, this rank only: read them with ``float()`` when needed.
+        histograms: this epoch's ``(N,)`` objective metrics gathered over ranks (CPU).
+    """
+
+    epoch: int = 0
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: float | None = None
+    stop: bool = False
+    batch: dict[str, Tensor] = field(default_factory=dict)
+    histograms: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Trainer:
+    """Train ``model`` on ``objective`` with ``optimizer`` (and ``scheduler``) for ``epochs``.
+
+    Args:
+        model: the module trained (bare or DDP-wrapped); the objective holds the same one.
+        objective: maps ``(x, y, ctx)`` to ``ObjectiveOutput(loss, logits, metrics)``.
+        optimizer: any ``torch.optim`` optimizer over the model's parameters.
+        scheduler: an LR scheduler or ``None``.
+        epochs: total number of epochs (``ctx.epochs``).
+        amp: ``"off"``, ``"bf16"`` (autocast; prefer it with double backprop) or ``"fp16"``
+            (autocast + GradScaler); CUDA only, ignored with a warning on the CPU.
+        grad_clip: max global L2 norm of the gradients, or ``None``.
+        scheduler_interval: ``"step"`` (``scheduler.step()`` after every optimizer step) or
+            ``"epoch"``.
+        callbacks: objects with some of the event methods, called in this order.
+        device: where batches go; ``None`` takes the model's device.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any = None,
+        *,
+        epochs: int,
+        amp: Literal["off", "bf16", "fp16"] = "off",
+        grad_clip: float | None = None,
+        scheduler_interval: Literal["epoch", "step"] = "step",
+        callbacks: Sequence[Any] = (),
+        device: str | torch.device | None = None,
+    ) -> None:
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        if amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'off', 'bf16' or 'fp16', got {amp!r}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
+        if scheduler_interval not in ("epoch", "step"):
+            raise ValueError(
+                f"scheduler_interval must be 'epoch' or 'step', got {scheduler_interval!r}"
+            )
+        self.model, self.objective = model, objective
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.epochs, self.grad_clip, self.scheduler_interval = epochs, grad_clip, scheduler_interval
+        self.callbacks = list(callbacks)
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        model.to(self.device)
+        cuda = self.device.type == "cuda"
+        if amp != "off" and not cuda:
+            log.warning("amp=%r ignored on %s: training stays float32", amp, self.device)
+        self.amp = amp if cuda else "off"
+        # channels_last speeds up cuDNN convolutions (tensor cores); only worth it for 4-D convs.
+        self.channels_last = cuda and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
+        self.state = TrainerState()
+        self.loader: Iterable | None = None
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self, train_loader: Iterable) -> TrainerState:
+        """Train from ``state.epoch`` (epochs already completed) to ``epochs``; return the state."""
+        self.loader, self.state.stop = train_loader, False
+        try:
+            self._emit("on_fit_start")
+            for epoch in range(self.state.epoch, self.epochs):
+                self._train_epoch(train_loader, epoch)
+                self._emit("on_epoch_end")
+                if self.state.stop:
+                    break
+            self._emit("on_fit_end")
+        except BaseException as err:
+            self._emit("on_exception", err)
+            raise
+        return self.state
+
+    def _train_epoch(self, loader: Iterable, epoch: int) -> None:
+        batch_sampler = getattr(loader, "batch_sampler", None)
+        for sampler in (getattr(loader, "sampler", None), getattr(batch_sampler, "sampler", None)):
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)  # DistributedSampler: a new, reproducible order per epoch
+                break
+        self.model.train()
+        meters, start = _Meters(), time.perf_counter()
+        for batch in loader:
+            out, y = self._train_step(batch, epoch)
+            meters.add(self.state.batch, out.metrics, y.shape[0])
+            self._emit("on_batch_end", out, batch)
+            if self.state.stop:
+                break
+        means, n_images, self.state.histograms = meters.reduce(self.device)
+        self.state.metrics = {f"train/{k}": v for k, v in means.items()}
+        self.state.metrics["train/throughput"] = n_images / max(time.perf_counter() - start, 1e-9)
+        self.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        if self.scheduler is not None and self.scheduler_interval == "epoch":
+            self.scheduler.step()
+        self.state.epoch = epoch + 1
+        self.state.history.append(self.state.metrics)  # same dict: eval callbacks add to it
+
+    def _train_step(self, batch: Any, epoch: int) -> tuple[ObjectiveOutput, Tensor]:
+        x, y, idx = self._move(batch)
+        ctx = TrainContext(epoch=epoch, epochs=self.epochs, step=self.state.step, idx=idx)
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.objective(x, y, ctx)
+        loss = out.loss
+        scalars = {k: v.detach().float() for k, v in out.metrics.items() if v.dim() == 0}
+        if not bool(torch.isfinite(loss.detach()).item()):
+            values = {k: round(float(v), 6) for k, v in scalars.items()}
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item():.4g} at epoch {epoch} step {self.state.step} "
+                f"(metrics {values}); stopped before the optimizer step: weights and the last "
+                "checkpoint are intact"
+            )
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.objective.after_step()
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+        self.state.step += 1
+        acc = (out.logits.detach().argmax(1) == y).float().mean()
+        self.state.batch = {**scalars, "loss": loss.detach().float(), "acc": acc}  # ours win
+        return out, y
+
+    def _move(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
+        x, y, idx = (*batch, None) if len(batch) == 2 else batch
+        fmt = torch.channels_last if self.channels_last and x.dim() == 4 else torch.preserve_format
+        x = x.to(self.device, memory_format=fmt, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        idx = idx.to(self.device, non_blocking=True) if idx is not None else None
+        return x, y, idx
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _emit(self, event: str, *args: Any) -> None:
+        for cb in self.callbacks:
+            method = getattr(cb, event, None)
+            if method is not None:
+                method(self, *args)
+
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as plain data (``weights_only``-loadable).
+
+        Under DDP this is a collective (every rank's RNG states are gathered): call it on all ranks.
+        """
+        return {
+            "model": dist.unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "objective": self.objective.state_dict(),
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "best": self.state.best,
+            "history": [dict(h) for h in self.state.history],
+            "rng": dist.all_gather_object(_rng_state(self.device)),  # one entry per rank
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict()``: weights, optimizer, scheduler, scaler, objective, RNGs."""
+        dist.unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if (state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError("scheduler: the checkpoint and this trainer disagree on having one")
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.objective.load_state_dict(state["objective"])
+        self.state.epoch, self.state.step = int(state["epoch"]), int(state["step"])
+        self.state.best = state["best"]
+        self.state.history = [dict(h) for h in state["history"]]
+        self.state.metrics = dict(self.state.history[-1]) if self.state.history else {}
+        rngs, world = state["rng"], dist.world_size()
+        if len(rngs) != world:
+            log.warning("checkpoint has RNG states of %d ranks, now %d", len(rngs), world)
+        _set_rng_state(rngs[dist.rank() % len(rngs)], self.device)
+
+
+class _Meters:
+    """Per-epoch sums of 0-dim values (kept on the device: no sync per batch) and (N,) values."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.hists: dict[str, list[Tensor]] = {}
+        self.images = 0
+
+    def add(self, scalars: dict[str, Tensor], metrics: dict[str, Tensor], n: int) -> None:
+        self.images += n
+        for k, v in scalars.items():  # weighted by the batch size: a mean over samples
+            self.sums[k] = self.sums.get(k, 0) + v * n
+            self.counts[k] = self.counts.get(k, 0) + n
+        for k, v in metrics.items():
+            if v.dim() == 1:
+                self.hists.setdefault(k, []).append(v.detach().float())
+
+    def reduce(self, device: torch.device) -> tuple[dict[str, float], float, dict[str, Tensor]]:
+        """Means over every rank's samples, the total image count and the gathered histograms."""
+        # Ranks may (rarely) report different keys; a collective needs the same ones everywhere.
+        keys = sorted(set().union(*dist.all_gather_object(sorted(self.sums))))
+        zero = torch.zeros((), device=device)
+        sums = [torch.as_tensor(self.sums.get(k, zero), device=device).double() for k in keys]
+        counts = [float(self.counts.get(k, 0)) for k in keys] + [float(self.images)]
+        counts_t = torch.tensor(counts, device=device, dtype=torch.float64)
+        total = dist.all_reduce_sum(torch.cat([torch.stack(sums + [zero.double()]), counts_t]))
+        m = len(keys) + 1
+        s, c = total[:m].tolist(), total[m:].tolist()
+        means = {k: s[i] / c[i] if c[i] > 0 else float("nan") for i, k in enumerate(keys)}
+        hkeys = sorted(set().union(*dist.all_gather_object(sorted(self.hists))))
+        hists = {
+            k: dist.all_gather_cat(
+                torch.cat(self.hists[k]) if k in self.hists else zero.new_zeros(0)
+            ).cpu()
+            for k in hkeys
+        }
+        return means, c[-1], hists
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Python, NumPy and torch RNG states as tensors and lists (no pickled objects)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), cached],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((int(version), tuple(int(i) for i in internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), cached))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
