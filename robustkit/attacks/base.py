@@ -65,15 +65,18 @@ class Attack:
         return self.perturb(x, y).x_adv
 
     def perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
-        """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``, ...)."""
+        """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``)."""
         _check_inputs(x, y)
-        was_training = self.model.training
+        # Remember every submodule's mode, not just the root's: a model may keep some layers
+        # (e.g. a frozen BatchNorm) in eval while it trains, and model.train(True) would undo that.
+        modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()  # attack on running BN statistics (methods.md §1.1, step 6)
         try:
             with torch.enable_grad():  # so the attack works when called under torch.no_grad()
                 result = self._perturb(x.detach(), y.detach(), **overrides)
         finally:
-            self.model.train(was_training)
+            for module, training in modes:
+                module.training = training
         result.x_adv = result.x_adv.detach()
         return result
 

@@ -93,6 +93,4 @@ class Objective:
 
 def detach_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     """Detach every metric tensor (helper for subclasses)."""
-    return {
-        k: v.detach() if isinstance(v, torch.Tensor) else torch.tensor(v) for k, v in metrics.items()
-    }
+    return {k: v.detach() if torch.is_tensor(v) else torch.tensor(v) for k, v in metrics.items()}

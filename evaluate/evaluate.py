@@ -1,0 +1,13 @@
+"""``python evaluate/evaluate.py ARGS`` = ``robustkit evaluate ARGS`` (RobustBench protocol).
+
+Example:
+    python evaluate/evaluate.py --model evaluate/pyautoattack_resnet18.py:load \\
+        --dataset sample-cifar10 --n-examples 200 --attacks clean,pgd20
+"""
+
+import sys
+
+from robustkit.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["evaluate", *sys.argv[1:]]))

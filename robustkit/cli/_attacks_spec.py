@@ -1,0 +1,188 @@
+"""The ``--attacks`` list of ``robustkit evaluate``: parsed and validated up front, then built.
+
+Forms (ε and the norm come from the evaluation; methods.md §1.4, §7.4):
+
+- ``clean``: accepted and ignored (clean accuracy is always reported);
+- ``pgdK`` / ``pgdKxR``: PGD-CE, K steps, α = ε/4, uniform random start, R restarts, per-sample
+  early stop on success and the best iterate kept (evaluation settings);
+- ``cwK`` / ``cwKxR``: the same with the CW margin loss (CW∞ as in FAT/GAIRAT's scripts);
+- ``fgsm``; ``autoattack`` (official AutoAttack through pyautoattack, ``--aa-version``);
+- ``square``: AutoAttack's Square alone (5,000 queries), a black-box check for gradient masking;
+- ``torchattacks:NAME`` or ``torchattacks:NAME(key=value, ...)``: any torchattacks class, given ε.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+__all__ = ["AttackSpec", "parse_attacks", "build_attacks", "strength", "targets_needed",
+           "VALID_FORMS", "AA_ATTACKS"]
+
+VALID_FORMS = ("clean, pgdK, pgdKxR, cwK, cwKxR, fgsm, autoattack, square, torchattacks:NAME, "
+               "torchattacks:NAME(key=value, ...) (K steps, R restarts: pgd20, pgd100x5, cw30)")
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+AA_TARGETS = 9  # APGD-T and FAB-T in AutoAttack standard/plus use 9 target classes (§1.5)
+ALPHA_FRACTION = 0.25  # α = ε/4 for every PGD evaluation (2/255 at ε = 8/255, methods.md §1.4)
+Kind = Literal["pgd", "cw", "fgsm", "autoattack", "square", "torchattacks"]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One parsed entry of ``--attacks``; ``name`` is its canonical text (the results key)."""
+
+    name: str
+    kind: Kind
+    steps: int = 0
+    restarts: int = 1
+    cls: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+
+
+def _split(text: str) -> list[str]:
+    """Split on commas outside parentheses (``torchattacks:X(a=1,b=2)`` stays whole)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_attacks(text: str | list[str]) -> list[AttackSpec]:
+    """Parse ``"clean,pgd20,autoattack"`` (or a list of entries); ``clean`` is dropped.
+
+    Raises:
+        ValueError: naming the bad entry and listing the valid forms.
+    """
+    items = [p for t in ([text] if isinstance(text, str) else text) for p in _split(str(t))]
+    specs: list[AttackSpec] = []
+    for item in items:
+        spec = _parse_one(item)
+        if spec is None:
+            continue
+        if any(s.name == spec.name for s in specs):
+            raise ValueError(f"--attacks: {spec.name!r} is listed twice")
+        specs.append(spec)
+    return specs
+
+
+def _parse_one(item: str) -> AttackSpec | None:
+    low = item.lower()
+    if low == "clean":
+        return None
+    if low in ("fgsm", "autoattack", "square"):
+        return AttackSpec(low, low)  # type: ignore[arg-type]
+    m = re.fullmatch(r"(pgd|cw)(\d+)(?:x(\d+))?", low)
+    if m:
+        steps, restarts = int(m[2]), int(m[3] or 1)
+        if steps < 1 or restarts < 1:
+            raise ValueError(f"--attacks: {item!r} needs steps >= 1 and restarts >= 1")
+        name = f"{m[1]}{steps}" + (f"x{restarts}" if restarts > 1 else "")
+        return AttackSpec(name, m[1], steps=steps, restarts=restarts)  # type: ignore[arg-type]
+    m = re.fullmatch(r"torchattacks:([A-Za-z_]\w*)\s*(?:\((.*)\))?", item, flags=re.S)
+    if m:
+        return _torchattacks_spec(item, m[1], m[2] or "")
+    raise ValueError(f"--attacks: unknown attack {item!r}; valid forms: {VALID_FORMS}")
+
+
+def _torchattacks_spec(item: str, cls: str, args: str) -> AttackSpec:
+    try:
+        call = ast.parse(f"f({args})", mode="eval").body
+        if not isinstance(call, ast.Call) or call.args:
+            raise ValueError
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        if None in kwargs:
+            raise ValueError
+    except (SyntaxError, ValueError):
+        raise ValueError(f"--attacks: cannot read the arguments of {item!r}; write "
+                         "torchattacks:NAME(key=value, ...) with literal values") from None
+    try:
+        import torchattacks
+    except ImportError:
+        raise ValueError(f"--attacks: {item!r} needs torchattacks (pip install "
+                         "'robustkit[torchattacks]')") from None
+    if not isinstance(getattr(torchattacks, cls, None), type):
+        raise ValueError(f"--attacks: torchattacks has no attack class {cls!r}")
+    name = f"torchattacks:{cls}" + (f"({args.strip()})" if kwargs else "")
+    return AttackSpec(name, "torchattacks", cls=cls, kwargs=kwargs)
+
+
+def strength(specs: list[AttackSpec]) -> dict[str, tuple[str, int]]:
+    """``name -> (family, effort)`` for ``checks.post_checks``: PGD-CE and CW families, effort =
+    steps × restarts (more effort must not give higher accuracy)."""
+    return {s.name: (f"pgd-{s.kind}", s.steps * s.restarts)
+            for s in specs if s.kind in ("pgd", "cw")}
+
+
+def targets_needed(specs: list[AttackSpec], aa_version: str = "standard",
+                   aa_attacks: list[str] | None = None) -> int:
+    """Target classes the configured targeted attacks need (0 when none is targeted)."""
+    if not any(s.kind == "autoattack" for s in specs):
+        return 0
+    if aa_version == "custom":
+        return AA_TARGETS if {"apgd-t", "fab-t"} & set(aa_attacks or ()) else 0
+    return AA_TARGETS
+
+
+def build_attacks(specs: list[AttackSpec], model: nn.Module, *, eps: float,
+                  norm: Literal["Linf", "L2"] = "Linf", seed: int = 0,
+                  aa_version: Literal["standard", "plus", "custom"] = "standard",
+                  aa_attacks: list[str] | None = None) -> tuple[dict, dict[str, dict]]:
+    """Build the attacks; returns ``(name -> Attack, name -> exact settings for results.json)``.
+
+    PGD draws its random starts from a CPU ``torch.Generator`` (reseeded per batch by
+    ``evaluate_attacks``), so the same seed gives the same starts on CPU and GPU.
+    """
+    import torch
+
+    from robustkit.attacks import FGSM, PGD, AutoAttack, create_attack
+
+    if aa_version == "custom" and not aa_attacks:
+        raise ValueError(f"--aa-attacks is required with --aa-version custom: some of "
+                         f"{', '.join(AA_ATTACKS)}")
+    if aa_version != "custom" and aa_attacks:
+        raise ValueError("--aa-attacks needs --aa-version custom")
+    for a in aa_attacks or ():
+        if a not in AA_ATTACKS:
+            raise ValueError(f"--aa-attacks: unknown AutoAttack attack {a!r}; valid: "
+                             f"{', '.join(AA_ATTACKS)}")
+    attacks, settings = {}, {}
+    for s in specs:
+        if s.kind in ("pgd", "cw"):
+            kw = dict(eps=eps, alpha=ALPHA_FRACTION * eps, steps=s.steps, random_start=True,
+                      norm=norm, loss="ce" if s.kind == "pgd" else "cw", restarts=s.restarts,
+                      stop_on_success=True, select="best")
+            attacks[s.name] = PGD(model, generator=torch.Generator(), **kw)
+            settings[s.name] = {"class": "PGD", "family": s.kind, **kw}
+        elif s.kind == "fgsm":
+            attacks[s.name] = FGSM(model, eps=eps, norm=norm)
+            settings[s.name] = {"class": "FGSM", "family": "fgsm", "eps": eps, "norm": norm}
+        elif s.kind in ("autoattack", "square"):
+            version = aa_version if s.kind == "autoattack" else "custom"
+            which = (aa_attacks if version == "custom" else None) if s.kind == "autoattack" \
+                else ["square"]
+            attacks[s.name] = AutoAttack(model, eps=eps, norm=norm, version=version,
+                                         attacks=which, seed=seed)
+            settings[s.name] = {"class": "AutoAttack", "family": s.kind, "version": version,
+                                "attacks": which, "eps": eps, "norm": norm, "seed": seed,
+                                "backend": "pyautoattack"}
+        else:
+            import torchattacks
+
+            # Unbounded attacks (CW, DeepFool) take no eps: post_checks flags their perturbation.
+            takes_eps = "eps" in inspect.signature(getattr(torchattacks, s.cls).__init__).parameters
+            kw = {**({"eps": eps} if takes_eps else {}), **s.kwargs}
+            attacks[s.name] = create_attack(f"torchattacks:{s.cls}", model, **kw)
+            settings[s.name] = {"class": f"torchattacks.{s.cls}", "family": "torchattacks",
+                                "norm": norm, **kw}
+    return attacks, settings

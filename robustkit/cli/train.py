@@ -1,0 +1,282 @@
+"""``robustkit train -c configs/train/<file>.yaml [key=value ...]``: config → objects → Trainer.
+
+The only place a training config becomes objects (architecture.md §4.1): load and save the
+config; ranks; seed; loaders; model; attack; objective; optimizer and per-step LR schedule;
+callbacks; ``Trainer(...).fit``. ``--dry-run`` builds all of it and trains nothing.
+
+Example:
+    >>> main(["train", "-c", "configs/smoke.yaml", "trainer.out_dir=/tmp/smoke"])
+    >>> torchrun --nproc_per_node=4 -m robustkit train -c configs/train/cifar10_srd_dat.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from robustkit.config import load_config, save_config, to_container
+
+__all__ = ["add_parser", "run", "build", "Run"]
+
+log = logging.getLogger(__name__)
+
+_EPILOG = """\
+overrides (key=value pairs, applied in order after the config file; values are YAML; put
+flags such as --dry-run before or after all of them, not between):
+  robustkit train -c configs/train/cifar10_trades.yaml trainer.epochs=1 objective.params.beta=3
+  numbers, true/false, null, lists [0.5, 0.75], and fractions such as objective.params.eps=8/255.
+  An unknown key fails with the nearest valid one; method hyper-parameters go under
+  objective.params.<name> and are checked against the objective's constructor.
+
+run directory: trainer.out_dir (default runs/<config name>/) gets config.yaml, last.pt, best.pt,
+  metrics.jsonl and tb/ (tensorboard --logdir runs/).
+resume: robustkit train -c <same config> trainer.resume=runs/<name>/last.pt
+multi-GPU: torchrun --nproc_per_node=4 -m robustkit train -c ... (data.batch_size is global)
+"""
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "train", help="train a model from a YAML config (key=value overrides)",
+        description="Train a model from a YAML config: robustkit train -c FILE [key=value ...]",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("-c", "--config", required=True, metavar="FILE",
+                   help="YAML config, e.g. configs/train/cifar10_pgd_at.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. trainer.epochs=1 objective.params.eps=8/255")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build data, model, objective, optimizer and callbacks; train nothing")
+    p.add_argument("--data-root", metavar="DIR", help="same as data.root=DIR")
+    p.add_argument("--download", action="store_true", help="same as data.download=true")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root}")
+    if args.download:
+        overrides.append("data.download=true")
+    cfg = load_config(args.config, overrides)
+    from robustkit import distributed as dist
+
+    try:
+        r = build(cfg)
+        main = dist.is_main()  # read before cleanup(): afterwards every process says rank 0
+        if args.dry_run:
+            if main:
+                print(OmegaConf.to_yaml(cfg), end="")
+                print(f"dry run: {r.describe()}; nothing trained")
+            return 0
+        if main:
+            save_config(cfg, r.out_dir / "config.yaml")
+            log.info("training %s", r.describe())
+        start = time.perf_counter()
+        state = r.trainer.fit(r.loaders.train)
+    finally:
+        dist.cleanup()  # no-op without torchrun
+    if main:
+        print(_summary(r, state.metrics, time.perf_counter() - start))
+    return 0
+
+
+@dataclass
+class Run:
+    """Everything ``build`` wires (the CLI then calls ``trainer.fit(loaders.train)``)."""
+
+    cfg: DictConfig
+    loaders: Any
+    model: torch.nn.Module  # the bare model
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    trainer: Any
+    out_dir: Path
+    steps_per_epoch: int
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        c = self.cfg
+        return (f"{c.model.name} ({n / 1e6:.2f} M parameters) on {c.data.name}, objective "
+                f"{c.objective.name}, {c.trainer.epochs} epochs x {self.steps_per_epoch} steps, "
+                f"device {self.trainer.device}, run dir {self.out_dir}")
+
+
+def build(cfg: DictConfig, loaders: Any = None) -> Run:
+    """Wire a validated config into objects (architecture.md §4.1), without training.
+
+    Args:
+        cfg: from ``load_config``.
+        loaders: ``robustkit.data.Loaders`` to use instead of ``build_loaders`` (tests).
+    """
+    from robustkit import distributed as dist
+    from robustkit.attacks import create_attack
+    from robustkit.checkpoint import load_checkpoint
+    from robustkit.data import DATASETS, build_loaders
+    from robustkit.models import create_model
+    from robustkit.objectives import create_objective
+    from robustkit.trainer import Trainer
+    from robustkit.utils import seed_everything
+
+    t, d = cfg.trainer, cfg.data
+    info_dist = dist.init_from_env(t.device)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    if loaders is None:
+        loaders = build_loaders(
+            d.name, root=d.root, batch_size=d.batch_size, holdout=d.holdout, download=d.download,
+            num_workers=d.num_workers, seed=cfg.seed, augment=d.augment,
+            eval_batch_size=d.eval_batch_size,
+        )
+    if d.limit is not None:
+        loaders.train = _limit(loaders.train, d.limit)
+    info = getattr(loaders, "info", None) or DATASETS[d.name]
+    channels, size = info.input_shape[0], info.input_shape[-1]
+    model = create_model(cfg.model.name, num_classes=info.num_classes, mean=info.mean,
+                         std=info.std, in_channels=channels, input_size=size,
+                         **_plain(cfg.model.params)).to(info_dist.device)
+    # Different random starts per rank from here on (a single process keeps cfg.seed).
+    seed_everything(cfg.seed + info_dist.rank)
+    ddp_model = dist.wrap_ddp(model, info_dist.device)
+    attack = None
+    if cfg.attack.name is not None:  # else the objective builds its paper-default attack
+        attack = create_attack(cfg.attack.name, model, **_plain(cfg.attack.params))
+    objective = create_objective(cfg.objective.name, ddp_model, attack=attack,
+                                 **_plain(cfg.objective.params))
+    steps_per_epoch = len(loaders.train)
+    optimizer = _optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_factor(cfg, steps_per_epoch))  # a closure: not saved, rebuilt on resume
+    out_dir = Path(t.out_dir)
+    trainer = Trainer(
+        ddp_model, objective, optimizer, scheduler, epochs=t.epochs, amp=t.amp,
+        grad_clip=t.grad_clip, scheduler_interval="step", device=info_dist.device,
+        callbacks=_callbacks(cfg, loaders, info, out_dir),
+    )
+    if t.resume:
+        state = load_checkpoint(t.resume)
+        _warn_changes(state.get("config") or {}, to_container(cfg))
+        trainer.load_state_dict(state)
+        log.info("resumed from %s at epoch %d, step %d", t.resume, trainer.state.epoch,
+                 trainer.state.step)
+    return Run(cfg, loaders, model, objective, optimizer, scheduler, trainer, out_dir,
+               steps_per_epoch)
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    return dict(OmegaConf.to_container(node, resolve=True)) if node is not None else {}
+
+
+def _limit(loader: DataLoader, n: int) -> DataLoader:
+    """The same training loader over the first ``n`` images (same sampler settings)."""
+    s = loader.sampler
+    subset = Subset(loader.dataset, range(min(n, len(loader.dataset))))
+    sampler = DistributedSampler(subset, num_replicas=s.num_replicas, rank=s.rank,
+                                 shuffle=s.shuffle, seed=s.seed, drop_last=s.drop_last)
+    return DataLoader(subset, batch_size=loader.batch_size, sampler=sampler,
+                      num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                      pin_memory=loader.pin_memory, drop_last=loader.drop_last)
+
+
+def _optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":  # momentum doubles as beta1 (0.9: Adam's default)
+        return torch.optim.Adam(model.parameters(), lr=o.lr, betas=(o.momentum, 0.999),
+                                weight_decay=o.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                           weight_decay=o.weight_decay, nesterov=o.nesterov)
+
+
+def _lr_factor(cfg: DictConfig, steps_per_epoch: int):
+    """LR multiplier per optimizer step; milestones < 1 are fractions of training, else epochs."""
+    o, epochs = cfg.optim, cfg.trainer.epochs
+    total = max(1, epochs * steps_per_epoch)
+    warm = round(o.warmup_epochs * steps_per_epoch)
+    marks = sorted(round((m * epochs if m < 1 else m) * steps_per_epoch) for m in o.milestones)
+    schedule, gamma = o.schedule, o.gamma
+
+    def factor(step: int) -> float:
+        if schedule == "onecycle":  # 0 → lr at the peak → 0 (Smith; Wong et al., 2020)
+            peak = warm or round(0.4 * total)
+            return step / peak if step < peak else max(0.0, (total - step) / max(1, total - peak))
+        f = 1.0
+        if schedule == "multistep":
+            f = gamma ** bisect.bisect_right(marks, step)
+        elif schedule == "cosine":  # from the end of the warm-up to 0 at the last step
+            f = 0.5 * (1 + math.cos(math.pi * min(1.0, max(0, step - warm) / max(1, total - warm))))
+        return f * min(1.0, (step + 1) / warm) if warm else f
+
+    return factor
+
+
+def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path) -> list[Any]:
+    from robustkit import distributed as dist
+    from robustkit.callbacks import (
+        CheckpointCallback,
+        EvalCallback,
+        JSONLCallback,
+        TensorBoardCallback,
+    )
+
+    t = cfg.trainer
+    callbacks: list[Any] = []
+    # Order matters: evaluation fills eval/* before the checkpoint and the loggers read it.
+    if t.eval_every > 0 and loaders.holdout is not None:
+        eps = t.eval_eps if t.eval_eps is not None else info.eps[t.eval_norm]
+        callbacks.append(EvalCallback(
+            loaders.holdout, eps=eps, norm=t.eval_norm, steps=t.eval_steps, alpha=t.eval_alpha,
+            every=t.eval_every, max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size),
+            seed=cfg.seed,
+        ))
+    callbacks.append(CheckpointCallback(out_dir, config=to_container(cfg),
+                                        monitor=f"eval/pgd{t.eval_steps}",
+                                        every=t.checkpoint_every))
+    if cfg.log.jsonl:
+        callbacks.append(JSONLCallback(out_dir / "metrics.jsonl", log_every=t.log_every))
+    if cfg.log.tensorboard:
+        hparams = {"seed": cfg.seed, "data": cfg.data.name, "model": cfg.model.name,
+                   "objective": {"name": cfg.objective.name, **_plain(cfg.objective.params)},
+                   "optim": {k: cfg.optim[k] for k in ("name", "lr", "weight_decay", "schedule")},
+                   "epochs": t.epochs, "batch_size": cfg.data.batch_size}
+        callbacks.append(TensorBoardCallback(out_dir / "tb", config_text=OmegaConf.to_yaml(cfg),
+                                             log_every=t.log_every, hparams=hparams))
+    if cfg.log.progress and dist.is_main():
+        from robustkit.cli.progress_train import ProgressCallback
+
+        callbacks.append(ProgressCallback())
+    return callbacks
+
+
+def _warn_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> None:
+    """Log config keys that differ from the checkpoint's (a resume should change few)."""
+    expected = {"trainer.resume", "trainer.epochs", "trainer.out_dir"}
+    for key in sorted(set(old) | set(new)):
+        a, b, full = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            _warn_changes(a, b, f"{full}.")
+        elif a != b and full not in expected:
+            log.warning("resume: %s was %r in the checkpoint, now %r", full, a, b)
+
+
+def _summary(r: Run, metrics: dict[str, float], seconds: float) -> str:
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval/") or k == "train/acc"}
+    lines = [f"trained {r.cfg.objective.name} {r.cfg.model.name} on {r.cfg.data.name} for "
+             f"{r.trainer.state.epoch} epochs in {seconds:.1f} s",
+             "  final: " + (", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "-")]
+    best = r.trainer.state.best
+    lines.append(f"  run dir: {r.out_dir}  (config.yaml, last.pt"
+                 + (f", best.pt [{best:.4f}]" if best is not None else "")
+                 + ", metrics.jsonl)")
+    if r.cfg.log.tensorboard:
+        lines.append(f"  tensorboard --logdir {r.out_dir / 'tb'}")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""``robustkit train``: the smoke run end to end on the CPU, resume, errors, help, schedules."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustkit.checkpoint import load_checkpoint
+from robustkit.cli import main
+from robustkit.cli.train import build
+from robustkit.config import load_config, to_container
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+QUIET = ["log.progress=false", "trainer.device=cpu"]
+
+
+def _train(out: Path, *overrides: str) -> int:
+    return main(["train", "-c", SMOKE, f"trainer.out_dir={out}", *QUIET, *overrides])
+
+
+def test_smoke_run_writes_the_run_directory(tmp_path, capsys):
+    assert _train(tmp_path) == 0
+    for name in ("config.yaml", "last.pt", "best.pt", "metrics.jsonl"):
+        assert (tmp_path / name).is_file(), name
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    cfg = load_config(tmp_path / "config.yaml")  # the saved config is a valid config
+    assert cfg.trainer.out_dir == str(tmp_path) and cfg.data.limit == 256
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["epoch"] == 1 and state["step"] == 4  # 256 images / batch 64
+    assert state["config"] == to_container(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r["type"] == "epoch"]
+    assert len(epochs) == 1 and 0 <= epochs[0]["eval/pgd3"] <= epochs[0]["eval/clean"] <= 1
+    assert "train/steps_per_sample" in epochs[0]  # SRD-DAT's cost is logged
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "eval/pgd3" in out  # the summary says where things are
+
+
+def test_resume_continues_where_the_run_stopped(tmp_path):
+    first, resumed, straight = tmp_path / "first", tmp_path / "resumed", tmp_path / "straight"
+    fast = ["log.tensorboard=false"]
+    assert _train(first, *fast) == 0
+    assert _train(resumed, *fast, "trainer.epochs=2", f"trainer.resume={first / 'last.pt'}") == 0
+    assert _train(straight, *fast, "trainer.epochs=2") == 0
+    a, b = load_checkpoint(resumed / "last.pt"), load_checkpoint(straight / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 8
+    for key, value in b["model"].items():
+        assert torch.equal(a["model"][key], value), key
+    assert a["history"][-1]["eval/pgd3"] == b["history"][-1]["eval/pgd3"]
+
+
+def test_unknown_key_exits_2_with_one_line(tmp_path, capsys):
+    assert _train(tmp_path, "trainer.epoch=2") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'trainer.epoch'" in err and "'trainer.epochs'" in err
+    assert not tmp_path.joinpath("config.yaml").exists()
+
+
+def test_bad_objective_param_exits_2_naming_it(tmp_path, capsys):
+    assert _train(tmp_path, "objective.params.bata=3") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "bata" in err and "beta" in err
+
+
+def test_missing_config_file_exits_2(tmp_path, capsys):
+    assert main(["train", "-c", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_help_explains_overrides(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    for needle in ("key=value", "8/255", "trainer.resume", "torchrun", "--dry-run"):
+        assert needle in text, needle
+
+
+def test_dry_run_builds_and_trains_nothing(tmp_path, capsys):
+    assert _train(tmp_path, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "dry run:" in out and "small_cnn" in out and "4 steps" in out
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_train_script_is_a_thin_wrapper(tmp_path, monkeypatch, capsys):
+    argv = ["train/train.py", "--dry-run", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(ROOT / "train" / "train.py"), run_name="__main__")
+    assert exit_.value.code == 0 and "dry run:" in capsys.readouterr().out
+
+
+def test_limit_trains_on_the_first_images(tmp_path):
+    r = build(load_config(SMOKE, [f"trainer.out_dir={tmp_path}", *QUIET]))
+    assert len(r.loaders.train.dataset) == 256 and r.steps_per_epoch == 4
+    idx = torch.cat([batch[2] for batch in r.loaders.train])
+    assert sorted(idx.tolist()) == list(range(256))  # each of the first 256, once per epoch
+
+
+def _lrs(tmp_path, *overrides: str) -> list[float]:
+    """The learning rate of every optimizer step of a smoke run (4 steps per epoch)."""
+    r = build(load_config(SMOKE, [f"trainer.out_dir={tmp_path}", *QUIET, "optim.lr=1.0",
+                                  *overrides]))
+    lrs = []
+    for _ in range(r.cfg.trainer.epochs * r.steps_per_epoch):
+        lrs.append(r.optimizer.param_groups[0]["lr"])
+        r.optimizer.step()  # no gradients: only silences the scheduler-order warning
+        r.scheduler.step()
+    return lrs
+
+
+def test_multistep_milestones_in_epochs_or_fractions(tmp_path):
+    epochs = _lrs(tmp_path, "trainer.epochs=4", "optim.schedule=multistep",
+                  "optim.milestones=[2, 3]", "optim.gamma=0.5")
+    assert epochs == [1.0] * 8 + [0.5] * 4 + [0.25] * 4  # x0.5 after epochs 2 and 3
+    fractions = _lrs(tmp_path, "trainer.epochs=4", "optim.schedule=multistep",
+                     "optim.milestones=[1/2, 3/4]", "optim.gamma=0.5")
+    assert fractions == epochs
+
+
+def test_cosine_onecycle_and_warmup(tmp_path):
+    cosine = _lrs(tmp_path, "trainer.epochs=2", "optim.schedule=cosine")
+    assert cosine[0] == 1.0 and cosine == sorted(cosine, reverse=True)
+    assert cosine[4] == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    onecycle = _lrs(tmp_path, "trainer.epochs=5", "optim.schedule=onecycle",
+                    "optim.warmup_epochs=1")
+    assert onecycle[0] == 0.0 and onecycle[4] == 1.0 and max(onecycle) == 1.0  # peak at epoch 1
+    assert onecycle[4:] == sorted(onecycle[4:], reverse=True) and onecycle[-1] > 0
+    warm = _lrs(tmp_path, "trainer.epochs=2", "optim.schedule=constant", "optim.warmup_epochs=1")
+    assert warm == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_attack_section_builds_the_training_attack(tmp_path):
+    path = tmp_path / "at.yaml"
+    path.write_text(
+        "data: {name: sample-mnist, batch_size: 64, holdout: 64, limit: 128}\n"
+        "model: {name: small_cnn}\n"
+        "attack: {name: pgd, params: {eps: 3/10, alpha: 1/10, steps: 2, loss: ce}}\n"
+        "objective: {name: pgd_at}\n"
+        f"trainer: {{epochs: 1, out_dir: {tmp_path / 'run'}, device: cpu}}\n"
+    )
+    r = build(load_config(path))
+    attack = r.objective.attack
+    assert type(attack).__name__ == "PGD" and attack.model is r.model  # the bare model
+    assert attack.eps == pytest.approx(0.3) and attack.steps == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_port=29761", "-m", "robustkit", "train", "-c", SMOKE,
+           f"trainer.out_dir={tmp_path}", *QUIET]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("trained srd_dat") == 1  # only rank 0 prints and writes
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 4 and len(state["rng"]) == 2  # global batch 64 = 2 ranks x 32

@@ -1,0 +1,367 @@
+"""evaluate_attacks, the sanity checks and the result files (evaluation, checks, results)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustkit.attacks.base import Attack, AttackResult
+from robustkit.attacks.pgd import PGD
+from robustkit.checks import post_checks, pre_checks
+from robustkit.evaluation import EvalResult, StateMismatchError, evaluate_attacks
+from robustkit.results import build_results, format_eps, model_info, write_model_info
+from robustkit.testing import ConstantModel, LinearModel, TinyCNN, random_batch
+
+K = 5  # classes of the pixel model
+
+
+class PixelModel(nn.Module):
+    """Predicts the class nearest to ``pixel(0,0,0) * (K - 1)``: smooth logits, known argmax."""
+
+    def forward(self, x):
+        v = x[:, 0, 0, 0:1] * (K - 1)
+        return -10.0 * (v - torch.arange(K, dtype=x.dtype, device=x.device)) ** 2
+
+
+def pixel_data(n=12, wrong=(0, 9)):
+    """x whose pixel (0,0,0) encodes y (or y+1 for the ``wrong`` ids) and pixel (0,0,1) the id."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 2, 2, generator=g)
+    y = torch.randint(0, K, (n,), generator=g)
+    shown = y.clone()
+    shown[list(wrong)] = (y[list(wrong)] + 1) % K
+    x[:, 0, 0, 0] = shown.float() / (K - 1)
+    x[:, 0, 0, 1] = torch.arange(n).float() / 100
+    return x, y
+
+
+class FlipAttack(Attack):
+    """Breaks exactly the points whose id is in ``flip``; records the ids it saw; optionally
+    raises on its ``fail_at``-th call (an interruption)."""
+
+    def __init__(self, model, flip, fail_at=None):
+        super().__init__(model, eps=1.0)
+        self.flip, self.fail_at, self.calls, self.seen = set(flip), fail_at, 0, []
+
+    def _perturb(self, x, y):
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("interrupted")
+        self.calls += 1
+        ids = (x[:, 0, 0, 1] * 100).round().long()
+        self.seen += ids.tolist()
+        x_adv = x.clone()
+        hit = torch.tensor([int(i) in self.flip for i in ids])
+        x_adv[hit, 0, 0, 0] = ((y[hit] + 1) % K).float() / (K - 1)
+        return AttackResult(x_adv)
+
+
+class CountingPGD(Attack):
+    """PGD with a call counter and an optional interruption (exposes PGD's generator)."""
+
+    def __init__(self, model, fail_at=None):
+        super().__init__(model, eps=8 / 255)
+        self.inner = PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, stop_on_success=True,
+                         generator=torch.Generator())
+        self.generator = self.inner.generator
+        self.fail_at, self.calls = fail_at, 0
+
+    def _perturb(self, x, y):
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise RuntimeError("interrupted")
+        self.calls += 1
+        return self.inner.perturb(x, y)
+
+
+def test_constant_model_exact_accuracy():
+    x, y = random_batch(50, (3, 8, 8), 10, seed=3)
+    res = evaluate_attacks(ConstantModel(10, label=3), (x, y), {}, batch_size=7)
+    assert res.accuracy()["clean"] == pytest.approx((y == 3).float().mean().item(), abs=0)
+    assert res.accuracy()["robust"] == res.accuracy()["clean"]
+    assert torch.equal(res.clean, y == 3)
+
+
+@pytest.mark.parametrize("protocol", ["standalone", "cascade"])
+def test_robust_is_per_example_and(protocol):
+    x, y = pixel_data()
+    model = PixelModel()
+    a, b = FlipAttack(model, {1, 2, 5}), FlipAttack(model, {2, 7, 9})
+    res = evaluate_attacks(model, (x, y), {"a": a, "b": b}, batch_size=4, protocol=protocol)
+    ids = torch.arange(12)
+    clean = ~torch.isin(ids, torch.tensor([0, 9]))
+    not_a = ~torch.isin(ids, torch.tensor([1, 2, 5]))
+    not_b = ~torch.isin(ids, torch.tensor([2, 7, 9]))
+    assert torch.equal(res.clean, clean)
+    assert torch.equal(res.robust, clean & not_a & not_b)
+    assert res.accuracy()["robust"] == (clean & not_a & not_b).sum().item() / 12
+    assert sorted(a.seen) == ids[clean].tolist()  # attacks only see clean-correct points
+    if protocol == "standalone":  # each attack alone: its own accuracy
+        assert torch.equal(res.correct["b"], clean & not_b)
+        assert sorted(b.seen) == ids[clean].tolist()
+    else:  # later attacks only see what is still robust; accuracies are cumulative
+        assert torch.equal(res.correct["b"], clean & not_a & not_b)
+        assert sorted(b.seen) == ids[clean & not_a].tolist()
+
+
+def test_batch_size_invariance_and_dataset_input():
+    x, y = pixel_data()
+    model = PixelModel()
+    one = evaluate_attacks(model, (x, y), {"a": FlipAttack(model, {3, 4})}, batch_size=100)
+    ds = torch.utils.data.TensorDataset(x, y, torch.arange(12))
+    other = evaluate_attacks(model, ds, {"a": FlipAttack(model, {3, 4})}, batch_size=5)
+    assert torch.equal(one.robust, other.robust) and torch.equal(one.labels, y)
+
+
+def test_mode_restored_rng_untouched_and_clean_in_eval_mode():
+    torch.manual_seed(0)
+    model = TinyCNN(3, 10, 8).train()
+    x, y = random_batch(16, (3, 8, 8), 10, seed=0)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)  # labels = eval-mode predictions: clean acc must be 1
+    model.train()
+    state = torch.random.get_rng_state()
+    res = evaluate_attacks(model, (x, y), {"pgd": PGD(model, steps=2, generator=torch.Generator())},
+                           batch_size=8)
+    assert model.training
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert res.accuracy()["clean"] == 1.0
+    assert res.max_perturbation["pgd"] <= 8 / 255 + 1e-6
+
+
+def test_seeded_batches_make_pgd_reproducible():
+    torch.manual_seed(0)
+    model = TinyCNN(3, 10, 8).eval()
+    x, y = random_batch(24, (3, 8, 8), 10, seed=5)
+    y = model(x).argmax(1).detach()  # all clean-correct, so PGD does real work
+    run = [evaluate_attacks(model, (x, y), {"pgd": CountingPGD(model)}, batch_size=8, seed=s)
+           for s in (0, 0)]
+    assert torch.equal(run[0].correct["pgd"], run[1].correct["pgd"])
+
+
+def test_resume_matches_uninterrupted_and_skips_done_batches(tmp_path):
+    torch.manual_seed(0)
+    model = TinyCNN(3, 10, 8).eval()
+    x, y = random_batch(40, (3, 8, 8), 10, seed=2)
+    y[::2] = model(x).argmax(1).detach()[::2]  # half clean-correct
+    full = evaluate_attacks(model, (x, y), {"pgd": CountingPGD(model)}, batch_size=4, seed=7)
+    n_batches = -(-int(full.clean.sum()) // 4)
+    assert n_batches >= 4
+    with pytest.raises(RuntimeError, match="interrupted"):
+        evaluate_attacks(model, (x, y), {"pgd": CountingPGD(model, fail_at=3)}, batch_size=4,
+                         seed=7, state_dir=tmp_path)
+    again = CountingPGD(model)
+    res = evaluate_attacks(model, (x, y), {"pgd": again}, batch_size=4, seed=7,
+                           state_dir=tmp_path)
+    assert again.calls == n_batches - 3  # the 3 finished batches are not recomputed
+    assert torch.equal(res.correct["pgd"], full.correct["pgd"])
+    assert torch.equal(res.robust, full.robust)
+    third = CountingPGD(model)
+    evaluate_attacks(model, (x, y), {"pgd": third}, batch_size=4, seed=7, state_dir=tmp_path)
+    assert third.calls == 0
+
+
+def test_fingerprint_mismatch_refused_or_overwritten(tmp_path):
+    x, y = pixel_data()
+    model = PixelModel()
+    evaluate_attacks(model, (x, y), {"a": FlipAttack(model, {1})}, batch_size=4,
+                     state_dir=tmp_path, fingerprint={"eps": 0.1})
+    with pytest.raises(StateMismatchError, match="eps"):
+        evaluate_attacks(model, (x, y), {"a": FlipAttack(model, {1})}, batch_size=4,
+                         state_dir=tmp_path, fingerprint={"eps": 0.2})
+    with pytest.raises(StateMismatchError, match="batch_size"):
+        evaluate_attacks(model, (x, y), {"a": FlipAttack(model, {1})}, batch_size=5,
+                         state_dir=tmp_path, fingerprint={"eps": 0.1})
+    fresh = FlipAttack(model, {1})
+    evaluate_attacks(model, (x, y), {"a": fresh}, batch_size=4, state_dir=tmp_path,
+                     fingerprint={"eps": 0.2}, overwrite=True)
+    assert fresh.calls == 3  # 10 clean-correct points in batches of 4, all recomputed
+
+
+class ClaimAttack(Attack):
+    """Returns x unchanged but claims success on every point (a resumed AutoAttack chunk does
+    this for points broken before the interruption)."""
+
+    def __init__(self, model):
+        super().__init__(model, eps=0.0)
+
+    def _perturb(self, x, y):
+        return AttackResult(x.clone(), {"success": torch.ones(len(x), dtype=torch.bool)})
+
+
+def test_claimed_success_counts_as_broken():
+    x, y = pixel_data()
+    res = evaluate_attacks(PixelModel(), (x, y), {"claim": ClaimAttack(PixelModel())})
+    assert res.accuracy()["claim"] == 0.0 and res.accuracy()["clean"] == 10 / 12
+
+
+def test_autoattack_chunks_match_the_adapter(tmp_path):
+    from robustkit.attacks import AutoAttack
+
+    torch.manual_seed(0)
+    model = TinyCNN(3, 10, 8).eval()
+    x, y = random_batch(12, (3, 8, 8), 10, seed=4)
+    y[:8] = model(x).argmax(1).detach()[:8]
+    aa = AutoAttack(model, eps=4 / 255, version="custom", attacks=["apgd-ce"], seed=0)
+    res = evaluate_attacks(model, (x, y), {"aa": aa}, batch_size=64, state_dir=tmp_path)
+    clean = res.clean.nonzero().flatten()
+    direct = ~aa.perturb(x[clean], y[clean]).info["success"]
+    assert torch.equal(res.correct["aa"][clean], direct)
+    assert not list(tmp_path.glob("aastate_*"))  # the finished chunk's AutoAttack state is gone
+
+
+def test_bad_arguments():
+    x, y = pixel_data()
+    with pytest.raises(ValueError, match="reserved"):
+        evaluate_attacks(PixelModel(), (x, y), {"clean": FlipAttack(PixelModel(), {})})
+    with pytest.raises(ValueError, match="protocol"):
+        evaluate_attacks(PixelModel(), (x, y), {}, protocol="all")
+
+
+# ----------------------------------------------------------------------------- checks
+class Softmax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = LinearModel((3, 8, 8), 10)
+
+    def forward(self, x):
+        return F.softmax(self.net(x), dim=1)
+
+
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = LinearModel((3, 8, 8), 10)
+
+    def forward(self, x):
+        return self.net(x) + torch.rand(x.shape[0], 10)
+
+
+class Dynamic(nn.Module):
+    """Takes an input gradient inside its forward (a 'dynamic' defence)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = LinearModel((3, 8, 8), 10)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.net(xg).sum(), xg)
+        return self.net((x - 0.01 * g.sign()).clamp(0, 1))
+
+
+def failed(checks):
+    return {c.name for c in checks if not c.passed}
+
+
+def test_pre_checks_pass_on_a_plain_model():
+    x, y = random_batch(8, (3, 8, 8), 10)
+    checks = pre_checks(LinearModel((3, 8, 8), 10).eval(), x, y, num_targets=9)
+    assert [c.name for c in checks] == ["eval_mode", "logits", "deterministic", "dynamic",
+                                        "gradients", "n_classes"]
+    assert failed(checks) == set()
+
+
+@pytest.mark.parametrize("model, expected", [
+    (Softmax(), "logits"),
+    (Noisy(), "deterministic"),
+    (Dynamic(), "dynamic"),
+    (ConstantModel(10, sensitivity=0.0), "gradients"),
+    (nn.Sequential(nn.Dropout(0.5), LinearModel((3, 8, 8), 10)).train(), "eval_mode"),
+])
+def test_pre_checks_fire(model, expected):
+    x, y = random_batch(8, (3, 8, 8), 10)
+    was = model.training
+    assert expected in failed(pre_checks(model, x, y))
+    assert model.training == was
+
+
+def test_n_classes_check():
+    x, y = random_batch(8, (3, 8, 8), 5)
+    assert "n_classes" in failed(pre_checks(LinearModel((3, 8, 8), 5), x, y, num_targets=9))
+
+
+def _result(clean, **correct):
+    t = lambda v: torch.tensor(v, dtype=torch.bool)  # noqa: E731
+    return EvalResult(labels=torch.zeros(len(clean), dtype=torch.long), clean=t(clean),
+                      correct={k: t(v) for k, v in correct.items()},
+                      max_perturbation={k: 0.01 for k in correct})
+
+
+def test_post_checks_flag_masking_signs():
+    c = [1] * 10
+    res = _result(c, pgd20=[1] * 6 + [0] * 4, pgd100=[1] * 9 + [0], square=[1] * 3 + [0] * 7)
+    res.max_perturbation["square"] = 0.5
+    bad = failed(post_checks(res, eps=8 / 255, strength={"pgd20": ("pgd-ce", 20),
+                                                          "pgd100": ("pgd-ce", 100)}))
+    assert bad == {"black_box:square", "monotone:pgd20<pgd100", "perturbation:square"}
+    ok = _result(c, pgd20=[1] * 6 + [0] * 4, pgd100=[1] * 5 + [0] * 5, square=[1] * 7 + [0] * 3)
+    assert failed(post_checks(ok, eps=8 / 255, strength={"pgd20": ("pgd-ce", 20),
+                                                          "pgd100": ("pgd-ce", 100)})) == set()
+
+
+def test_post_check_tolerates_one_sample():
+    res = _result([1] * 10, pgd20=[1] * 5 + [0] * 5, pgd100=[1] * 6 + [0] * 4)
+    assert failed(post_checks(res, eps=1, strength={"pgd20": ("pgd-ce", 20),
+                                                    "pgd100": ("pgd-ce", 100)})) == set()
+
+
+# ----------------------------------------------------------------------------- result files
+PCT = re.compile(r"^\d{1,3}\.\d\d$")
+
+
+def _results(n=1000, dataset="cifar10", version="standard", eps=8 / 255):
+    clean = [1] * (n * 9 // 10) + [0] * (n - n * 9 // 10)
+    aa = [1] * (n // 2) + [0] * (n - n // 2)
+    res = _result(clean, pgd20=[1] * (n * 6 // 10) + [0] * (n - n * 6 // 10), autoattack=aa)
+    settings = {"pgd20": {"class": "PGD", "family": "pgd"},
+                "autoattack": {"class": "AutoAttack", "family": "autoattack", "version": version}}
+    return build_results(res, model="resnet18", dataset=dataset, threat_model="Linf", eps=eps,
+                         seed=0, subset=f"first {n} test images", architecture="ResNet18",
+                         attacks=settings, checks=post_checks(res, eps=eps))
+
+
+def test_results_schema():
+    r = json.loads(json.dumps(_results()))  # JSON-serialisable
+    for key in ("model", "dataset", "threat_model", "eps", "n_examples", "seed", "accuracy",
+                "time_s", "robustkit_version", "subset", "checkpoint", "architecture",
+                "attacks", "checks", "versions", "protocol"):
+        assert key in r
+    assert r["accuracy"] == {"clean": 0.9, "pgd20": 0.6, "autoattack": 0.5, "robust": 0.5}
+    assert all(isinstance(v, float) and 0 <= v <= 1 for v in r["accuracy"].values())
+    assert r["eps"] == 8 / 255 and r["eps_text"] == "8/255" and r["n_examples"] == 1000
+    assert "torch" in r["versions"] and "pyautoattack" in r["versions"]
+
+
+def test_robustbench_json(tmp_path):
+    info = model_info(_results())
+    assert {"link", "name", "authors", "additional_data", "number_forward_passes", "dataset",
+            "venue", "architecture", "eps", "clean_acc", "reported",
+            "autoattack_acc"} <= set(info)
+    assert info["clean_acc"] == "90.00" and info["autoattack_acc"] == "50.00"
+    assert PCT.match(info["clean_acc"]) and PCT.match(info["autoattack_acc"])
+    assert "first 1000 test images" in info["footnote"] and "not a leaderboard" in info["footnote"]
+    full = model_info(_results(n=10_000))
+    assert "footnote" not in full and full["eps"] == "8/255"
+    assert "AA-plus" in model_info(_results(n=10_000, version="plus"))["footnote"]
+    tiny = model_info(_results(n=10_000, dataset="tinyimagenet"))
+    assert tiny["footnote"] == "AA-standard (not a leaderboard number)"
+    path = write_model_info(tmp_path, _results(), name="rn18")
+    assert path == tmp_path / "model_info" / "cifar10" / "Linf" / "rn18.json"
+    assert json.loads(path.read_text())["name"] == "rn18"
+
+
+def test_robustbench_json_without_autoattack():
+    r = _results()
+    r["attacks"].pop("autoattack")
+    info = model_info(r)
+    assert info["autoattack_acc"] is None and "AutoAttack not run" in info["footnote"]
+
+
+def test_format_eps():
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.5) == "0.5"
+    assert format_eps(0.031) == "0.031" and format_eps(0.3) == "0.3"
