@@ -68,8 +68,8 @@ class Objective:
         return self.loss(x, y, self.perturb(x, y, ctx), ctx)
 
     def perturb(self, x: Tensor, y: Tensor, ctx: TrainContext) -> AttackResult | None:
-        """Generate the training perturbation (``None`` for objectives without one)."""
-        return None
+        """Generate the training perturbation: the attack's result, or ``None`` without one."""
+        return None if self.attack is None else self.attack.perturb(x, y)
 
     def loss(
         self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext

@@ -62,9 +62,6 @@ class MART(Objective):
                                loss="ce", random_start="normal")
         super().__init__(model, attack)
 
-    def perturb(self, x: Tensor, y: Tensor, ctx: TrainContext) -> AttackResult:
-        return self.attack.perturb(x, y)
-
     def loss(
         self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext
     ) -> ObjectiveOutput:
