@@ -20,7 +20,6 @@ Writes bench_results/bench_attacks.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import pickle
 import sys
@@ -46,6 +45,7 @@ from _common import (  # noqa: E402
 )
 
 from robustkit.attacks import PGD, AutoAttack  # noqa: E402
+from robustkit.testing import pyautoattack_resnet18  # noqa: E402
 
 log = logging.getLogger("bench_attacks")
 CIFAR_RAW = Path(__file__).resolve().parents[2] / "shared/data/cifar10/cifar-10-batches-py"
@@ -111,20 +111,6 @@ def cifar_cnn() -> nn.Module:
         nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2), nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(128 * 64, 256), nn.ReLU(), nn.Linear(256, 10)))
-
-
-def aa_resnet18() -> nn.Module:
-    """pyautoattack's example ResNet-18 and its weights (inputs in [0, 1], no normalisation)."""
-    import pyautoattack
-
-    folder = Path(pyautoattack.__file__).parent / "examples"
-    spec = importlib.util.spec_from_file_location("aa_example_resnet", folder / "resnet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.ResNet18()
-    model.load_state_dict(torch.load(folder / "model_test.pt", weights_only=True,
-                                     map_location="cpu"))
-    return model.eval()
 
 
 def robust_mnist(device: torch.device, epochs: int) -> nn.Module:
@@ -275,7 +261,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     x_c, y_c = cifar_test(max(n_eval, 128))
-    resnet = aa_resnet18().to(device)
+    resnet = pyautoattack_resnet18().to(device)
     cnn = cifar_cnn().to(device).eval()
     pgd10("cifar_cnn", cnn, x_c[:128].to(device), y_c[:128].to(device), device, repeats, rows,
           out)

@@ -11,19 +11,11 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from torch import nn
 
-from robustkit.models import load_state_dict_file
+from robustkit.testing import pyautoattack_resnet18
 
 
 def load() -> nn.Module:
-    """Build pyautoattack's example ResNet-18 and load ``model_test.pt`` (weights only)."""
-    import pyautoattack
-    from pyautoattack.examples.resnet import ResNet18
-
-    model = ResNet18()
-    weights = Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
-    model.load_state_dict(load_state_dict_file(weights), strict=True)
-    return model.eval()
+    """pyautoattack's example ResNet-18 with ``model_test.pt`` (weights only), eval mode."""
+    return pyautoattack_resnet18()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TinyCNN", "LinearModel", "ConstantModel", "random_batch", "separable_toy_data"]
+__all__ = ["TinyCNN", "LinearModel", "ConstantModel", "random_batch", "separable_toy_data",
+           "pyautoattack_resnet18"]
 
 
 class TinyCNN(nn.Module):
@@ -77,3 +78,23 @@ def separable_toy_data(
     noise = 0.05 * torch.randn((n, *shape), generator=g)
     x = (level.view(-1, *([1] * len(shape))) + noise).clamp(0, 1)
     return x, y
+
+
+def pyautoattack_resnet18() -> nn.Module:
+    """The real standard CIFAR-10 ResNet-18 that ships with ``pyautoattack``, in eval mode.
+
+    ``examples/resnet.py`` (kuangliu's ResNet-18) with ``examples/model_test.pt`` loaded weights-
+    only and strictly. Its ``examples/eval.py`` feeds ``ToTensor()`` images, so the network takes
+    [0, 1] pixels without normalisation, like every robustkit model. Needs ``pyautoattack``.
+    """
+    from pathlib import Path
+
+    import pyautoattack
+    from pyautoattack.examples.resnet import ResNet18
+
+    from robustkit.models import load_state_dict_file
+
+    model = ResNet18()
+    weights = Path(pyautoattack.__file__).parent / "examples" / "model_test.pt"
+    model.load_state_dict(load_state_dict_file(weights), strict=True)
+    return model.eval()

@@ -418,21 +418,12 @@ def test_real_resnet18_standard_model():
     """pyautoattack's example ResNet-18 (a standard, non-robust CIFAR-10 model) on the first 32
     shipped CIFAR-10 test images: PGD-20 with stop_on_success loses nothing against
     torchattacks' PGD-20, breaks (nearly) every point, and needs far fewer gradient steps."""
-    import importlib.util
-    from pathlib import Path
-
     ta = pytest.importorskip("torchattacks")
-    pyautoattack = pytest.importorskip("pyautoattack")
+    pytest.importorskip("pyautoattack")
     from robustkit.data import load_dataset
+    from robustkit.testing import pyautoattack_resnet18
 
-    folder = Path(pyautoattack.__file__).parent / "examples"
-    spec = importlib.util.spec_from_file_location("aa_example_resnet", folder / "resnet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.ResNet18()
-    model.load_state_dict(torch.load(folder / "model_test.pt", weights_only=True,
-                                     map_location="cpu"))
-    model.eval()
+    model = pyautoattack_resnet18()
     ds = load_dataset("sample-cifar10", "test")
     x, y = ds.x[:32].float() / 255, ds.y[:32]
     with torch.no_grad():

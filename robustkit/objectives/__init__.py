@@ -14,7 +14,7 @@ from torch import nn
 
 from robustkit.attacks.base import Attack
 from robustkit.objectives.awp import AWP
-from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
+from robustkit.objectives.base import Objective, ObjectiveOutput, PGDObjective, TrainContext
 from robustkit.objectives.fat import FAT
 from robustkit.objectives.gairat import GAIRAT
 from robustkit.objectives.mart import MART
@@ -24,8 +24,8 @@ from robustkit.objectives.standard import PGDAT, Natural
 from robustkit.objectives.trades import TRADES
 
 __all__ = ["OBJECTIVES", "create_objective", "accepted_hparams", "Objective", "ObjectiveOutput",
-           "TrainContext", "SampleMemory", "Natural", "PGDAT", "TRADES", "MART", "FAT", "GAIRAT",
-           "AWP", "SRDDAT"]
+           "PGDObjective", "TrainContext", "SampleMemory", "Natural", "PGDAT", "TRADES", "MART",
+           "FAT", "GAIRAT", "AWP", "SRDDAT"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "natural": Natural,

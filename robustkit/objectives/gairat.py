@@ -10,11 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
-from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
+from robustkit.objectives.base import (
+    ObjectiveOutput,
+    PGDObjective,
+    TrainContext,
+    detach_metrics,
+)
 from robustkit.objectives.functional import (
     accuracy,
     attack_metrics,
-    build_pgd,
     check_hparam,
     gair_weights,
 )
@@ -23,7 +27,7 @@ from robustkit.objectives.schedules import gairat_lambda
 __all__ = ["GAIRAT"]
 
 
-class GAIRAT(Objective):
+class GAIRAT(PGDObjective):
     """GAIRAT: ``mean_i ω_i·CE(f(x'_i), y_i)`` with weights from the geometry value κ_i.
 
     Zhang et al., "Geometry-aware Instance-reweighted Adversarial Training", ICLR 2021
@@ -65,9 +69,6 @@ class GAIRAT(Objective):
         lambda_max: float = math.inf,
         lambda_schedule: Literal["fixed", "linear"] = "fixed",
     ) -> None:
-        self.eps = check_hparam("eps", eps, 0.0, 1.0)
-        self.alpha = check_hparam("alpha", alpha, 0.0, low_open=True)
-        self.steps = int(check_hparam("steps", steps, 1))
         self.lam = check_hparam("lam", lam, -math.inf)
         self.burn_in = check_hparam("burn_in", burn_in, 0.0, 1.0)
         self.lambda_max = float(lambda_max)
@@ -77,10 +78,7 @@ class GAIRAT(Objective):
         if lambda_schedule == "linear" and math.isinf(self.lambda_max):
             raise ValueError("lambda_schedule='linear' needs a finite lambda_max")
         self.lambda_schedule = lambda_schedule
-        if attack is None:
-            attack = build_pgd(model, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                               loss="ce", random_start=True)
-        super().__init__(model, attack)
+        super().__init__(model, attack, eps=eps, alpha=alpha, steps=steps)
 
     def loss(
         self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext

@@ -7,8 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
-from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
-from robustkit.objectives.functional import accuracy, attack_metrics, build_pgd, check_hparam
+from robustkit.objectives.base import (
+    ObjectiveOutput,
+    PGDObjective,
+    TrainContext,
+    detach_metrics,
+)
+from robustkit.objectives.functional import accuracy, attack_metrics, check_hparam
 
 __all__ = ["MART"]
 
@@ -19,7 +24,7 @@ _LOG_EPS = 1e-12
 _WEIGHT_ONE = 1.0000001
 
 
-class MART(Objective):
+class MART(PGDObjective):
     """MART: ``BCE(f(x'), y) + β·KL(p(x) ‖ p(x'))·(1 - p_y(x))``, mean over the batch.
 
     Wang et al., "Improving Adversarial Robustness Requires Revisiting Misclassified Examples",
@@ -43,6 +48,8 @@ class MART(Objective):
         >>> out = objective(x, y); out.loss.backward()
     """
 
+    random_start = "normal"
+
     def __init__(
         self,
         model: nn.Module,
@@ -54,13 +61,7 @@ class MART(Objective):
         steps: int = 10,
     ) -> None:
         self.beta = check_hparam("beta", beta, 0.0)
-        self.eps = check_hparam("eps", eps, 0.0, 1.0)
-        self.alpha = check_hparam("alpha", alpha, 0.0, low_open=True)
-        self.steps = int(check_hparam("steps", steps, 1))
-        if attack is None:
-            attack = build_pgd(model, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                               loss="ce", random_start="normal")
-        super().__init__(model, attack)
+        super().__init__(model, attack, eps=eps, alpha=alpha, steps=steps)
 
     def loss(
         self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext

@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
-from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
-from robustkit.objectives.functional import accuracy, attack_metrics, build_pgd, check_hparam
+from robustkit.objectives.base import (
+    Objective,
+    ObjectiveOutput,
+    PGDObjective,
+    TrainContext,
+    detach_metrics,
+)
+from robustkit.objectives.functional import accuracy, attack_metrics
 
 __all__ = ["Natural", "PGDAT"]
 
@@ -39,7 +45,7 @@ class Natural(Objective):
         return ObjectiveOutput(loss, logits, detach_metrics({"loss/ce": loss}))
 
 
-class PGDAT(Objective):
+class PGDAT(PGDObjective):
     """PGD adversarial training: ``CE(f(x'), y)`` on PGD examples.
 
     Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018
@@ -69,13 +75,7 @@ class PGDAT(Objective):
         alpha: float = 2 / 255,
         steps: int = 10,
     ) -> None:
-        self.eps = check_hparam("eps", eps, 0.0, 1.0)
-        self.alpha = check_hparam("alpha", alpha, 0.0, low_open=True)
-        self.steps = int(check_hparam("steps", steps, 1))
-        if attack is None:
-            attack = build_pgd(model, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                               loss="ce", random_start=True)
-        super().__init__(model, attack)
+        super().__init__(model, attack, eps=eps, alpha=alpha, steps=steps)
 
     def loss(
         self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext

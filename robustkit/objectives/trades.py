@@ -6,11 +6,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
-from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
+from robustkit.objectives.base import (
+    ObjectiveOutput,
+    PGDObjective,
+    TrainContext,
+    detach_metrics,
+)
 from robustkit.objectives.functional import (
     accuracy,
     attack_metrics,
-    build_pgd,
     check_hparam,
     per_sample_kl,
 )
@@ -18,7 +22,7 @@ from robustkit.objectives.functional import (
 __all__ = ["TRADES"]
 
 
-class TRADES(Objective):
+class TRADES(PGDObjective):
     """TRADES: ``CE(f(x), y) + β·KL(p(x) ‖ p(x'))``, KL summed over classes, mean over the batch.
 
     Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy", ICML 2019
@@ -41,6 +45,9 @@ class TRADES(Objective):
         >>> out = objective(x, y); out.loss.backward()
     """
 
+    inner_loss = "kl"
+    random_start = "normal"
+
     def __init__(
         self,
         model: nn.Module,
@@ -52,13 +59,7 @@ class TRADES(Objective):
         steps: int = 10,
     ) -> None:
         self.beta = check_hparam("beta", beta, 0.0)
-        self.eps = check_hparam("eps", eps, 0.0, 1.0)
-        self.alpha = check_hparam("alpha", alpha, 0.0, low_open=True)
-        self.steps = int(check_hparam("steps", steps, 1))
-        if attack is None:
-            attack = build_pgd(model, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                               loss="kl", random_start="normal")
-        super().__init__(model, attack)
+        super().__init__(model, attack, eps=eps, alpha=alpha, steps=steps)
 
     def loss(
         self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext
