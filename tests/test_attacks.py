@@ -181,6 +181,36 @@ def test_one_step_on_a_linear_model_is_analytic(norm, cls):
     torch.testing.assert_close(attack(x, y), expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_step_noise_is_added_before_the_projection(norm):
+    """FAT's step: x + α·step(g) + ω·N(0, I), then one projection (ball, then [0, 1] box); the
+    noise comes from the attack's generator (no random start, so it is the first draw)."""
+    torch.manual_seed(0)
+    model = LinearModel((3, 8, 8), 10).double().eval()
+    x, y = random_batch(6, (3, 8, 8), seed=1)
+    x = x.double()
+    eps, omega = (0.05, 0.02) if norm == "Linf" else (0.5, 0.2)
+    W, b = model.fc.weight, model.fc.bias
+    with torch.no_grad():
+        p = torch.softmax(x.flatten(1) @ W.T + b, 1)
+        g = ((p - F.one_hot(y, 10)) @ W).view_as(x)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(7), dtype=x.dtype)
+    if norm == "Linf":
+        step = x + 0.5 * eps * g.sign() + omega * noise
+        expected = torch.min(torch.max(step, x - eps), x + eps).clamp(0, 1)
+    else:
+        step = x + 0.5 * eps * g / (g.flatten(1).norm(dim=1) + 1e-10).view(-1, 1, 1, 1)
+        delta = step + omega * noise - x
+        factor = (eps / delta.flatten(1).norm(dim=1)).clamp(max=1).view(-1, 1, 1, 1)
+        expected = (x + delta * factor).clamp(0, 1)
+    attack = PGD(model, eps=eps, alpha=0.5 * eps, steps=1, random_start=False, norm=norm,
+                 select="last", step_noise=omega, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(attack(x, y), expected, rtol=0, atol=1e-12)
+    plain = PGD(model, eps=eps, alpha=0.5 * eps, steps=1, random_start=False, norm=norm,
+                select="last")
+    assert (attack(x, y) != plain(x, y)).any()  # the noise really moves the iterate
+
+
 def test_steps_do_not_depend_on_the_batch():
     model, x, y = _setup(4, dtype=torch.float64)
     attack = PGD(model, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)
@@ -388,6 +418,7 @@ def test_factory_errors_are_clear():
     ({"random_start": "gauss"}, "random_start"), ({"loss": "mse"}, "loss"),
     ({"restarts": 0}, "restarts"), ({"select": "first"}, "select"),
     ({"restarts": 2, "select": "last"}, "restarts"), ({"loss": "kl", "targeted": True}, "kl"),
+    ({"step_noise": -0.1}, "step_noise"), ({"step_noise": float("nan")}, "step_noise"),
 ])
 def test_pgd_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -163,8 +163,8 @@ def test_default_attacks_are_paper_defaults_on_the_bare_module():
         assert isinstance(a, PGD) and a.model is model and a.select == "last", obj
         assert (a.loss, a.random_start, a.steps) == (loss, start, steps), obj
         assert a.eps == pytest.approx(eps) and a.alpha == pytest.approx(alpha), obj
-    assert FAT(model).attack.omega == 0.001 and not hasattr(FAT(model, base="trades").attack,
-                                                           "omega")
+    assert FAT(model).attack.step_noise == 0.001  # FAT.py's ω; FAT_for_TRADES.py has none
+    assert FAT(model, base="trades").attack.step_noise == 0.0
     mine = PGD(model, eps=0.1, steps=1)
     assert create_objective("pgd_at", model, attack=mine).attack is mine
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -78,7 +79,10 @@ class PGD(Attack):
             any iterate); the batch given to the model shrinks. For evaluation.
         select: ``"best"`` (per sample a successful iterate if any, else the highest-loss one,
             the final iterate included; worst case over restarts) or ``"last"`` (training).
-        generator: ``torch.Generator`` for random starts and targets (default: global RNG).
+        generator: ``torch.Generator`` for random starts, targets and step noise (default:
+            global RNG).
+        step_noise: std ω of Gaussian noise added to every step before its projection (FAT's
+            ``x + α·sign(g) + ω·N(0, I)``, Zhang et al. 2020, ω = 0.001; default 0: none).
 
     Shape:
         x: ``(N, C, H, W)`` in [0, 1]; y: ``(N,)``; x_adv: like x.
@@ -102,6 +106,7 @@ class PGD(Attack):
         stop_on_success: bool = False,
         select: Literal["best", "last"] = "best",
         generator: torch.Generator | None = None,
+        step_noise: float = 0.0,
     ) -> None:
         super().__init__(model, eps, norm)
         self.alpha = float(alpha)
@@ -123,6 +128,9 @@ class PGD(Attack):
             raise ValueError(f"select must be 'best' or 'last', got {select!r}")
         if restarts > 1 and select != "best":
             raise ValueError("restarts > 1 needs select='best' (the worst case over restarts)")
+        self.step_noise = float(step_noise)
+        if not (self.step_noise >= 0 and math.isfinite(self.step_noise)):
+            raise ValueError(f"step_noise must be finite and >= 0, got {step_noise!r}")
         self.steps = steps
         self.random_start: RandomStart = random_start
         self.loss = loss
@@ -214,9 +222,15 @@ class PGD(Attack):
         if self.norm == "Linf":
             g = g.sign_()
             xa = xa.add(g, alpha=s.alpha) if isinstance(s.alpha, float) else xa.addcmul(g, s.alpha)
-            return xa.clamp_(s.lo, s.hi)
+            return self._noise(xa).clamp_(s.lo, s.hi)
         scale = s.alpha / self._view(g.flatten(1).norm(dim=1) + _NORM_EPS, xa)
-        return self._project(xa.addcmul(g, scale), s)
+        return self._project(self._noise(xa.addcmul(g, scale)), s)
+
+    def _noise(self, xa: Tensor) -> Tensor:
+        """Add ``step_noise·N(0, I)`` in place (``xa`` is a fresh tensor), before the projection."""
+        if self.step_noise > 0:
+            xa.add_(self._rand(xa.shape, xa, normal=True), alpha=self.step_noise)
+        return xa
 
     def _perturb(self, x: Tensor, y: Tensor, eps=None, alpha=None, tau=None, target=None,
                  clean_logits=None) -> AttackResult:

@@ -45,7 +45,8 @@ class FAT(Objective):
             (90/120, 1), (1, 2)), or an int for a constant τ.
         beta: KL weight for base "trades" (default 6.0; unused for "at").
         omega: std of Gaussian noise added at each step (default ``None``: the references' 0.001
-            for "at", 0 for "trades"). Needs the built-in attack.
+            for "at", 0 for "trades"), the built-in PGD's ``step_noise``. Needs the built-in
+            attack.
 
     Shape: ``x (N, C, H, W) in [0, 1]``, ``y (N,)``; returns the adversarial logits (base "at")
     or the clean ones (base "trades"), ``(N, K)``.
@@ -81,13 +82,12 @@ class FAT(Objective):
             omega = 0.001 if base == "at" else 0.0
         self.omega = check_hparam("omega", omega, 0.0)
         if attack is None:
-            kw = dict(eps=self.eps, alpha=self.alpha, steps=self.steps, select="last",
-                      loss="ce" if base == "at" else "kl",
-                      random_start=True if base == "at" else "normal")
-            bare = bare_model(model)
-            attack = _NoisyPGD(bare, omega=self.omega, **kw) if self.omega > 0 else PGD(bare, **kw)
+            attack = PGD(bare_model(model), eps=self.eps, alpha=self.alpha, steps=self.steps,
+                         select="last", loss="ce" if base == "at" else "kl",
+                         random_start=True if base == "at" else "normal", step_noise=self.omega)
         elif self.omega > 0:
-            raise ValueError("omega > 0 needs the built-in attack (attack=None); pass omega=0")
+            raise ValueError("omega > 0 needs the built-in attack (attack=None); pass omega=0 "
+                             "and give your attack its own step noise (PGD(step_noise=...))")
         super().__init__(model, attack)
 
     def perturb(self, x: Tensor, y: Tensor, ctx: TrainContext) -> AttackResult:
@@ -116,18 +116,3 @@ class FAT(Objective):
         metrics.update({"loss/ce": ce, "loss/kl": kl, "acc_adv": accuracy(logits_adv, y)})
         return ObjectiveOutput(loss, logits, detach_metrics(metrics))
 
-
-class _NoisyPGD(PGD):
-    """PRIVATE stand-in for FAT's step noise, which the shared PGD lacks: after each PGD step,
-    ``ω·N(0, I)`` is added and the iterate projected again (FAT's earlystop.py adds it before the
-    single projection; the two agree when the noise does not cross the ball's boundary).
-    Relies on PGD's private ``_step``/``_project``/``_rand``; drop it once PGD takes a step-noise
-    option."""
-
-    def __init__(self, model: nn.Module, *, omega: float, **kwargs) -> None:
-        super().__init__(model, **kwargs)
-        self.omega = omega
-
-    def _step(self, xa: Tensor, g: Tensor, s) -> Tensor:
-        xa = super()._step(xa, g, s)
-        return self._project(xa + self.omega * self._rand(xa.shape, xa, normal=True), s)
