@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=None, help="training images of (b)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of (b)")
     parser.add_argument("--k", type=int, default=10, help="attack steps of both methods in (b)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="round-robin repeats of (a) (default 9; 3 with --quick): one repeat "
+                             "varies by +-7 %% on a shared CPU, the median of 9 by about 2 %%")
     parser.add_argument("--out", type=Path, default=RESULTS / "bench_training.json")
     args = parser.parse_args(argv)
     if args.threads:
@@ -183,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     images = args.images or (512 if args.quick else 2048)
     epochs = args.epochs or 5
     result = {"bench": "training", "quick": args.quick, **device_info(device),
-              "overhead": overhead(device, 512 if args.quick else 1024, 3 if args.quick else 5),
+              "overhead": overhead(device, 512 if args.quick else 1024,
+                                   args.repeats or (3 if args.quick else 9)),
               "srd_vs_trades": srd_vs_trades(device, images, epochs, args.k,
                                              eval_n=250 if args.quick else 500)}
     write_json(args.out, result)
