@@ -64,21 +64,24 @@ def run(args: argparse.Namespace) -> int:
     # is given, so skipping points PGD already broke is what keeps the demo within minutes on CPU.
     aa = ["--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t", "--protocol", "cascade"]
 
-    print(f"\n== step 1/5  standard ResNet-18 (pyautoattack) on the first {args.cifar_n} "
+    models = ("natural", "srd_dat")
+    total = 1 + 2 * len(models)  # the CIFAR-10 evaluation, then train + evaluate per model
+    print(f"\n== step 1/{total}  standard ResNet-18 (pyautoattack) on the first {args.cifar_n} "
           "embedded CIFAR-10 test images, Linf eps 8/255 ==")
     _call(["evaluate", "--model", f"{factory}:load", "--dataset", "sample-cifar10",
            "--n-examples", str(args.cifar_n), "--attacks", "clean,pgd20,autoattack", *aa,
            "--out", str(out / "eval_cifar10_resnet18"), "--device", args.device])
 
     rows = {}
-    for i, name in enumerate(("natural", "srd_dat")):
-        print(f"\n== step {2 + 2 * i}/5  train {name} SmallCNN on the embedded MNIST sample ==")
+    for i, name in enumerate(models):
+        print(f"\n== step {2 + 2 * i}/{total}  train {name} SmallCNN on the embedded MNIST "
+              "sample ==")
         run_dir = out / name
         overrides = [f"trainer.out_dir={run_dir}", f"trainer.device={args.device}"]
         if args.epochs is not None:
             overrides.append(f"trainer.epochs={args.epochs}")
         _call(["train", "-c", str(configs / f"{name}.yaml"), *overrides])
-        print(f"\n== step {3 + 2 * i}/5  evaluate {name} on the first {args.mnist_n} "
+        print(f"\n== step {3 + 2 * i}/{total}  evaluate {name} on the first {args.mnist_n} "
               "MNIST test images, Linf eps 0.3 ==")
         eval_dir = out / f"eval_mnist_{name}"
         _call(["evaluate", "--model", "small_cnn", "--checkpoint", str(run_dir / "last.pt"),
