@@ -25,6 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from robustkit.errors import ConfigError
 from robustkit.utils import atomic_write, parse_number
 
 __all__ = ["ConfigError", "DataConfig", "ModelConfig", "AttackConfig", "ObjectiveConfig",
@@ -41,10 +42,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "trainer.amp": ("off", "bf16", "fp16"),
     "trainer.eval_norm": ("Linf", "L2"),
 }
-
-
-class ConfigError(ValueError):
-    """An invalid configuration: unknown key, wrong type or value (one line, names the key)."""
 
 
 @dataclass

@@ -170,9 +170,10 @@ def wrap_ddp(model: nn.Module, device: str | torch.device | None = None) -> nn.M
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The bare module under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    """The bare module under DDP / DataParallel (``.module``) and ``torch.compile``
+    (``._orig_mod``) wrappers: attacks, taps and checkpoints always hold the bare module."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod

@@ -1,4 +1,5 @@
-"""Small shared helpers: seeding, devices, atomic writes and ``"8/255"`` parsing."""
+"""Small shared helpers: seeding, devices, atomic writes, ``"8/255"`` parsing, and the two
+context managers every part uses on a model: ``eval_mode()`` and ``frozen_parameters()``."""
 
 from __future__ import annotations
 
@@ -6,14 +7,18 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-__all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number"]
+__all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number",
+           "eval_mode", "frozen_parameters"]
 
 
 def seed_everything(seed: int) -> None:
@@ -73,3 +78,41 @@ def parse_number(value: str | float | int) -> float:
         return float(Fraction(text))
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"expected a number or a fraction such as 8/255, got {value!r}") from None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode for the block, then every submodule's own mode back.
+
+    Restoring each submodule (not ``model.train(was_training)``) matters: a model may keep some
+    layers in eval while it trains (a frozen BatchNorm), and a root-level ``train(True)`` would
+    silently switch them back on.
+
+    Example:
+        >>> with eval_mode(model):
+        ...     logits = model(x)
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """``requires_grad=False`` on every parameter for the block, then the previous flags back.
+
+    For third-party attacks that call ``backward()`` (FAB, torchattacks' CW, ...): with frozen
+    parameters they leave every parameter's ``.grad`` untouched, and skip the weight gradients.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from robustkit.cli import main
-from robustkit.cli._attacks_spec import parse_attacks
+from robustkit.attacks.specs import parse_attacks
 from robustkit.data import first_n, load_dataset
 from robustkit.models import create_model
 

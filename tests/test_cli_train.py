@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkit.checkpoint import load_checkpoint
+from robustkit.training.checkpoint import load_checkpoint
 from robustkit.cli import main
 from robustkit.cli.train import build
 from robustkit.config import load_config, to_container

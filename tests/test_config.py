@@ -13,8 +13,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from robustkit.callbacks import CheckpointCallback, EvalCallback
-from robustkit.checkpoint import check_plain
+from robustkit.training.callbacks import CheckpointCallback, EvalCallback
+from robustkit.training.checkpoint import check_plain
 from robustkit.cli import main
 from robustkit.cli.train import build
 from robustkit.config import ConfigError, build_config, load_config, save_config, to_container

@@ -15,8 +15,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from robustkit import distributed as dist
-from robustkit.callbacks import EvalCallback
-from robustkit.checkpoint import load_checkpoint
+from robustkit.training.callbacks import EvalCallback
+from robustkit.training.checkpoint import load_checkpoint
 from robustkit.testing import LinearModel, TinyCNN, separable_toy_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,10 +76,10 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import robustkit.attacks.pgd  # noqa: F401  (imported once, before the fork)
 from robustkit import distributed as dist
-from robustkit.callbacks import CheckpointCallback, EvalCallback, JSONLCallback
+from robustkit.training.callbacks import CheckpointCallback, EvalCallback, JSONLCallback
 from robustkit.objectives.base import Objective, ObjectiveOutput
 from robustkit.testing import TinyCNN, separable_toy_data
-from robustkit.trainer import Trainer
+from robustkit.training.trainer import Trainer
 
 
 class CE(Objective):

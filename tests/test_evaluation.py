@@ -12,9 +12,9 @@ from torch import nn
 
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.pgd import PGD
-from robustkit.checks import post_checks, pre_checks
+from robustkit.evaluation.checks import post_checks, pre_checks
 from robustkit.evaluation import EvalResult, StateMismatchError, evaluate_attacks
-from robustkit.results import build_results, format_eps, model_info, write_model_info
+from robustkit.evaluation.results import build_results, format_eps, model_info, write_model_info
 from robustkit.testing import ConstantModel, LinearModel, TinyCNN, random_batch
 
 K = 5  # classes of the pixel model

@@ -15,12 +15,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from robustkit.attacks.base import AttackResult
-from robustkit.callbacks import CheckpointCallback, EvalCallback, JSONLCallback, TensorBoardCallback
-from robustkit.checkpoint import load_checkpoint, save_checkpoint
-from robustkit.cli.progress_train import ProgressCallback
+from robustkit.training.callbacks import CheckpointCallback, EvalCallback, JSONLCallback, TensorBoardCallback
+from robustkit.training.checkpoint import load_checkpoint, save_checkpoint
+from robustkit.cli.progress import ProgressCallback
 from robustkit.objectives.base import Objective, ObjectiveOutput
 from robustkit.testing import LinearModel, TinyCNN, separable_toy_data
-from robustkit.trainer import NonFiniteLossError, Trainer
+from robustkit.training.trainer import NonFiniteLossError, Trainer
 
 
 # -- helpers (tests/ is not a package: they live here) ---------------------------------------
@@ -248,7 +248,7 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
 
 def test_amp_ignored_on_cpu_with_warning(caplog):
     model = tiny()
-    with caplog.at_level(logging.WARNING, logger="robustkit.trainer"):
+    with caplog.at_level(logging.WARNING, logger="robustkit.training.trainer"):
         trainer = trainer_for(model, amp="bf16", device="cpu")
     assert trainer.amp == "off" and "ignored" in caplog.text
     trainer.fit(toy_loader(32, 16))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult, Norm
+from robustkit.utils import frozen_parameters
 
 __all__ = ["AutoAttack"]
 
@@ -99,12 +100,9 @@ class AutoAttack(Attack):
                  ) -> AttackResult:
         path = None if state_path is None else Path(state_path)
         aa = self.build(x.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # FAB calls backward(): frozen parameters keep every .grad untouched (and it is faster).
-        for p in params:
-            p.requires_grad_(False)
         devices = [x.device] if x.device.type == "cuda" else []
-        try:
+        # FAB calls backward(): frozen parameters keep every .grad untouched (and it is faster).
+        with frozen_parameters(self.model):
             with torch.random.fork_rng(devices=devices):  # pyautoattack seeds the global RNG
                 if path is not None and path.exists() and _read_state(path)[2] is None:
                     path.unlink()  # interrupted before the clean pass: nothing to resume
@@ -116,9 +114,6 @@ class AutoAttack(Attack):
                     x_adv, y_adv = aa.run_standard_evaluation(
                         x, y, batch_size=self.batch_size, state_path=path)
                     robust = y_adv == y
-        finally:
-            for p in params:
-                p.requires_grad_(True)
         return AttackResult(x_adv, {"success": ~robust.to(x.device),
                                     "eps": torch.full((x.shape[0],), self.eps, device=x.device)})
 

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from robustkit.utils import eval_mode
+
 __all__ = ["Attack", "AttackResult", "Norm"]
 
 Norm = Literal["Linf", "L2"]
@@ -67,16 +69,10 @@ class Attack:
     def perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
         """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``)."""
         _check_inputs(x, y)
-        # Remember every submodule's mode, not just the root's: a model may keep some layers
-        # (e.g. a frozen BatchNorm) in eval while it trains, and model.train(True) would undo that.
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()  # attack on running BN statistics (methods.md §1.1, step 6)
-        try:
-            with torch.enable_grad():  # so the attack works when called under torch.no_grad()
-                result = self._perturb(x.detach(), y.detach(), **overrides)
-        finally:
-            for module, training in modes:
-                module.training = training
+        # Attack on running BN statistics (methods.md §1.1, step 6); eval_mode restores every
+        # submodule's own mode afterwards, not just the root's.
+        with eval_mode(self.model), torch.enable_grad():  # enable_grad: works under no_grad()
+            result = self._perturb(x.detach(), y.detach(), **overrides)
         result.x_adv = result.x_adv.detach()
         return result
 

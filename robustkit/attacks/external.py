@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
+from robustkit.utils import frozen_parameters
 
 __all__ = ["TorchAttack"]
 
@@ -93,10 +94,8 @@ class TorchAttack(Attack):
         return super().perturb(x, y, target=target)
 
     def _perturb(self, x: Tensor, y: Tensor, target: Tensor | None = None) -> AttackResult:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in params:  # some torchattacks call backward(): keep parameters' .grad untouched
-            p.requires_grad_(False)
-        try:
+        # some torchattacks call backward(): frozen parameters keep every .grad untouched
+        with frozen_parameters(self.model):
             with _quiet():
                 if target is None:
                     x_adv = self.attack(x, y)
@@ -106,9 +105,6 @@ class TorchAttack(Attack):
                         x_adv = self.attack(x, target)
                     finally:
                         self.attack.set_mode_default()
-        finally:
-            for p in params:
-                p.requires_grad_(True)
         x_adv = x_adv.detach().to(x.device, x.dtype)
         with torch.no_grad():  # one forward, so evaluators get the flags like from PGD
             pred = self.model(x_adv).argmax(dim=1)

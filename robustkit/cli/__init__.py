@@ -12,11 +12,13 @@ import argparse
 import logging
 import sys
 
+from robustkit.errors import UserError
+
 __all__ = ["main", "CLIError"]
 
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2."""
+class CLIError(UserError):
+    """A user error found by the CLI itself (a bad flag): printed as one line, exit code 2."""
 
 
 def _build_parser() -> argparse.ArgumentParser:

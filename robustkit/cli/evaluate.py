@@ -134,19 +134,19 @@ def _architecture(spec: str, model) -> str:
 def run(args) -> int:
     import torch
 
-    from robustkit.checks import post_checks, pre_checks
-    from robustkit.cli._attacks_spec import build_attacks, parse_attacks, strength, targets_needed
+    from robustkit.attacks.specs import build_attacks, parse_attacks, strength, targets_needed
     from robustkit.cli.progress import tqdm_factory
     from robustkit.data import DATASETS, first_n, load_dataset
     from robustkit.evaluation import evaluate_attacks
-    from robustkit.models import load_model
-    from robustkit.results import (
+    from robustkit.evaluation.checks import post_checks, pre_checks
+    from robustkit.evaluation.results import (
         build_results,
         format_eps,
         sha256_file,
         write_model_info,
         write_results,
     )
+    from robustkit.models import load_model
     from robustkit.utils import parse_number, resolve_device, seed_everything
 
     s = _settings(args)

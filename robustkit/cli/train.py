@@ -122,11 +122,11 @@ def build(cfg: DictConfig, loaders: Any = None) -> Run:
     """
     from robustkit import distributed as dist
     from robustkit.attacks import create_attack
-    from robustkit.checkpoint import load_checkpoint
     from robustkit.data import DATASETS, build_loaders
     from robustkit.models import create_model
     from robustkit.objectives import create_objective
-    from robustkit.trainer import Trainer
+    from robustkit.training.checkpoint import load_checkpoint
+    from robustkit.training.trainer import Trainer
     from robustkit.utils import seed_everything
 
     t, d = cfg.trainer, cfg.data
@@ -221,7 +221,7 @@ def _lr_factor(cfg: DictConfig, steps_per_epoch: int):
 
 def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path) -> list[Any]:
     from robustkit import distributed as dist
-    from robustkit.callbacks import (
+    from robustkit.training.callbacks import (
         CheckpointCallback,
         EvalCallback,
         JSONLCallback,
@@ -251,7 +251,7 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path) -> list[
         callbacks.append(TensorBoardCallback(out_dir / "tb", config_text=OmegaConf.to_yaml(cfg),
                                              log_every=t.log_every, hparams=hparams))
     if cfg.log.progress and dist.is_main():
-        from robustkit.cli.progress_train import ProgressCallback
+        from robustkit.cli.progress import ProgressCallback
 
         callbacks.append(ProgressCallback())
     return callbacks

@@ -15,12 +15,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from robustkit.errors import DataError
+
 __all__ = ["ImageDataset", "DataError", "DatasetInfo", "first_n", "check_num_classes"]
-
-
-class DataError(ValueError):
-    """A dataset root is missing or malformed; the message names the dataset, the paths looked
-    at, the expected layout and, where one exists, the ``--download`` option."""
 
 
 @dataclass(frozen=True)

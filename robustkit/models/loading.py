@@ -16,7 +16,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ModelError", "load_model", "load_state_dict_file", "load_checkpoint"]
+from robustkit.errors import ModelError
+from robustkit.models.registry import MODELS, create_model
+
+__all__ = ["load_model", "load_state_dict_file", "load_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +31,6 @@ _STRIP_PREFIXES = ("module.", "_orig_mod.")
 # The layout of create_model's output: Normalize, then the architecture.
 _WRAPPER_CHILDREN = ("normalize", "model")
 _WRAPPER_PREFIXES = ("normalize.", "model.")
-
-
-class ModelError(ValueError):
-    """A model cannot be built or loaded: unknown name, bad file, mismatching checkpoint or
-    wrong class count. The message says what to change."""
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -126,8 +124,8 @@ def _mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a checkpoint file into ``model`` strictly, returning ``model``.
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load the weights in a checkpoint file into ``model`` strictly, returning ``model``.
 
     Into a model from ``create_model`` (``Normalize`` → architecture) both layouts load:
     wrapped keys (``normalize.mean``, ``model.conv1.weight``: the checkpoint's normalisation
@@ -279,7 +277,6 @@ def load_model(
         >>> model = load_model("preact_resnet18", num_classes=10, checkpoint="runs/x/best.pt")
         >>> model = load_model("robustbench:Standard", num_classes=10, dataset="cifar10")
     """
-    from robustkit.models import MODELS, create_model  # here: the package imports this module
     from robustkit.utils import resolve_device
 
     if not isinstance(spec, str) or not spec.strip():
@@ -308,7 +305,7 @@ def load_model(
         model = create_model(spec, num_classes, mean=mean, std=std, in_channels=in_channels,
                              input_size=input_size, **kwargs)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+        load_weights(model, checkpoint)
     dev = resolve_device(device)
     model = model.to(dev).eval()
     _check_classes(model, spec, num_classes, (in_channels, input_size, input_size), dev)

@@ -27,7 +27,7 @@ from typing import Literal
 
 from torch import nn
 
-from robustkit.models.loading import ModelError
+from robustkit.errors import ModelError
 
 __all__ = ["load_zoo_model", "default_model_dir"]
 

@@ -14,11 +14,12 @@ from torch import nn
 
 from robustkit.attacks.base import Attack
 from robustkit.objectives.awp import AWP
-from robustkit.objectives.base import Objective, ObjectiveOutput, PGDObjective, TrainContext
+from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
 from robustkit.objectives.fat import FAT
 from robustkit.objectives.gairat import GAIRAT
 from robustkit.objectives.mart import MART
 from robustkit.objectives.memory import SampleMemory
+from robustkit.objectives.pgd_objective import PGDObjective
 from robustkit.objectives.srd_dat import SRDDAT
 from robustkit.objectives.standard import PGDAT, Natural
 from robustkit.objectives.trades import TRADES

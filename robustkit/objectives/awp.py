@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
+from robustkit.distributed import unwrap
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
-from robustkit.objectives.functional import bare_model, check_hparam
+from robustkit.objectives.functional import check_hparam
 from robustkit.objectives.schedules import warmup_done
 
 __all__ = ["AWP"]
@@ -105,7 +106,7 @@ class AWP(Objective):
 
     def _perturb_weights(self, x: Tensor, y: Tensor, adv: AttackResult | None,
                          ctx: TrainContext) -> None:
-        bare = bare_model(self.model)
+        bare = unwrap(self.model)
         params = self._layers(bare)
         if not params:
             return

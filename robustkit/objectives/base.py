@@ -13,9 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
-from robustkit.objectives.functional import build_pgd, check_hparam
 
-__all__ = ["Objective", "ObjectiveOutput", "PGDObjective", "TrainContext"]
+__all__ = ["Objective", "ObjectiveOutput", "TrainContext", "detach_metrics"]
 
 
 @dataclass
@@ -90,28 +89,6 @@ class Objective:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(attack={self.attack!r})"
-
-
-class PGDObjective(Objective):
-    """An objective whose inner maximisation is one PGD at ``(eps, alpha, steps)``.
-
-    Validates and stores the three budget hyper-parameters and, when ``attack`` is ``None``,
-    builds the paper-default PGD on the bare module with the subclass's ``inner_loss`` and
-    ``random_start`` (class attributes), keeping the last iterate (methods.md §1.1).
-    """
-
-    inner_loss: str = "ce"
-    random_start: bool | str = True
-
-    def __init__(self, model: nn.Module, attack: Attack | None = None, *, eps: float,
-                 alpha: float, steps: int) -> None:
-        self.eps = check_hparam("eps", eps, 0.0, 1.0)
-        self.alpha = check_hparam("alpha", alpha, 0.0, low_open=True)
-        self.steps = int(check_hparam("steps", steps, 1))
-        if attack is None:
-            attack = build_pgd(model, eps=self.eps, alpha=self.alpha, steps=self.steps,
-                               loss=self.inner_loss, random_start=self.random_start)
-        super().__init__(model, attack)
 
 
 def detach_metrics(metrics: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.pgd import PGD
+from robustkit.distributed import unwrap
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
 from robustkit.objectives.functional import (
     accuracy,
     attack_metrics,
-    bare_model,
     check_hparam,
     per_sample_kl,
 )
@@ -82,7 +82,7 @@ class FAT(Objective):
             omega = 0.001 if base == "at" else 0.0
         self.omega = check_hparam("omega", omega, 0.0)
         if attack is None:
-            attack = PGD(bare_model(model), eps=self.eps, alpha=self.alpha, steps=self.steps,
+            attack = PGD(unwrap(model), eps=self.eps, alpha=self.alpha, steps=self.steps,
                          select="last", loss="ce" if base == "at" else "kl",
                          random_start=True if base == "at" else "normal", step_noise=self.omega)
         elif self.omega > 0:

@@ -12,8 +12,6 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -24,9 +22,9 @@ from robustkit.attacks.pgd import PGD
 from robustkit.distributed import unwrap
 
 __all__ = [
-    "bare_model", "per_sample_kl", "accuracy", "confidence_gap", "skewness", "max_skewness",
+    "per_sample_kl", "accuracy", "confidence_gap", "skewness", "max_skewness",
     "normalized_skewness", "robustness_score", "budget_map", "power_weights", "clip_renormalize",
-    "gair_weights", "input_gradient", "build_pgd", "attack_metrics", "check_hparam", "eval_mode",
+    "gair_weights", "input_gradient", "build_pgd", "attack_metrics", "check_hparam",
 ]
 
 # Below this second central moment a probability vector counts as uniform and its skewness is 0
@@ -34,29 +32,10 @@ __all__ = [
 _M2_FLOOR = 1e-12
 
 
-def bare_model(model: nn.Module) -> nn.Module:
-    """The module under DDP / ``torch.compile`` wrappers: attacks must never hold a wrapper."""
-    if isinstance(model, nn.DataParallel):
-        model = model.module
-    return unwrap(model)
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block, then restore every submodule's own mode."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def build_pgd(model: nn.Module, **kwargs) -> PGD:
     """The paper-default PGD of an objective, built on the bare module (``select="last"``)."""
     kwargs.setdefault("select", "last")  # training uses the last iterate (methods.md §1.1)
-    return PGD(bare_model(model), **kwargs)
+    return PGD(unwrap(model), **kwargs)
 
 
 def attack_metrics(info: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -12,7 +12,6 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.objectives.base import (
     ObjectiveOutput,
-    PGDObjective,
     TrainContext,
     detach_metrics,
 )
@@ -22,6 +21,7 @@ from robustkit.objectives.functional import (
     check_hparam,
     gair_weights,
 )
+from robustkit.objectives.pgd_objective import PGDObjective
 from robustkit.objectives.schedules import gairat_lambda
 
 __all__ = ["GAIRAT"]

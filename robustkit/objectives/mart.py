@@ -9,11 +9,11 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.objectives.base import (
     ObjectiveOutput,
-    PGDObjective,
     TrainContext,
     detach_metrics,
 )
 from robustkit.objectives.functional import accuracy, attack_metrics, check_hparam
+from robustkit.objectives.pgd_objective import PGDObjective
 
 __all__ = ["MART"]
 

@@ -9,16 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult
+from robustkit.distributed import unwrap
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
 from robustkit.objectives.functional import (
     accuracy,
     attack_metrics,
-    bare_model,
     budget_map,
     build_pgd,
     check_hparam,
     confidence_gap,
-    eval_mode,
     normalized_skewness,
     per_sample_kl,
     power_weights,
@@ -28,6 +27,7 @@ from robustkit.objectives.functional import (
 from robustkit.objectives.memory import SampleMemory
 from robustkit.objectives.schedules import SRD_TAU, TauSchedule, check_tau_schedule, gamma_t
 from robustkit.objectives.schedules import tau_schedule as tau_at
+from robustkit.utils import eval_mode
 
 __all__ = ["SRDDAT"]
 
@@ -154,7 +154,7 @@ class SRDDAT(Objective):
     def perturb(self, x: Tensor, y: Tensor, ctx: TrainContext) -> AttackResult:
         # eval mode, no grad: BN running statistics, and this pass is not trained on (§3.3 A);
         # the bare module, so no DDP collective runs for it
-        with torch.no_grad(), eval_mode(bare_model(self.model)) as bare:
+        with torch.no_grad(), eval_mode(unwrap(self.model)) as bare:
             logits_clean = bare(x)
         probs = F.softmax(logits_clean.float(), dim=1)
         correct = probs.argmax(dim=1) == y

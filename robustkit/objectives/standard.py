@@ -9,11 +9,11 @@ from robustkit.attacks.base import Attack, AttackResult
 from robustkit.objectives.base import (
     Objective,
     ObjectiveOutput,
-    PGDObjective,
     TrainContext,
     detach_metrics,
 )
 from robustkit.objectives.functional import accuracy, attack_metrics
+from robustkit.objectives.pgd_objective import PGDObjective
 
 __all__ = ["Natural", "PGDAT"]
 

@@ -8,7 +8,6 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.objectives.base import (
     ObjectiveOutput,
-    PGDObjective,
     TrainContext,
     detach_metrics,
 )
@@ -18,6 +17,7 @@ from robustkit.objectives.functional import (
     check_hparam,
     per_sample_kl,
 )
+from robustkit.objectives.pgd_objective import PGDObjective
 
 __all__ = ["TRADES"]
 

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from robustkit import distributed as dist
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
+from robustkit.training.meters import Meters
 
 __all__ = ["Trainer", "TrainerState", "NonFiniteLossError"]
 
@@ -152,7 +153,7 @@ class Trainer:
                 sampler.set_epoch(epoch)  # DistributedSampler: a new, reproducible order per epoch
                 break
         self.model.train()
-        meters, start = _Meters(), time.perf_counter()
+        meters, start = Meters(), time.perf_counter()
         for batch in loader:
             out, y = self._train_step(batch, epoch)
             meters.add(self.state.batch, out.metrics, y.shape[0])
@@ -255,46 +256,6 @@ class Trainer:
         if len(rngs) != world:
             log.warning("checkpoint has RNG states of %d ranks, now %d", len(rngs), world)
         _set_rng_state(rngs[dist.rank() % len(rngs)], self.device)
-
-
-class _Meters:
-    """Per-epoch sums of 0-dim values (kept on the device: no sync per batch) and (N,) values."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.hists: dict[str, list[Tensor]] = {}
-        self.images = 0
-
-    def add(self, scalars: dict[str, Tensor], metrics: dict[str, Tensor], n: int) -> None:
-        self.images += n
-        for k, v in scalars.items():  # weighted by the batch size: a mean over samples
-            self.sums[k] = self.sums.get(k, 0) + v * n
-            self.counts[k] = self.counts.get(k, 0) + n
-        for k, v in metrics.items():
-            if v.dim() == 1:
-                self.hists.setdefault(k, []).append(v.detach().float())
-
-    def reduce(self, device: torch.device) -> tuple[dict[str, float], float, dict[str, Tensor]]:
-        """Means over every rank's samples, the total image count and the gathered histograms."""
-        # Ranks may (rarely) report different keys; a collective needs the same ones everywhere.
-        keys = sorted(set().union(*dist.all_gather_object(sorted(self.sums))))
-        zero = torch.zeros((), device=device)
-        sums = [torch.as_tensor(self.sums.get(k, zero), device=device).double() for k in keys]
-        counts = [float(self.counts.get(k, 0)) for k in keys] + [float(self.images)]
-        counts_t = torch.tensor(counts, device=device, dtype=torch.float64)
-        total = dist.all_reduce_sum(torch.cat([torch.stack(sums + [zero.double()]), counts_t]))
-        m = len(keys) + 1
-        s, c = total[:m].tolist(), total[m:].tolist()
-        means = {k: s[i] / c[i] if c[i] > 0 else float("nan") for i, k in enumerate(keys)}
-        hkeys = sorted(set().union(*dist.all_gather_object(sorted(self.hists))))
-        hists = {
-            k: dist.all_gather_cat(
-                torch.cat(self.hists[k]) if k in self.hists else zero.new_zeros(0)
-            ).cpu()
-            for k in hkeys
-        }
-        return means, c[-1], hists
 
 
 def _model_device(model: nn.Module) -> torch.device:

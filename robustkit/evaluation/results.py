@@ -83,7 +83,7 @@ def build_results(result, *, model: str, dataset: str, threat_model: str, eps: f
         checkpoint: weights file; its sha256 and best/last tag are recorded.
         architecture: the network's name (e.g. ``"ResNet18"``).
         attacks: name -> exact settings (class, ε, α, steps, ...), as built.
-        checks: ``Check`` objects or dicts from ``robustkit.checks``.
+        checks: ``Check`` objects or dicts from ``robustkit.evaluation.checks``.
         extra: more top-level fields (merged last).
     """
     from robustkit import __version__

@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, Subset
 
 from robustkit import __version__
 from robustkit import distributed as dist
-from robustkit.checkpoint import check_plain, save_checkpoint
-from robustkit.loggers import NullLogger, TensorBoardLogger
+from robustkit.training.checkpoint import check_plain, save_checkpoint
+from robustkit.training.loggers import NullLogger, TensorBoardLogger
 
 __all__ = [
     "Callback",

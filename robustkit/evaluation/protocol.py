@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack
-from robustkit.utils import atomic_write_json
+from robustkit.errors import StateMismatchError
+from robustkit.utils import atomic_write_json, eval_mode
 
 __all__ = ["EvalResult", "evaluate_attacks", "StateMismatchError"]
 
@@ -44,10 +45,6 @@ logger = logging.getLogger(__name__)
 Protocol = Literal["standalone", "cascade"]
 ProgressFactory = Callable[[str, int], Any]  # (attack name, points) -> object with update/close
 RESERVED = ("clean", "robust")
-
-
-class StateMismatchError(ValueError):
-    """``state_dir`` holds a run made with other settings."""
 
 
 @dataclass
@@ -157,9 +154,8 @@ def evaluate_attacks(
     }, overwrite)
     result = EvalResult(labels=labels, clean=torch.zeros(len(source), dtype=torch.bool),
                         protocol=protocol)
-    was_training = model.training
-    model.eval()  # clean pass on running BN statistics, as the attacks do (methods.md §1.1)
-    try:
+    # clean pass on running BN statistics, as the attacks do (methods.md §1.1)
+    with eval_mode(model):
         _run(None, torch.arange(len(source)), result, source, model, store, batch_size,
              seed, progress, device)
         still = result.clean.clone()
@@ -168,8 +164,6 @@ def evaluate_attacks(
             _run((name, attack), active, result, source, model, store, batch_size,
                  seed, progress, device, norm)
             still &= result.correct[name]
-    finally:
-        model.train(was_training)
     return result
 
 

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustkit.utils import eval_mode
+
 __all__ = ["Check", "pre_checks", "post_checks", "BLACK_BOX"]
 
 logger = logging.getLogger(__name__)
@@ -62,9 +64,8 @@ def pre_checks(model: nn.Module, x: Tensor, y: Tensor, *, num_targets: int = 0,
         Checks in a fixed order: eval_mode, logits, deterministic, dynamic, gradients, n_classes.
     """
     out = [_check_eval_mode(model)]
-    was_training = model.training
-    model.eval()  # the remaining checks look at the model as it is attacked (methods.md §1.1)
-    try:
+    # the remaining checks look at the model as it is attacked (methods.md §1.1)
+    with eval_mode(model):
         with torch.no_grad():
             outs = [model(x) for _ in range(repeats)]
         out.append(_check_logits(outs[0], tol))
@@ -73,8 +74,6 @@ def pre_checks(model: nn.Module, x: Tensor, y: Tensor, *, num_targets: int = 0,
         out.append(_check_gradients(model, x, y))
         if num_targets:
             out.append(_check_n_classes(outs[0].shape[1], num_targets))
-    finally:
-        model.train(was_training)
     for c in out:
         (logger.info if c.passed else logger.warning)("check %s: %s", c.name, c.message)
     return out

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from robustkit.errors import CheckpointError
 from robustkit.utils import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_plain", "CheckpointError"]
@@ -27,10 +28,6 @@ __all__ = ["save_checkpoint", "load_checkpoint", "check_plain", "CheckpointError
 # Exact types torch's weights_only unpickler accepts besides containers. Subclasses are refused:
 # numpy.float64 is a float, but not on torch's allowlist.
 _PLAIN = (bool, int, float, str, bytes, type(None), torch.Size)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be written safely or read as plain data."""
 
 
 def check_plain(obj: Any, where: str = "state") -> None:
