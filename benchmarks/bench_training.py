@@ -29,10 +29,10 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, device_info, print_table, sync, write_json  # noqa: E402
 
-from robustkit.training.callbacks import EvalCallback  # noqa: E402
 from robustkit.data import DATASETS, build_loaders  # noqa: E402
 from robustkit.models import create_model  # noqa: E402
 from robustkit.objectives import create_objective  # noqa: E402
+from robustkit.training.callbacks import EvalCallback  # noqa: E402
 from robustkit.training.trainer import Trainer  # noqa: E402
 from robustkit.utils import resolve_device  # noqa: E402
 

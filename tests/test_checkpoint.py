@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from robustkit.training.callbacks import CheckpointCallback
-from robustkit.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robustkit.objectives.base import Objective, ObjectiveOutput
 from robustkit.testing import TinyCNN, separable_toy_data
+from robustkit.training.callbacks import CheckpointCallback
+from robustkit.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from robustkit.training.trainer import Trainer
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from robustkit.cli import main
 from robustkit.attacks.specs import parse_attacks
+from robustkit.cli import main
 from robustkit.data import first_n, load_dataset
 from robustkit.models import create_model
 

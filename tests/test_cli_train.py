@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from robustkit.training.checkpoint import load_checkpoint
 from robustkit.cli import main
 from robustkit.cli.train import build
 from robustkit.config import load_config, to_container
+from robustkit.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.yaml")

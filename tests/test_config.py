@@ -13,13 +13,13 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from robustkit.training.callbacks import CheckpointCallback, EvalCallback
-from robustkit.training.checkpoint import check_plain
 from robustkit.cli import main
 from robustkit.cli.train import build
 from robustkit.config import ConfigError, build_config, load_config, save_config, to_container
 from robustkit.data import DATASETS, Loaders
 from robustkit.objectives import OBJECTIVES
+from robustkit.training.callbacks import CheckpointCallback, EvalCallback
+from robustkit.training.checkpoint import check_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(

@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from robustkit import distributed as dist
+from robustkit.testing import LinearModel, TinyCNN, separable_toy_data
 from robustkit.training.callbacks import EvalCallback
 from robustkit.training.checkpoint import load_checkpoint
-from robustkit.testing import LinearModel, TinyCNN, separable_toy_data
 
 REPO = Path(__file__).resolve().parents[1]
 

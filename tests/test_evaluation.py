@@ -12,8 +12,8 @@ from torch import nn
 
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.pgd import PGD
-from robustkit.evaluation.checks import post_checks, pre_checks
 from robustkit.evaluation import EvalResult, StateMismatchError, evaluate_attacks
+from robustkit.evaluation.checks import post_checks, pre_checks
 from robustkit.evaluation.results import build_results, format_eps, model_info, write_model_info
 from robustkit.testing import ConstantModel, LinearModel, TinyCNN, random_batch
 

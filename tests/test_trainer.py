@@ -15,11 +15,16 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from robustkit.attacks.base import AttackResult
-from robustkit.training.callbacks import CheckpointCallback, EvalCallback, JSONLCallback, TensorBoardCallback
-from robustkit.training.checkpoint import load_checkpoint, save_checkpoint
 from robustkit.cli.progress import ProgressCallback
 from robustkit.objectives.base import Objective, ObjectiveOutput
 from robustkit.testing import LinearModel, TinyCNN, separable_toy_data
+from robustkit.training.callbacks import (
+    CheckpointCallback,
+    EvalCallback,
+    JSONLCallback,
+    TensorBoardCallback,
+)
+from robustkit.training.checkpoint import load_checkpoint, save_checkpoint
 from robustkit.training.trainer import NonFiniteLossError, Trainer
 
 
