@@ -8,8 +8,9 @@ enables autograd itself so an attack works under ``torch.no_grad()``. Attacks ta
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,9 @@ class Attack:
         >>> x_adv = PGD(model, eps=8/255, alpha=2/255, steps=10)(x, y)
     """
 
+    #: ``perturb`` takes ``state_path=`` and resumes an interrupted run from it (AutoAttack).
+    resumable: ClassVar[bool] = False
+
     def __init__(self, model: nn.Module, eps: float, norm: Norm = "Linf") -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -79,8 +83,41 @@ class Attack:
     def _perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
         raise NotImplementedError
 
+    def settings(self) -> dict[str, Any]:
+        """Every constructor argument that changes the result, as plain data (``model`` aside).
+
+        Read from the attribute of the same name, so a subclass that stores its arguments under
+        their own names needs nothing more. Evaluation fingerprints an attack by this (through
+        ``repr``): two attacks with equal settings give equal flags for the same seed.
+        """
+        out: dict[str, Any] = {}
+        for name in inspect.signature(type(self).__init__).parameters:
+            if name in ("self", "model") or not hasattr(self, name):
+                continue
+            out[name] = _plain(getattr(self, name))
+        return out
+
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(eps={self.eps:.6g}, norm={self.norm!r})"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _plain(value: Any) -> Any:
+    """A stable, readable stand-in for a setting (callables by name, generators by kind)."""
+    if isinstance(value, float):
+        return float(f"{value:.10g}")  # 8/255 prints the same on every run
+    if isinstance(value, bool | int | str | type(None)):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, torch.Generator):
+        # A generator's state is reseeded per batch by the evaluation; only its presence counts.
+        return f"Generator({value.device})"
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', value)}"
+    return repr(value)
 
 
 def _check_inputs(x: Tensor, y: Tensor) -> None:
