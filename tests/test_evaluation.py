@@ -63,12 +63,13 @@ class FlipAttack(Attack):
 class CountingPGD(Attack):
     """PGD with a call counter and an optional interruption (exposes PGD's generator)."""
 
-    def __init__(self, model, fail_at=None):
+    def __init__(self, model, interrupt_at=None):
         super().__init__(model, eps=8 / 255)
         self.inner = PGD(model, eps=8 / 255, alpha=2 / 255, steps=3, stop_on_success=True,
                          generator=torch.Generator())
         self.generator = self.inner.generator
-        self.fail_at, self.calls = fail_at, 0
+        # not named like a constructor argument: an interruption is not a setting of the attack
+        self.fail_at, self.calls = interrupt_at, 0
 
     def _perturb(self, x, y):
         if self.fail_at is not None and self.calls == self.fail_at:
@@ -151,7 +152,7 @@ def test_resume_matches_uninterrupted_and_skips_done_batches(tmp_path):
     n_batches = -(-int(full.clean.sum()) // 4)
     assert n_batches >= 4
     with pytest.raises(RuntimeError, match="interrupted"):
-        evaluate_attacks(model, (x, y), {"pgd": CountingPGD(model, fail_at=3)}, batch_size=4,
+        evaluate_attacks(model, (x, y), {"pgd": CountingPGD(model, interrupt_at=3)}, batch_size=4,
                          seed=7, state_dir=tmp_path)
     again = CountingPGD(model)
     res = evaluate_attacks(model, (x, y), {"pgd": again}, batch_size=4, seed=7,
