@@ -397,6 +397,130 @@ def test_dlr_needs_three_classes():
         PGD(model, loss="dlr")(x, torch.zeros(4, dtype=torch.long))
 
 
+# ------------------------------------------------------------------ foundation-v2 defects
+class _Periodic(torch.nn.Module):
+    """Two classes; z_1 = 5 + mean_i cos(2π·3·x_i), z_0 = 0. Class 1 always wins (no success),
+    and CE(y=1) is maximal at the troughs of the cosine, so big signed steps overshoot them:
+    the last iterate is often not the best one."""
+
+    def forward(self, x):
+        z1 = 5 + torch.cos(2 * torch.pi * 3 * x).flatten(1).mean(1)
+        return torch.stack([torch.zeros_like(z1), z1], 1)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_best_iterate_is_the_highest_loss_iterate_of_a_plain_loop(norm):
+    """select="best" returns the iterate of maximal loss (no success is possible here), checked
+    against every iterate of a plain PGD loop written here; the last iterate is worse."""
+    model = _Periodic().double()
+    x, _ = random_batch(6, (1, 4, 4), seed=3)
+    x, y = x.double(), torch.ones(6, dtype=torch.long)
+    eps, alpha, steps = (0.3, 0.13, 6) if norm == "Linf" else (1.2, 0.5, 6)
+
+    def loss(xa):
+        return F.cross_entropy(model(xa), y, reduction="none")
+
+    xa, iterates = x.clone(), []
+    for _ in range(steps):  # the reference: x_{t+1} = Π(x_t + α·dir(∇CE)), no random start
+        iterates.append(xa)
+        xg = xa.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(loss(xg).sum(), xg)
+        if norm == "Linf":
+            xa = torch.min(torch.max(xa + alpha * g.sign(), x - eps), x + eps).clamp(0, 1)
+        else:
+            xa = xa + alpha * g / (g.flatten(1).norm(dim=1).view(-1, 1, 1, 1) + 1e-10)
+            d = xa - x
+            d = d * (eps / d.flatten(1).norm(dim=1).clamp(min=1e-12)).clamp(max=1).view(-1, 1, 1, 1)
+            xa = (x + d).clamp(0, 1)
+    iterates.append(xa)
+    losses = torch.stack([loss(it) for it in iterates])  # (steps + 1, N)
+    assert (losses[-1] < losses.max(0).values - 1e-6).any(), "setup must make last != best"
+    best = PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=False,
+               select="best")(x, y)
+    last = PGD(model, eps=eps, alpha=alpha, steps=steps, norm=norm, random_start=False,
+               select="last")(x, y)
+    torch.testing.assert_close(loss(best), losses.max(0).values, rtol=0, atol=1e-9)
+    torch.testing.assert_close(last, iterates[-1], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_float_overrides_replace_the_constructor_values(norm):
+    """perturb(alpha=0.02) steps by 0.02 and FGSM(eps=0.1).perturb(eps=0.2) by 0.2 (a float
+    override once fell back to the constructor's value; only tensors worked)."""
+    torch.manual_seed(0)
+    model = LinearModel((3, 8, 8), 10).double().eval()
+    x, y = random_batch(6, (3, 8, 8), seed=1)
+    x = (0.25 + 0.5 * x.double())  # in [0.25, 0.75]: no box clipping for steps <= 0.25
+    tensor = PGD(model, eps=0.2, alpha=0.01, steps=1, norm=norm, random_start=False,
+                 select="last").perturb(x, y, alpha=torch.full((6,), 0.02, dtype=x.dtype))
+    floated = PGD(model, eps=0.2, alpha=0.01, steps=1, norm=norm, random_start=False,
+                  select="last").perturb(x, y, alpha=0.02)
+    torch.testing.assert_close(floated.x_adv, tensor.x_adv, rtol=0, atol=1e-12)
+    d = (floated.x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+    torch.testing.assert_close(size, torch.full((6,), 0.02, dtype=x.dtype), rtol=0, atol=1e-9)
+    d = (FGSM(model, eps=0.1, norm=norm).perturb(x, y, eps=0.2).x_adv - x).flatten(1)
+    size = d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+    torch.testing.assert_close(size, torch.full((6,), 0.2, dtype=x.dtype), rtol=0, atol=1e-9)
+    for bad in (float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match="alpha"):
+            PGD(model).perturb(x, y, alpha=bad)
+
+
+def test_targeted_dlr_is_apgd_t_loss():
+    """methods.md §1.5: APGD-T maximises -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2 + 1e-12).
+    The issue's numbers: z = [1, 5, 3, .5, 0], y = 0, t = 2 -> 0.4706 (not -0.4706)."""
+    z = torch.tensor([[1.0, 5.0, 3.0, 0.5, 0.0]])
+    y, t = torch.tensor([0]), torch.tensor([2])
+    official = -(1.0 - 3.0) / (5.0 - 0.5 * (1.0 + 0.5) + 1e-12)
+    assert abs(official - 0.4706) < 1e-4
+    torch.testing.assert_close(-L.dlr_targeted(z, t, y=y), torch.tensor([official]))
+    with pytest.raises(ValueError, match="needs y"):
+        L.dlr_targeted(z, t)
+    # Through PGD: one targeted DLR step on a linear model moves along sign(∇ official loss).
+    torch.manual_seed(0)
+    model = LinearModel((1, 4, 4), 5).double().eval()
+    x, _ = random_batch(4, (1, 4, 4), seed=2)
+    x = 0.25 + 0.5 * x.double()
+    yy, tt = torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 4, 0])
+    xg = x.clone().requires_grad_(True)
+    logits = model(xg)
+    srt = logits.sort(1, descending=True).values
+    off = -(logits.gather(1, yy[:, None]) - logits.gather(1, tt[:, None])).squeeze(1) / (
+        srt[:, 0] - 0.5 * (srt[:, 2] + srt[:, 3]) + 1e-12)
+    (g,) = torch.autograd.grad(off.sum(), xg)
+    expected = (x + 0.01 * g.sign()).clamp(0, 1)
+    got = PGD(model, eps=0.01, alpha=0.01, steps=1, random_start=False, loss="dlr",
+              targeted=True, select="last").perturb(x, yy, target=tt).x_adv
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_pgd_that_cannot_reach_eps_warns(caplog):
+    with caplog.at_level("WARNING", logger="robustkit.attacks.pgd"):
+        PGD(TinyCNN(), eps=0.3, alpha=0.01, steps=5)
+    assert "cannot reach eps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="robustkit.attacks.pgd"):
+        PGD(TinyCNN(), eps=0.3, alpha=0.075, steps=4)  # exactly eps: fine
+        FGSM(TinyCNN(), eps=0.3)
+    assert "cannot reach" not in caplog.text
+
+
+def test_repr_lists_every_setting():
+    """Evaluation fingerprints an attack by its settings: two PGDs that differ only in steps,
+    alpha, loss, restarts, start, targeted or noise must not look the same."""
+    model = TinyCNN()
+    base = dict(eps=8 / 255, alpha=2 / 255, steps=10)
+    variants = [dict(steps=40), dict(alpha=1 / 255), dict(loss="cw"), dict(restarts=2),
+                dict(random_start=False), dict(targeted=True), dict(step_noise=1e-3),
+                dict(stop_on_success=True), dict(select="last")]
+    reprs = {repr(PGD(model, **base))} | {repr(PGD(model, **{**base, **v})) for v in variants}
+    assert len(reprs) == len(variants) + 1
+    assert repr(AutoAttack(model, version="custom", attacks=["apgd-ce"])) != repr(
+        AutoAttack(model, version="custom", attacks=["apgd-ce", "square"]))
+    assert repr(AutoAttack(model, seed=0)) != repr(AutoAttack(model, seed=1))
+
+
 # ------------------------------------------------------------------ factory and validation
 def test_factory_errors_are_clear():
     model = TinyCNN()

@@ -6,7 +6,8 @@ sample to keep the best iterate. Untargeted losses are *maximised* by an attack.
 take the target class in place of ``y`` and are *minimised* (PGD negates them).
 
 All functions share the signature ``fn(logits, y, clean_logits=None) -> (N,)``; ``kl`` ignores
-``y`` and needs ``clean_logits``.
+``y`` and needs ``clean_logits``. Targeted losses take the target in place of ``y`` and the true
+label as the keyword ``y=`` (targeted DLR needs it).
 
 Example:
     >>> from robustkit.attacks.losses import LOSSES
@@ -81,12 +82,14 @@ def dlr(logits: Tensor, y: Tensor, clean_logits: Tensor | None = None) -> Tensor
     return -(z_y - _other_max(logits, y)) / (top[:, 0] - top[:, 2] + _DLR_EPS)
 
 
-def ce_targeted(logits: Tensor, target: Tensor, clean_logits: Tensor | None = None) -> Tensor:
+def ce_targeted(logits: Tensor, target: Tensor, clean_logits: Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
     """``CE(f(x'), t)``, minimised by a targeted attack (methods.md §1.3)."""
     return F.cross_entropy(logits, target, reduction="none")
 
 
-def cw_targeted(logits: Tensor, target: Tensor, clean_logits: Tensor | None = None) -> Tensor:
+def cw_targeted(logits: Tensor, target: Tensor, clean_logits: Tensor | None = None,
+                y: Tensor | None = None) -> Tensor:
     """``max_{k != t} z_k - z_t``, minimised: negative once the target class wins."""
     return cw(logits, target)
 
@@ -95,13 +98,15 @@ def dlr_targeted(logits: Tensor, target: Tensor, clean_logits: Tensor | None = N
                  y: Tensor | None = None) -> Tensor:
     """Targeted DLR, minimised: the negation of APGD-T's maximised loss (needs K >= 4).
 
-    ``(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``. ``y`` is the true label; when it is
-    not given the largest non-target logit stands in for ``z_y``.
+    ``(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` with ``y`` the true label
+    (fra31/auto-attack ``dlr_loss_targeted``); it needs ``y``: without it the loss is undefined.
     """
     _check_classes(logits, 4, "dlr_targeted")
+    if y is None:
+        raise ValueError("dlr_targeted needs y, the true labels (APGD-T compares z_y with z_t)")
     top = logits.topk(4, dim=1).values
     z_t = logits.gather(1, target[:, None]).squeeze(1)
-    z_y = _other_max(logits, target) if y is None else logits.gather(1, y[:, None]).squeeze(1)
+    z_y = logits.gather(1, y[:, None]).squeeze(1)
     return (z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _DLR_EPS)
 
 

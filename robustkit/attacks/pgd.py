@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, fields
 from typing import Literal
@@ -13,6 +14,8 @@ from robustkit.attacks.base import Attack, AttackResult, Norm
 from robustkit.attacks.losses import LOSSES, TARGETED_LOSSES, LossFn
 
 __all__ = ["PGD"]
+
+logger = logging.getLogger(__name__)
 
 RandomStart = bool | Literal["uniform", "normal"]
 # TRADES/MART start: x + 0.001·N(0, I) (yaodongyu/TRADES:trades.py).
@@ -132,6 +135,13 @@ class PGD(Attack):
         if not (self.step_noise >= 0 and math.isfinite(self.step_noise)):
             raise ValueError(f"step_noise must be finite and >= 0, got {step_noise!r}")
         self.steps = steps
+        if 0 < steps * self.alpha < self.eps * (1 - 1e-6):
+            # The iterates cannot reach the boundary of the ball: a natural model then looks
+            # robust (a held-out PGD-5 with alpha 0.01 at eps 0.3 reported 80 % for one).
+            logger.warning("PGD: steps x alpha = %d x %.4g = %.4g cannot reach eps = %.4g; "
+                           "the attack is weaker than its budget says (use alpha >= eps/steps, "
+                           "e.g. eps/4 with >= 4 steps)", steps, self.alpha,
+                           steps * self.alpha, self.eps)
         self.random_start: RandomStart = random_start
         self.loss = loss
         self.restarts = restarts
@@ -187,7 +197,10 @@ class PGD(Attack):
     def _objective(self, logits: Tensor, s: _Active) -> Tensor:
         """The per-sample quantity PGD maximises."""
         if self.targeted:
-            return -self._loss_fn(logits, s.target, s.clean)
+            if callable(self.loss):
+                return -self._loss_fn(logits, s.target, s.clean)
+            # The true label too: APGD-T's targeted DLR compares z_y with z_t (methods.md §1.5).
+            return -self._loss_fn(logits, s.target, s.clean, y=s.y)
         return self._loss_fn(logits, s.y, s.clean)
 
     def _success(self, logits: Tensor, s: _Active) -> tuple[Tensor, Tensor]:
@@ -244,6 +257,10 @@ class PGD(Attack):
         eps_v = self._budget(eps, self.eps, x, "eps")
         per_sample = isinstance(eps, Tensor) or isinstance(alpha, Tensor)
         alpha_v = self._budget(alpha, self.alpha, x, "alpha") if per_sample else None
+        # A float override replaces the constructor's value for this call (as a tensor does).
+        alpha_f = _scalar(alpha, self.alpha, "alpha")
+        if not isinstance(eps, Tensor):
+            _scalar(eps, self.eps, "eps")
         if self.targeted:
             target = self._targets(x, y, target, clean_logits)
 
@@ -265,7 +282,7 @@ class PGD(Attack):
                 ids = (attacked & ~out["success"]).nonzero().squeeze(1)
             if ids is not None and ids.numel() == 0:
                 break
-            s = self._gather(x, y, target, eps_v, alpha_v, eps, clean_logits, ids, tau)
+            s = self._gather(x, y, target, eps_v, alpha_v, eps, alpha_f, clean_logits, ids, tau)
             self._restart(s, tau, first=r == 0, out=out, info=info)
         if self.select == "best":
             info["success"] = out["success"]
@@ -287,7 +304,8 @@ class PGD(Attack):
                               device=y.device if self.generator is None else self.generator.device)
         return (y + shift.to(y.device)) % k  # uniform over the classes != y
 
-    def _gather(self, x, y, target, eps_v, alpha_v, eps, clean_logits, ids, tau) -> _Active:
+    def _gather(self, x, y, target, eps_v, alpha_v, eps, alpha_f, clean_logits, ids,
+                tau) -> _Active:
         def sel(t: Tensor | None) -> Tensor | None:
             return t if t is None or ids is None else t.index_select(0, ids)
 
@@ -296,7 +314,7 @@ class PGD(Attack):
             e: Tensor | float = self._view(sel(eps_v), x0)
         else:
             e = float(self.eps if eps is None else eps)
-        a = self._view(sel(alpha_v), x0) if alpha_v is not None else self.alpha
+        a = self._view(sel(alpha_v), x0) if alpha_v is not None else alpha_f
         lo = hi = None
         if self.norm == "Linf":
             lo, hi = (x0 - e).clamp_(min=0.0), (x0 + e).clamp_(max=1.0)
@@ -399,3 +417,13 @@ class PGD(Attack):
                 logits = self.model(s.xa)
                 self._track(s, s.xa, self._objective(logits, s), self._success(logits, s)[1])
         self._commit(s, None, self.steps, False, out, info)
+
+
+def _scalar(value: float | Tensor | None, default: float, name: str) -> float:
+    """A per-call float override (or the constructor's value), checked finite and >= 0."""
+    if isinstance(value, Tensor):
+        return default  # per-sample tensors are handled by PGD._budget
+    v = float(default if value is None else value)
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+    return v
