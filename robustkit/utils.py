@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number",
-           "eval_mode", "frozen_parameters"]
+           "eval_mode", "frozen_parameters", "torch_load_plain"]
 
 
 def seed_everything(seed: int) -> None:
@@ -116,3 +116,44 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def torch_load_plain(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU, with errors a user can act on.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``"corrupt"`` (empty, truncated or not a torch file) or ``"refused"`` (it
+            pickles objects other than tensors and containers; they are never run). The two
+            are told apart: a half-written file is not a security problem.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is corrupt: the file is empty")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
+        if lines or "Weights only load failed" in str(err):
+            why = lines[0] if lines else "it pickles objects other than tensors and containers"
+            raise _Refused(f"{path} was refused: {why}; robustkit loads checkpoints with "
+                           "weights_only=True and never runs pickled code") from None
+        raise ValueError(f"{path} is corrupt ({_first(err)})") from None
+    except (EOFError, RuntimeError, KeyError, OSError, IndexError) as err:
+        # EOFError: cut before the first record; RuntimeError: a zip archive without its
+        # central directory (cut mid-write); KeyError: not a torch file at all.
+        raise ValueError(f"{path} is corrupt or truncated ({_first(err)}); it is not a complete "
+                         "torch checkpoint") from None
+
+
+class _Refused(ValueError):
+    """``torch_load_plain``: the file pickles code (a security refusal, not corruption)."""
+
+
+def _first(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__

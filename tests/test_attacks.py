@@ -561,6 +561,28 @@ def test_bad_overrides():
         AutoAttack(model, version="custom")
 
 
+@pytest.mark.parametrize("name", CONTRACT)
+def test_bad_tensors_are_refused_naming_the_argument(name):
+    """NaN images once passed the [0, 1] check and came back NaN; a label-0 NaN image then
+    counted as correct. Other integer label dtypes are cast; the rest is a ValueError."""
+    model, x, y = _setup(4)
+    attack = _build(name, model)
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        attack(bad, y)
+    bad[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        attack(bad, y)
+    with pytest.raises(ValueError, match="y must hold integer"):
+        attack(x, y.float())
+    with pytest.raises(ValueError, match="floating-point"):
+        attack((x * 255).to(torch.uint8), y)
+    with pytest.raises(ValueError, match="float64 but the model"):
+        attack(x.double(), y)
+    assert attack(x, y.to(torch.int32)).shape == x.shape  # other integer dtypes are cast
+
+
 def test_torchattacks_missing_is_explained(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # import now raises ImportError
     with pytest.raises(ImportError, match=r"pip install robustkit\[torchattacks\]"):

@@ -249,6 +249,17 @@ def test_mnist_malformed_and_missing(tmp_path):
         load_mnist(tmp_path, "train")
 
 
+@pytest.mark.parametrize("cut", [0, 10, -20])
+def test_mnist_truncated_gz_is_a_data_error(tmp_path, cut):
+    """A half-downloaded .gz (or an empty one) is a DataError naming the file, not an EOFError."""
+    _fake_mnist(tmp_path, gz=True)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    data = path.read_bytes()
+    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte.gz.*(truncated|not an IDX)"):
+        load_mnist(tmp_path, "test")
+
+
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100", "tinyimagenet"])
 def test_missing_root_names_layout_and_download(tmp_path, name):
     root = tmp_path / "empty"

@@ -72,7 +72,7 @@ class Attack:
 
     def perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
         """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``)."""
-        _check_inputs(x, y)
+        y = _check_inputs(x, y, self.model)
         # Attack on running BN statistics (methods.md §1.1, step 6); eval_mode restores every
         # submodule's own mode afterwards, not just the root's.
         with eval_mode(self.model), torch.enable_grad():  # enable_grad: works under no_grad()
@@ -120,10 +120,38 @@ def _plain(value: Any) -> Any:
     return repr(value)
 
 
-def _check_inputs(x: Tensor, y: Tensor) -> None:
+def _check_inputs(x: Tensor, y: Tensor, model: nn.Module) -> Tensor:
+    """Refuse what would silently give wrong numbers; returns ``y`` as int64.
+
+    NaN passes ``x.min() < 0 or x.max() > 1`` (every comparison with NaN is False) and a NaN
+    image argmaxes to class 0, so finiteness is checked explicitly. Integer labels of another
+    dtype are cast; float or bool labels are refused (a float label is usually a one-hot or a
+    probability by mistake). A dtype or device different from the model's gets a clear message
+    instead of torch's matmul error.
+    """
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ValueError(f"x and y must be tensors, got {type(x).__name__} and "
+                         f"{type(y).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must be batched (N, ...), got shape {tuple(x.shape)}")
     if y.shape != (x.shape[0],):
         raise ValueError(f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}")
-    if x.numel() and (x.min() < 0 or x.max() > 1):
-        raise ValueError("x must lie in [0, 1]: normalisation belongs inside the model")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor in [0, 1], got {x.dtype}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels, got {y.dtype}")
+    y = y.long()
+    if x.numel():
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or infinite values")
+        if x.min() < 0 or x.max() > 1:
+            raise ValueError("x must lie in [0, 1]: normalisation belongs inside the model")
+    ref = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    if ref is not None:
+        if ref.device != x.device:
+            raise ValueError(f"x is on {x.device} but the model is on {ref.device}")
+        if ref.is_floating_point() and ref.dtype != x.dtype:
+            raise ValueError(f"x is {x.dtype} but the model's parameters are {ref.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"y is on {y.device} but x is on {x.device}")
+    return y

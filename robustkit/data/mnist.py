@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 import logging
 import os
 from pathlib import Path
@@ -55,8 +56,12 @@ def _has_any(folder: Path) -> bool:
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """Parse one IDX file: magic ``0x0000 08 ndim``, ``ndim`` big-endian uint32 sizes, bytes."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as err:  # a truncated or corrupt .gz (BadGzipFile)
+        raise ValueError(f"{path} cannot be read ({err}); it is truncated or corrupt, "
+                         "replace it (or delete it and use --download)") from None
     if len(data) < 4 + 4 * ndim or data[:2] != b"\x00\x00" or data[2] != _IDX_UINT8:
         raise ValueError(f"{path} is not an IDX file of unsigned bytes")
     if data[3] != ndim:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from robustkit.errors import ModelError
 from robustkit.models.registry import MODELS, create_model
+from robustkit.utils import torch_load_plain
 
 __all__ = ["load_model", "load_state_dict_file", "load_weights"]
 
@@ -67,17 +68,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise ModelError(f"checkpoint {str(path)!r} not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError, RuntimeError or EOFError here.
-        detail = str(err).strip().splitlines()
-        unsupported = [line.strip() for line in detail if "Unsupported global" in line]
-        why = unsupported[0] if unsupported else (detail[0] if detail else type(err).__name__)
-        raise ModelError(
-            f"refused to load checkpoint {str(path)!r}: it is not a weights-only file "
-            f"(tensors, numbers, strings and containers) and robustkit never unpickles "
-            f"arbitrary objects, which could run code ({why}). Re-save the weights with "
-            f"torch.save(model.state_dict(), path)."
-        ) from err
+        obj = torch_load_plain(path)
+    except ValueError as err:
+        hint = ("Re-save the weights with torch.save(model.state_dict(), path)."
+                if "refused" in str(err) else "Re-download or re-train it.")
+        raise ModelError(f"checkpoint {err}. {hint}") from None
     for _ in range(3):
         if _is_state_dict(obj):
             break

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from typing import Any
 
 import torch
 
 from robustkit.errors import CheckpointError
-from robustkit.utils import atomic_write
+from robustkit.utils import atomic_write, torch_load_plain
 
 __all__ = ["save_checkpoint", "load_checkpoint", "check_plain", "CheckpointError"]
 
@@ -69,15 +68,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint onto the CPU with ``torch.load(weights_only=True)``.
 
     Raises:
-        FileNotFoundError: when ``path`` does not exist.
-        CheckpointError: when the file pickles anything but plain data (it is refused, not run).
+        CheckpointError: the file is missing, corrupt (empty, truncated: "corrupt"), pickles
+            anything but plain data ("refused": it is never run), or is not a dict.
     """
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} is not a plain-data checkpoint and was refused (weights_only=True): {err}"
-        ) from err
+        state = torch_load_plain(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {err}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict")
     return state
