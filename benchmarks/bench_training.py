@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, device_info, print_table, sync, write_json  # noqa: E402
 
+from robustkit.attacks.pgd import PGD  # noqa: E402
 from robustkit.data import DATASETS, build_loaders  # noqa: E402
 from robustkit.models import create_model  # noqa: E402
 from robustkit.objectives import create_objective  # noqa: E402
@@ -132,7 +133,9 @@ def srd_vs_trades(device: torch.device, images: int, epochs: int, k: int, eval_n
     for name, run in runs.items():
         history = run["trainer"].state.history
         steps = [h["train/steps_per_sample"] for h in history]
-        evaluator = EvalCallback(test, eps=EPS, steps=20, max_batches=max(1, eval_n // 250))
+        evaluator = EvalCallback(test, lambda m: {"pgd20": PGD(m, eps=EPS, alpha=EPS / 4,
+                                                                  steps=20)},
+                                 max_batches=max(1, eval_n // 250))
         out[name] = {"epoch_seconds": run["epoch_seconds"],
                      "epoch_cpu_seconds": run["epoch_cpu_seconds"],
                      "attack_steps_per_sample": steps,

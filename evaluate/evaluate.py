@@ -1,7 +1,7 @@
 """``python evaluate/evaluate.py ARGS`` = ``robustkit evaluate ARGS`` (RobustBench protocol).
 
 Example:
-    python evaluate/evaluate.py --model evaluate/pyautoattack_resnet18.py:load \\
+    python evaluate/evaluate.py --model evaluate/pyautoattack_resnet18.py:pyautoattack_resnet18 \\
         --dataset sample-cifar10 --n-examples 200 --attacks clean,pgd20
 """
 

@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 __all__ = ["UserError", "ConfigError", "ModelError", "DataError", "StateMismatchError",
-           "CheckpointError"]
+           "CheckpointError", "OutputError"]
 
 
 class UserError(Exception):
@@ -37,3 +37,8 @@ class StateMismatchError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be written safely or read as plain data."""
+
+
+class OutputError(UserError, OSError):
+    """An output folder or file that cannot be written: read-only, a file where a folder is
+    expected, a full disk, locked by another live run, or holding a run that would be lost."""

@@ -1,4 +1,5 @@
-"""robustkit.attacks.AutoAttack against pyautoattack called directly, and resuming."""
+"""robustkit.attacks.AutoAttack against pyautoattack called directly, per-sub-attack flags, and
+resuming."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 from robustkit.attacks import AutoAttack
-from robustkit.testing import TinyCNN, random_batch
+from robustkit.attacks.autoattack import MISCLASSIFIED, NOT_BROKEN
+from robustkit.evaluation import runner
+from robustkit.testing import LinearModel, TinyCNN, random_batch
 
 pyautoattack = pytest.importorskip("pyautoattack")
 
@@ -64,34 +68,141 @@ def test_fab_leaves_parameter_grads_alone():
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
-def test_resume_from_state(tmp_path):
-    model, x, y = _setup()
-    attacks = ["apgd-ce", "apgd-t"]
-    adapter = AutoAttack(model, eps=EPS, version="custom", attacks=attacks)
-    path = tmp_path / "sub" / "aa_state.json"
-    full = adapter.perturb(x, y, state_path=path)
-    state = json.loads(path.read_text())
-    assert sorted(state["_run_attacks"]) == sorted(attacks)
-    assert state["_robust_flags"] == (~full.info["success"]).tolist()
+class Interrupted(Exception):
+    """A crash inside an attack (not KeyboardInterrupt, which would stop pytest itself)."""
 
-    # A finished state: nothing runs again (not one forward) and the flags are the same.
+
+class HalfMasked(nn.Module):
+    """A linear model whose right half of the image is quantised, plus a tiny decoy term whose
+    gradient points the wrong way: each sub-attack of AutoAttack standard breaks some points
+    (APGD-CE, APGD-T, FAB-T and Square: 7, 4, 1, 3 of 24) and 8 stay robust at eps 0.05."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = LinearModel((3, 8, 8), 10)
+
+    def forward(self, x):
+        q = torch.cat([x[..., :4], torch.round(x[..., 4:] * 4) / 4], dim=-1)
+        return self.net(q) - 1e-3 * self.net.fc(x.flatten(1))
+
+
+def _small(aa):
+    """Fewer iterations, targets and queries, for speed; both sides of a comparison run it."""
+    for a in (aa.apgd, aa.apgd_targeted, aa.fab):
+        a.n_iter = 5
+    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 2
+    aa.square.n_queries = 30
+    return aa
+
+
+def _half_masked(n=24):
+    model = HalfMasked().eval()
+    x, _ = random_batch(n, (3, 8, 8), seed=1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[0] = (y[0] + 1) % 10  # one point misclassified from the start
+    return model, x, y
+
+
+@pytest.fixture
+def small_standard(monkeypatch):
+    """AutoAttack standard whose backend runs ``_small``'s settings."""
+    build = AutoAttack.build
+    monkeypatch.setattr(AutoAttack, "build", lambda self, device: _small(build(self, device)))
+    model, x, y = _half_masked()
+    return AutoAttack(model, eps=0.05), model, x, y
+
+
+def test_one_attack_at_a_time_equals_one_pyautoattack_call(small_standard):
+    adapter, model, x, y = small_standard
+    ref = adapter.build("cpu")  # the same backend object settings, run in one call
+    x_ref, y_ref = ref.run_standard_evaluation(x, y, batch_size=500)
+    res = adapter.perturb(x, y)
+    assert torch.equal(res.x_adv, x_ref)
+    assert torch.equal(res.info["success"], y_ref != y)
+    by = res.info["broken_by"]
+    assert adapter.components == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    # every sub-attack broke something, and some points stay robust: the test has teeth
+    assert sorted(set(by.tolist())) == [MISCLASSIFIED, NOT_BROKEN, 0, 1, 2, 3]
+    assert by[0] == MISCLASSIFIED
+    # broken_by k: robust under the sub-attacks before k (pyautoattack on that prefix), not after
+    for k in range(4):
+        prefix = pyautoattack.AutoAttack(model, norm="Linf", eps=0.05, version="custom",
+                                         attacks=adapter.components[:k + 1], device="cpu", seed=0)
+        for name in ("apgd", "apgd_targeted", "fab", "square"):  # the standard version's objects
+            setattr(prefix, name, getattr(ref, name))
+        _, y_k = prefix.run_standard_evaluation(x, y, batch_size=500)
+        assert torch.equal(y_k == y, (by == NOT_BROKEN) | (by > k)), k
+
+
+def test_settings_are_the_versions_own():
+    """Each sub-attack runs on the object version='standard' configured (not 'custom' defaults)."""
+    aa = AutoAttack(TinyCNN(), eps=8 / 255, seed=3).build("cpu")
+    assert list(aa.attacks_to_run) == AutoAttack(TinyCNN()).components
+    assert (aa.apgd.n_restarts, aa.apgd.n_iter, aa.apgd.seed) == (1, 100, 3)
+    assert (aa.apgd_targeted.n_target_classes, aa.apgd_targeted.n_restarts,
+            aa.apgd_targeted.n_iter) == (9, 1, 100)
+    assert (aa.fab.n_target_classes, aa.fab.n_restarts, aa.fab.n_iter) == (9, 1, 100)
+    assert (aa.square.n_queries, aa.square.p_init, aa.square.seed) == (5000, 0.8, 3)
+    for version in ("plus", "rand"):
+        assert AutoAttack(TinyCNN(), version=version).components == list(
+            AutoAttack(TinyCNN(), version=version).build("cpu").attacks_to_run)
+    assert AutoAttack.resumable and NOT_BROKEN == runner.NOT_BROKEN
+
+
+def test_resume_after_an_interruption(small_standard, tmp_path, monkeypatch):
+    adapter, model, x, y = small_standard
+    full = adapter.perturb(x, y)
+    path = tmp_path / "sub" / "aa_state.json"
+    from pyautoattack import AutoAttack as Backend
+
+    run = Backend.run_standard_evaluation
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, a: calls.append(1))
+
+    def interrupted(self, *a, **kw):  # the third sub-attack (FAB-T) is interrupted
+        calls.append(list(self.attacks_to_run))
+        if len(calls) == 3:
+            raise Interrupted
+        return run(self, *a, **kw)
+
+    monkeypatch.setattr(Backend, "run_standard_evaluation", interrupted)
+    with pytest.raises(Interrupted):
+        adapter.perturb(x, y, state_path=path)
+    state = json.loads(path.read_text())
+    assert state["_run_attacks"] == ["apgd-ce", "apgd-t"]  # pyautoattack's keys, plus broken_by
+    calls.clear()
+    resumed = adapter.perturb(x, y, state_path=path)
+    assert calls == [["fab-t"], ["square"]]  # the finished sub-attacks are not run again
+    assert torch.equal(resumed.info["broken_by"], full.info["broken_by"])
+    assert torch.equal(resumed.info["success"], full.info["success"])
+    late = resumed.info["broken_by"] >= 2  # broken after the interruption: their x_adv is back
+    assert torch.equal(resumed.x_adv[late], full.x_adv[late])
+    assert torch.equal(resumed.x_adv[~late], x[~late])  # pyautoattack's convention
+    state = json.loads(path.read_text())
+    assert state["_run_attacks"] == adapter.components
+    assert state["_robust_flags"] == (~full.info["success"]).tolist()
+    assert state["broken_by"] == full.info["broken_by"].tolist()
+    # A finished state: nothing runs again (not one forward) and the flags are the same.
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(1))
     again = adapter.perturb(x, y, state_path=path)
     hook.remove()
-    assert not calls and torch.equal(again.info["success"], full.info["success"])
+    assert not seen and torch.equal(again.info["broken_by"], full.info["broken_by"])
 
-    # Interrupted after APGD-CE: the state pyautoattack writes at that point (its format).
-    _, y_ce = _direct(model, x, y, ["apgd-ce"])
-    state["_run_attacks"] = ["apgd-ce"]
-    state["_robust_flags"] = (y_ce == y).tolist()
+
+def test_a_state_without_the_per_attack_record_is_recomputed(small_standard, tmp_path):
+    """pyautoattack's own file does not say which attack broke which point: start afresh."""
+    adapter, _, x, y = small_standard
+    path = tmp_path / "aa_state.json"
+    full = adapter.perturb(x, y, state_path=path)
+    state = json.loads(path.read_text())
+    del state["broken_by"]
+    state["_attacks_to_run"] = str(set(adapter.components))  # as pyautoattack writes it
     path.write_text(json.dumps(state))
-    resumed = adapter.perturb(x, y, state_path=path)
-    assert torch.equal(resumed.info["success"], full.info["success"])
-    newly = (y_ce == y) & resumed.info["success"]  # broken by APGD-T in the resumed run
-    assert torch.equal(resumed.x_adv[newly], full.x_adv[newly])
-    assert torch.equal(resumed.x_adv[~newly], x[~newly])  # pyautoattack's convention
-    assert sorted(json.loads(path.read_text())["_run_attacks"]) == sorted(attacks)
+    again = adapter.perturb(x, y, state_path=path)
+    assert torch.equal(again.x_adv, full.x_adv)
+    assert torch.equal(again.info["broken_by"], full.info["broken_by"])
 
 
 def test_resume_rejects_a_foreign_state(tmp_path):
@@ -111,6 +222,7 @@ def test_resume_rejects_a_foreign_state(tmp_path):
     ({"version": "fast"}, "version"), ({"version": "custom"}, "attacks"),
     ({"attacks": ["apgd-ce"]}, "custom"), ({"version": "custom", "attacks": ["pgd"]}, "unknown"),
     ({"batch_size": 0}, "batch_size"),
+    ({"version": "custom", "attacks": ["square", "square"]}, "twice"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):

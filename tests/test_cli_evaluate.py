@@ -13,6 +13,8 @@ import yaml
 
 from robustkit.attacks.specs import parse_attacks
 from robustkit.cli import main
+from robustkit.cli.evaluate import _default_name
+from robustkit.config import load_eval_config
 from robustkit.data import first_n, load_dataset
 from robustkit.models import create_model
 
@@ -21,7 +23,7 @@ FACTORY = """
 import torch
 from robustkit.testing import TinyCNN
 
-def build():
+def lenet5_pgd():
     torch.manual_seed(0)
     return TinyCNN(3, {k}, 32)
 """
@@ -29,9 +31,9 @@ def build():
 
 @pytest.fixture
 def factory(tmp_path):
-    path = tmp_path / "net.py"
+    path = tmp_path / "archs.py"  # one file of architectures: the entry is the function's
     path.write_text(FACTORY.format(k=10))
-    return f"{path}:build"
+    return f"{path}:lenet5_pgd"
 
 
 def evaluate(*argv):
@@ -52,7 +54,8 @@ def test_file_model_end_to_end(tmp_path, factory, capsys):
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     flags = json.loads((out / "flags.json").read_text())
-    info = json.loads((out / "model_info/sample-cifar10/Linf/net.json").read_text())
+    # Named by the function, not the file stem (archs), in the JSON, results and table.
+    info = json.loads((out / "model_info/sample-cifar10/Linf/lenet5_pgd.json").read_text())
     x, y = sample(16)
     torch.manual_seed(0)
     from robustkit.testing import TinyCNN
@@ -71,7 +74,9 @@ def test_file_model_end_to_end(tmp_path, factory, capsys):
     assert res["attacks"]["pgd5"]["alpha"] == pytest.approx(2 / 255)
     assert {c["name"] for c in res["checks"]} >= {"logits", "deterministic", "gradients"}
     assert info["clean_acc"] == f"{100 * expected:.2f}" and info["autoattack_acc"] is None
+    assert res["name"] == info["name"] == "lenet5_pgd"
     printed = capsys.readouterr().out
+    assert "lenet5_pgd on sample-cifar10" in printed and "archs" not in printed.split(" on ")[0]
     assert "first 16 test images" in printed and "8/255" in printed and "robust" in printed
 
 
@@ -118,7 +123,7 @@ def test_bad_input_is_one_line(tmp_path, factory, capsys, argv, message):
     if argv == ["--wrong-classes"]:
         path = tmp_path / "seven.py"
         path.write_text(FACTORY.format(k=7))
-        argv, model = [], ["--model", f"{path}:build"]
+        argv, model = [], ["--model", f"{path}:lenet5_pgd"]
     elif argv == ["--wrong-checkpoint"]:
         ckpt = tmp_path / "other.pt"
         torch.save(create_model("cifar_cnn", 10).state_dict(), ckpt)
@@ -154,23 +159,33 @@ def test_help_explains(capsys):
 def test_config_file_and_flag_override(tmp_path, factory):
     cfg = tmp_path / "e.yaml"
     cfg.write_text(yaml.safe_dump({"dataset": "sample-cifar10", "attacks": ["clean", "fgsm"],
-                                   "eps": "2/255", "n_examples": 8}))
+                                   "eps": "2/255", "n_examples": 8, "batch_size": 4}))
     out = tmp_path / "out"
     assert main(["evaluate", "-c", str(cfg), "--model", factory, "--n-examples", "6",
                  "--out", str(out), "--no-progress"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["eps"] == 2 / 255 and res["n_examples"] == 6 and list(res["attacks"]) == ["fgsm"]
+    assert res["batch_size"] == 4  # from the file: no flag given
+    saved = yaml.safe_load((out / "config.yaml").read_text())  # the resolved settings
+    assert saved["n_examples"] == 6 and saved["eps"] == 2 / 255 and saved["model"] == factory
     cfg.write_text(yaml.safe_dump({"epsilon": 0.1}))
     assert main(["evaluate", "-c", str(cfg), "--model", factory]) == 2
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "evaluate").glob("*.yaml")),
                          ids=lambda p: p.name)
-def test_shipped_configs_parse(path):
-    cfg = yaml.safe_load(path.read_text())
-    specs = parse_attacks(cfg["attacks"])
-    assert {s.name for s in specs} >= {"pgd20" if "mnist" not in path.name else "pgd40",
-                                       "autoattack"}
+def test_shipped_configs_load(path):
+    cfg = load_eval_config(path, {"model": "small_cnn"})
+    assert {s.name for s in parse_attacks(list(cfg.attacks))} >= {
+        "pgd20" if "mnist" not in path.name else "pgd40", "autoattack"}
+    assert cfg.dataset in path.name and cfg.threat_model in path.name
+
+
+def test_default_name_is_the_function_or_model_name():
+    assert _default_name("path/archs.py:lenet5_pgd") == "lenet5_pgd"
+    assert _default_name("C:/models/archs.py:wide") == "wide"  # a colon in the path
+    assert _default_name("robustbench:Standard") == "Standard"
+    assert _default_name("preact_resnet18") == "preact_resnet18"
 
 
 def test_attack_list_parsing():

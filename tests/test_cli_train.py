@@ -168,3 +168,46 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert done.stdout.count("trained srd_dat") == 1  # only rank 0 prints and writes
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["step"] == 4 and len(state["rng"]) == 2  # global batch 64 = 2 ranks x 32
+
+
+@pytest.mark.parametrize("overrides, eps, alpha, norm", [
+    ([], 0.3, 0.1, "Linf"),  # smoke.yaml: 3 steps of 0.1
+    (["trainer.eval_alpha=null", "trainer.eval_steps=4"], 0.3, 0.075, "Linf"),  # eps/4
+    (["trainer.eval_norm=L2", "trainer.eval_alpha=null", "trainer.eval_steps=8"], 2.0, 0.5,
+     "L2"),  # the dataset's L2 eps (MNIST: 2.0)
+    (["trainer.eval_eps=0.2", "trainer.eval_alpha=1/10"], 0.2, 0.1, "Linf"),
+])
+def test_cli_builds_the_held_out_attack(tmp_path, monkeypatch, overrides, eps, alpha, norm):
+    """The CLI, not training/, builds the held-out PGD and hands it to EvalCallback."""
+    import robustkit.training.callbacks as callbacks
+
+    seen = {}
+
+    class Recorder(callbacks.EvalCallback):  # the real callback, its arguments recorded
+        def __init__(self, loader, attacks, **kwargs):
+            seen.update(loader=loader, attacks=attacks, **kwargs)
+            super().__init__(loader, attacks, **kwargs)
+
+    monkeypatch.setattr(callbacks, "EvalCallback", Recorder)
+    r = build(load_config(SMOKE, [f"trainer.out_dir={tmp_path}", *QUIET, *overrides]))
+    (name, pgd), = seen["attacks"].items()
+    steps = r.cfg.trainer.eval_steps
+    assert name == f"pgd{steps}" and type(pgd).__name__ == "PGD"
+    assert pgd.model is r.model  # the bare model
+    s = pgd.settings()
+    assert s["eps"] == pytest.approx(eps) and s["alpha"] == pytest.approx(alpha)
+    assert (s["steps"], s["norm"], s["loss"], s["random_start"], s["select"], s["restarts"],
+            s["targeted"], s["stop_on_success"]) == (steps, norm, "ce", True, "best", 1, False,
+                                                   True)
+    assert isinstance(pgd.generator, torch.Generator)  # reseeded per batch: same starts
+    assert seen["loader"] is r.loaders.holdout and seen["seed"] == r.cfg.seed
+    assert seen["every"] == 1 and seen["max_batches"] == 1  # eval_n 64 / holdout batch 64
+
+
+def test_held_out_metrics_follow_the_cli_attack(tmp_path):
+    """A fitted epoch stores eval/clean and eval/pgd<k> from the CLI-built attack."""
+    assert _train(tmp_path, "log.tensorboard=false", "trainer.eval_steps=4",
+                  "trainer.eval_alpha=null") == 0
+    state = load_checkpoint(tmp_path / "last.pt")
+    last = state["history"][-1]
+    assert 0 <= last["eval/pgd4"] <= last["eval/clean"] <= 1 and "eval/pgd3" not in last

@@ -15,7 +15,14 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from robustkit.cli import main
 from robustkit.cli.train import build
-from robustkit.config import ConfigError, build_config, load_config, save_config, to_container
+from robustkit.config import (
+    ConfigError,
+    build_config,
+    load_config,
+    load_eval_config,
+    save_config,
+    to_container,
+)
 from robustkit.data import DATASETS, Loaders
 from robustkit.objectives import OBJECTIVES
 from robustkit.training.callbacks import CheckpointCallback, EvalCallback
@@ -23,8 +30,8 @@ from robustkit.training.checkpoint import check_plain
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(
-    [*(ROOT / "configs" / "train").glob("*.yaml"), *(ROOT / "configs" / "demo").glob("*.yaml"),
-     ROOT / "configs" / "smoke.yaml"]
+    [*(ROOT / "configs" / "train").glob("*.yaml"),
+     *(ROOT / "robustkit" / "cli" / "demo_configs").glob("*.yaml"), ROOT / "configs" / "smoke.yaml"]
 )
 SMOKE = ROOT / "configs" / "smoke.yaml"
 # Big inputs or big models: build them, but never run a forward pass in the fast suite.
@@ -73,9 +80,11 @@ def test_every_training_config_loads_and_wires(path, tmp_path):
     evals = [cb for cb in r.trainer.callbacks if isinstance(cb, EvalCallback)]
     assert len(evals) == 1
     want_eps = cfg.trainer.eval_eps if cfg.trainer.eval_eps is not None else info.eps["Linf"]
-    assert evals[0].eps == pytest.approx(want_eps)
+    (name, pgd), = evals[0].attacks.items()  # the CLI built the held-out attack
+    assert name == f"pgd{cfg.trainer.eval_steps}" and pgd.eps == pytest.approx(want_eps)
+    assert pgd.model is r.model  # the bare model, never the DDP wrapper
     ckpt = [cb for cb in r.trainer.callbacks if isinstance(cb, CheckpointCallback)]
-    assert ckpt[0].monitor == evals[0].key  # best.pt follows the evaluated PGD-k
+    assert ckpt[0].monitor == f"eval/{name}"  # best.pt follows the evaluated PGD-k
     params = r.model.state_dict()
     assert params["normalize.mean"].numel() == info.input_shape[0]
     if cfg.model.name not in _NO_FORWARD:
@@ -190,7 +199,7 @@ def test_config_is_read_only():
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ConfigError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: [1, 2\n")
@@ -208,3 +217,130 @@ def test_dry_run_on_the_offline_data(path, shared_data, tmp_path, capsys):
     assert code == 0
     assert "dry run:" in capsys.readouterr().out
     assert not (tmp_path / "last.pt").exists()
+
+
+# ----------------------------------------------------------------- eval_steps x eval_alpha
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.eval_steps=5", "trainer.eval_alpha=0.01"],  # issue #9: 0.05 of eps 0.3
+    ["trainer.eval_steps=20", "trainer.eval_alpha=0.01"],  # 0.2 < 0.3
+    ["trainer.eval_steps=3", "trainer.eval_alpha=null"],  # 3 x eps/4
+    ["trainer.eval_steps=10", "trainer.eval_eps=0.5", "trainer.eval_alpha=0.04"],
+])
+def test_held_out_pgd_that_cannot_reach_eps_is_rejected(overrides):
+    with pytest.raises(ConfigError, match="eval_steps.*eval_alpha.*cannot reach"):
+        load_config(SMOKE, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.eval_steps=4", "trainer.eval_alpha=null"],  # 4 x eps/4 = eps exactly
+    ["trainer.eval_steps=3", "trainer.eval_alpha=0.1"],  # 0.30000000000000004 >= 0.3
+    ["trainer.eval_steps=30", "trainer.eval_alpha=0.01"],
+    ["trainer.eval_steps=1", "trainer.eval_every=0"],  # no held-out evaluation at all
+])
+def test_held_out_pgd_that_reaches_eps_is_accepted(overrides):
+    load_config(SMOKE, overrides)
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_held_out_attack_reaches_eps(path):
+    cfg = load_config(path)
+    t = cfg.trainer
+    eps = t.eval_eps if t.eval_eps is not None else DATASETS[cfg.data.name].eps[t.eval_norm]
+    alpha = t.eval_alpha if t.eval_alpha is not None else eps / 4
+    assert t.eval_steps * alpha >= eps * (1 - 1e-9)
+
+
+# ----------------------------------------------------------------------------- EvalConfig
+
+EVAL_CONFIGS = sorted((ROOT / "configs" / "evaluate").glob("*.yaml"))
+
+
+def _eval_file(tmp_path, **keys) -> Path:
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(keys))
+    return path
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_every_evaluate_config_loads(path):
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_eval_config(path, {"model": "small_cnn"})
+    for key, value in raw.items():  # every written value arrives, fractions as floats
+        assert cfg[key] == (load_eval_config(None, {"model": "m", "dataset": "mnist",
+                                                    key: value})[key])
+    assert cfg.eps == pytest.approx({"L2": 0.5, "Linf": 0.3 if "mnist" in path.name
+                                     else 8 / 255}[cfg.threat_model])
+
+
+def test_eval_defaults_and_flag_strings():
+    cfg = load_eval_config(None, {"model": "small_cnn", "dataset": "cifar10", "eps": "8/255",
+                                  "n_examples": "100", "attacks": "clean, pgd20,"
+                                  "torchattacks:Square(n_queries=10, p_init=0.8)",
+                                  "aa_version": "custom", "aa_attacks": "apgd-ce,apgd-t",
+                                  "out": None})
+    assert cfg.eps == 8 / 255 and cfg.n_examples == 100 and cfg.batch_size == 256
+    assert list(cfg.attacks) == ["clean", "pgd20", "torchattacks:Square(n_queries=10, p_init=0.8)"]
+    assert list(cfg.aa_attacks) == ["apgd-ce", "apgd-t"]
+    assert cfg.threat_model == "Linf" and cfg.protocol == "standalone" and cfg.out is None
+    with pytest.raises(Exception):  # noqa: B017 (omegaconf's ReadonlyConfigError)
+        cfg.eps = 0.1
+
+
+def test_flags_override_the_file_and_none_means_not_given(tmp_path):
+    path = _eval_file(tmp_path, dataset="sample-mnist", eps="1/10", n_examples=8, seed=3,
+                      attacks="clean,pgd5")
+    cfg = load_eval_config(path, {"model": "small_cnn", "eps": "0.2", "seed": None})
+    assert cfg.eps == pytest.approx(0.2) and cfg.seed == 3 and cfg.n_examples == 8
+    assert list(cfg.attacks) == ["clean", "pgd5"]  # a comma string in the file is a list too
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("eps", "abc", "expected a number or a fraction"),
+    ("eps", "8/0", "expected a number or a fraction"),
+    ("eps", 2, r"must be > 0 \(and <= 1 for Linf\)"),
+    ("eps", -0.1, "must be > 0"),
+    ("batch_size", "many", "could not be converted to Integer"),
+    ("batch_size", 1.5, "converted to Integer"),
+    ("batch_size", 0, ">= 1"),
+    ("n_examples", 0, ">= 1"),
+    ("seed", -1, ">= 0"),
+    ("dataset", "cifar11", "did you mean 'cifar10'"),
+    ("threat_model", "Linf2", "did you mean 'Linf'"),
+    ("protocol", "cascaded", "did you mean 'cascade'"),
+    ("aa_version", "custom", "needs a list of attacks"),
+    ("aa_attacks", "apgd-ce", "needs the custom version"),
+    ("attacks", "clean,pgdx", "unknown attack 'pgdx'"),
+    ("attacks", "pgd20,pgd20", "listed twice"),
+    ("model", "", "is required"),
+])
+def test_file_and_flag_values_get_the_same_checks(tmp_path, key, value, match):
+    base = {"model": "small_cnn", "dataset": "sample-mnist"}
+    with pytest.raises(ConfigError, match=match) as from_flag:
+        load_eval_config(None, {**base, key: str(value)})
+    assert f"--{key.replace('_', '-')}" in str(from_flag.value)
+    path = _eval_file(tmp_path, **{key: value})
+    flags = {k: v for k, v in base.items() if k != key}
+    with pytest.raises(ConfigError, match=match) as from_file:
+        load_eval_config(path, flags)
+    assert f"'{key}'" in str(from_file.value) and str(path) in str(from_file.value)
+
+
+@pytest.mark.parametrize("written, nearest", [
+    ("epsilon", "eps"), ("n_example", "n_examples"), ("threat", "threat_model"),
+    ("attack", "attacks"),
+])
+def test_unknown_evaluate_key_names_the_nearest(tmp_path, written, nearest):
+    path = _eval_file(tmp_path, **{written: 1})
+    with pytest.raises(ConfigError, match=f"'{written}'.*did you mean '{nearest}'"):
+        load_eval_config(path, {"model": "small_cnn"})
+
+
+def test_evaluate_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_eval_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- clean\n- pgd20\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_eval_config(bad, {"model": "m"})

@@ -12,12 +12,31 @@ from torch import nn
 
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.attacks.pgd import PGD
-from robustkit.evaluation import EvalResult, StateMismatchError, evaluate_attacks
-from robustkit.evaluation.checks import post_checks, pre_checks
-from robustkit.evaluation.results import build_results, format_eps, model_info, write_model_info
+from robustkit.evaluation import (
+    EvalResult,
+    StateMismatchError,
+    evaluate_attacks,
+    post_checks,
+    pre_checks,
+)
+from robustkit.evaluation.results import (
+    FULL_TEST_SIZE,
+    build_results,
+    format_eps,
+    model_info,
+    write_model_info,
+)
 from robustkit.testing import ConstantModel, LinearModel, TinyCNN, random_batch
 
 K = 5  # classes of the pixel model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # two shared cores: threads only add contention for tiny models
+    yield
+    torch.set_num_threads(n)
 
 
 class PixelModel(nn.Module):
@@ -259,6 +278,10 @@ def failed(checks):
     return {c.name for c in checks if not c.passed}
 
 
+def flagged(checks):
+    return {c.name: c.severity for c in checks if c.severity != "ok"}
+
+
 def test_pre_checks_pass_on_a_plain_model():
     x, y = random_batch(8, (3, 8, 8), 10)
     checks = pre_checks(LinearModel((3, 8, 8), 10).eval(), x, y, num_targets=9)
@@ -267,23 +290,24 @@ def test_pre_checks_pass_on_a_plain_model():
     assert failed(checks) == set()
 
 
-@pytest.mark.parametrize("model, expected", [
-    (Softmax(), "logits"),
-    (Noisy(), "deterministic"),
-    (Dynamic(), "dynamic"),
-    (ConstantModel(10, sensitivity=0.0), "gradients"),
-    (nn.Sequential(nn.Dropout(0.5), LinearModel((3, 8, 8), 10)).train(), "eval_mode"),
+@pytest.mark.parametrize("model, expected, severity", [
+    (Softmax(), "logits", "fail"),
+    (Noisy(), "deterministic", "fail"),
+    (Dynamic(), "dynamic", "warning"),
+    (ConstantModel(10, sensitivity=0.0), "gradients", "fail"),
+    (nn.Sequential(nn.Dropout(0.5), LinearModel((3, 8, 8), 10)).train(), "eval_mode", "warning"),
 ])
-def test_pre_checks_fire(model, expected):
+def test_pre_checks_fire(model, expected, severity):
     x, y = random_batch(8, (3, 8, 8), 10)
     was = model.training
-    assert expected in failed(pre_checks(model, x, y))
+    assert flagged(pre_checks(model, x, y))[expected] == severity
     assert model.training == was
 
 
 def test_n_classes_check():
     x, y = random_batch(8, (3, 8, 8), 5)
-    assert "n_classes" in failed(pre_checks(LinearModel((3, 8, 8), 5), x, y, num_targets=9))
+    assert flagged(pre_checks(LinearModel((3, 8, 8), 5).eval(), x, y, num_targets=9)) == {
+        "n_classes": "fail"}
 
 
 def _result(clean, **correct):
@@ -299,7 +323,8 @@ def test_post_checks_flag_masking_signs():
     res.max_perturbation["square"] = 0.5
     bad = failed(post_checks(res, eps=8 / 255, strength={"pgd20": ("pgd-ce", 20),
                                                           "pgd100": ("pgd-ce", 100)}))
-    assert bad == {"black_box:square", "monotone:pgd20<pgd100", "perturbation:square"}
+    assert bad == {"black_box:square", "monotone:pgd20<pgd100", "perturbation:square",
+                   "gradient_gap:pgd100"}
     ok = _result(c, pgd20=[1] * 6 + [0] * 4, pgd100=[1] * 5 + [0] * 5, square=[1] * 7 + [0] * 3)
     assert failed(post_checks(ok, eps=8 / 255, strength={"pgd20": ("pgd-ce", 20),
                                                           "pgd100": ("pgd-ce", 100)})) == set()
@@ -366,3 +391,35 @@ def test_robustbench_json_without_autoattack():
 def test_format_eps():
     assert format_eps(8 / 255) == "8/255" and format_eps(0.5) == "0.5"
     assert format_eps(0.031) == "0.031" and format_eps(0.3) == "0.3"
+
+
+def test_cascade_is_labelled_in_both_json_files():
+    """clean, pgd, autoattack in cascade: the AutoAttack column is 'robust after PGD and AA'."""
+    from robustkit.attacks import AutoAttack
+
+    torch.manual_seed(0)
+    model = LinearModel((3, 8, 8), 10).eval()
+    x, y = random_batch(12, (3, 8, 8), 10, seed=4)
+    y = model(x).argmax(1).detach()
+    attacks = {"pgd": PGD(model, eps=0.02, alpha=0.005, steps=3),
+               "autoattack": AutoAttack(model, eps=0.02, version="custom", attacks=["apgd-ce"])}
+    settings = {"pgd": {"class": "PGD", "family": "pgd"},
+                "autoattack": {"class": "AutoAttack", "family": "autoattack",
+                               "version": "standard"}}
+    n = FULL_TEST_SIZE["cifar10"]  # a full-test-set run: only the cascade needs a footnote
+    for protocol in ("cascade", "standalone"):
+        res = evaluate_attacks(model, (x, y), attacks, protocol=protocol)
+        res.labels = torch.zeros(n, dtype=torch.long)  # pretend the full test set (flags unused)
+        r = build_results(res, model="m", dataset="cifar10", threat_model="Linf", eps=8 / 255,
+                          seed=0, subset="the test set", attacks=settings)
+        meaning = r["accuracy_meaning"]
+        note = model_info(r).get("footnote", "")
+        if protocol == "cascade":
+            assert meaning["autoattack"]["cumulative_after"] == ["pgd", "autoattack"]
+            assert "after pgd" in meaning["autoattack"]["description"]
+            assert "cascade" in note and "after pgd" in note and "not AutoAttack alone" in note
+        else:
+            assert meaning["autoattack"]["cumulative_after"] == ["autoattack"]
+            assert note == ""
+    assert meaning["pgd"]["cumulative_after"] == ["pgd"]
+    assert meaning["robust"]["cumulative_after"] == ["pgd", "autoattack"]

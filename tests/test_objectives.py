@@ -109,6 +109,20 @@ def test_objective_contract(name, training):
         assert p.grad.abs().sum() > 0, pname
 
 
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_abort_step_leaves_the_parameters_as_before_loss(name):
+    """The trainer's promise on NonFiniteLossError: after loss() and abort_step() (no optimizer
+    step) every parameter is bitwise what it was, whatever loss() did to it (AWP's w + v)."""
+    model = _model()
+    x, y = _batch()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    obj = create_objective(name, model, **FAST[name])
+    obj(x, y, CTX)
+    obj.abort_step()
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), before[k]), k
+
+
 def test_create_objective_errors():
     model = _model()
     with pytest.raises(ValueError, match="known: natural, pgd_at"):
@@ -431,7 +445,13 @@ def test_gamma_schedule_boundaries():
     assert got[4] == pytest.approx(2 / 3) and got[5] == pytest.approx(4 / 3)
     assert got[6:] == [2.0] * 4
     assert S.gamma_t(4, 10, 1.0, ramp=(0.5, 0.5)) == 0.0 and S.gamma_t(5, 10, 1.0, (0.5, 0.5)) == 1
-    assert S.gamma_t(7, 10, 1.0) == S.gamma_t(7, 10, 1.0)  # pure
+    # methods.md §3.3 Module B item 4, written out: 0 before aT, linear to γ_max at bT, then γ_max
+    for epochs, gamma_max, (a, b) in [(100, 1.5, (0.3, 0.6)), (50, 0.7, (0.2, 0.7))]:
+        for epoch in range(epochs):
+            t = epoch / epochs
+            expected = 0.0 if t < a else gamma_max if t >= b else gamma_max * (t - a) / (b - a)
+            got = S.gamma_t(epoch, epochs, gamma_max, (a, b))
+            assert got == pytest.approx(expected, abs=1e-12), (epochs, epoch)
 
 
 def test_gairat_lambda_and_warmup():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -15,7 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from robustkit.attacks.base import AttackResult
+from robustkit.attacks.pgd import PGD
 from robustkit.cli.progress import ProgressCallback
+from robustkit.objectives import AWP, OBJECTIVES, accepted_hparams, create_objective
 from robustkit.objectives.base import Objective, ObjectiveOutput
 from robustkit.testing import LinearModel, TinyCNN, separable_toy_data
 from robustkit.training.callbacks import (
@@ -137,15 +140,8 @@ def test_loss_falls_on_separable_toy_data():
     assert state.histograms["margin"].shape == (128,)  # (N,) metrics collected over the epoch
 
 
-def _objective_names():
-    objectives = pytest.importorskip("robustkit.objectives")
-    return sorted(objectives.OBJECTIVES)
-
-
-@pytest.mark.parametrize("name", _objective_names())
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_one_epoch_per_objective_and_resume_state(tmp_path, name):
-    from robustkit.objectives import accepted_hparams, create_objective
-
     accepted = accepted_hparams(name)
     hp = {k: v for k, v in {"steps": 2, "k_max": 2}.items() if k in accepted}
     if name == "awp":
@@ -251,6 +247,98 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
         assert torch.equal(v, last["model"][k]), k
 
 
+class NaNGrad(torch.autograd.Function):
+    """Identity forward, a non-finite backward: a finite loss whose gradients are NaN or inf."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        ctx.value = value
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, ctx.value), None
+
+
+class BadAtCall(CE):
+    """CE that turns bad at chosen calls of ``loss()`` (counted from 0): its value NaN
+    (``bad="loss"``) or its gradients ``value`` with a finite value (``bad="grad"``)."""
+
+    def __init__(self, model, calls, bad, value=float("nan")):
+        super().__init__(model)
+        self.calls, self.bad, self.value, self.n = set(calls), bad, value, 0
+
+    def loss(self, x, y, adv, ctx):
+        call, self.n = self.n, self.n + 1
+        logits = self.model(x)
+        if call in self.calls and self.bad == "grad":
+            logits = NaNGrad.apply(logits, self.value)
+        loss = F.cross_entropy(logits, y)
+        if call in self.calls and self.bad == "loss":
+            loss = loss * float("nan")
+        return ObjectiveOutput(loss, logits, {"loss/ce": loss.detach()})
+
+
+class Snapshot:
+    """Keeps the parameters after every batch: those the failing step must leave intact."""
+
+    def on_batch_end(self, trainer, out, batch):
+        self.params = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+
+
+def _assert_intact(model, snap):
+    for k, v in model.named_parameters():
+        assert torch.equal(v.detach(), snap.params[k]), k  # bitwise
+        assert v.grad is None, k
+
+
+# AWP calls its inner loss twice a step (the ascent at w, then the loss at w + v): calls 2 and 3
+# are step 1. Bad at call 3 only: v is finite and the weights sit at w + v when the trainer sees
+# the failure; bad at 2 and 3: the ascent gradient is non-finite, so w + v is NaN.
+@pytest.mark.parametrize("calls", [(3,), (2, 3)], ids=["at-w+v", "ascent-too"])
+def test_awp_non_finite_loss_leaves_the_weights_bitwise_intact(calls):
+    model = tiny()
+    awp = AWP(model, inner=BadAtCall(model, calls, "loss"), gamma=1e-2)
+    snap = Snapshot()
+    trainer = trainer_for(model, awp, epochs=1, callbacks=[snap])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* epoch 0 step 1 .*intact"):
+        trainer.fit(toy_loader(48, 16))
+    _assert_intact(model, snap)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("awp", [False, True])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_finite_loss_with_non_finite_gradients_stops_before_the_step(value, awp, clip):
+    model = tiny()
+    # AWP: bad gradients only in the pass at w + v (call 3), so the ascent and v are finite
+    inner = BadAtCall(model, (3,) if awp else (1,), "grad", value)
+    objective = AWP(model, inner=inner, gamma=1e-2) if awp else inner
+    snap = Snapshot()
+    trainer = trainer_for(model, objective, epochs=1, callbacks=[snap], grad_clip=clip)
+    with pytest.raises(NonFiniteLossError,
+                       match=r"non-finite gradient norm .* epoch 0 step 1 .*intact"):
+        trainer.fit(toy_loader(48, 16))
+    assert trainer.state.step == 1
+    _assert_intact(model, snap)
+
+
+def test_fp16_overflow_is_skipped_until_the_loss_scale_reaches_one():
+    """fp16: an inf gradient is GradScaler's overflow (step skipped, scale halved) while the scale
+    is above 1; at scale 1 it is the model's, and the trainer stops. Exercised on the CPU with a
+    CPU GradScaler (the trainer's fp16 logic is device-independent)."""
+    model = tiny()
+    objective = BadAtCall(model, (1, 2, 3), "grad", float("inf"))
+    snap = Snapshot()
+    trainer = trainer_for(model, objective, epochs=1, callbacks=[snap])
+    trainer.amp, trainer.scaler = "fp16", torch.amp.GradScaler("cpu", init_scale=4.0)
+    trainer._autocast = contextlib.nullcontext  # float32 forward: only the scaler is under test
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm .* step 3 "):
+        trainer.fit(toy_loader(80, 16))
+    assert trainer.scaler.get_scale() == 1.0  # 4 -> 2 -> 1 over the two skipped steps
+    _assert_intact(model, snap)  # steps 1 and 2 were skipped: still the weights after step 0
+
+
 def test_amp_ignored_on_cpu_with_warning(caplog):
     model = tiny()
     with caplog.at_level(logging.WARNING, logger="robustkit.training.trainer"):
@@ -320,10 +408,10 @@ def test_kill_and_resume_is_exact(tmp_path):
 
 
 def test_tensorboard_event_tags(tmp_path):
-    ea = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tensorboard.backend.event_processing import event_accumulator as ea  # a core dependency
     model = tiny()
     holdout = toy_loader(16, 8)
-    cbs = [EvalCallback(holdout, eps=0.05, steps=20),
+    cbs = [EvalCallback(holdout, lambda m: {"pgd20": PGD(m, eps=0.05, alpha=0.0125, steps=20)}),
            TensorBoardCallback(tmp_path / "tb", config_text="epochs: 2\nlr: 0.05", log_every=2,
                                hparams={"optim": {"lr": 0.05}, "objective": "fgsm_rs"})]
     trainer_for(model, FGSMRS(model), epochs=2, callbacks=cbs).fit(toy_loader(48, 16))
@@ -375,6 +463,23 @@ def test_cuda_amp_channels_last_and_clip(amp):
         assert trainer.state_dict()["scaler"]["scale"] > 0
 
 
+@pytest.mark.gpu
+def test_cuda_fp16_persistent_inf_gradients_stop_at_scale_one():
+    """Real fp16 autocast and GradScaler (init scale 2**16): skipped steps halve the scale to 1,
+    then the trainer stops, with the weights of the last real step (step 0, unless a real
+    overflow at 2**16 skipped that one too: the step number is not pinned)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = tiny().cuda()
+    objective = BadAtCall(model, range(1, 1000), "grad", float("inf"))
+    snap = Snapshot()
+    trainer = trainer_for(model, objective, epochs=1, amp="fp16", callbacks=[snap])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm .* step 1[67] "):
+        trainer.fit(toy_loader(16 * 24, 16))
+    assert trainer.scaler.get_scale() == 1.0
+    _assert_intact(model, snap)
+
+
 @pytest.mark.slow
 def test_sample_mnist_pgd_at_beats_natural_under_attack(tmp_path):
     """Real data through the real stack: 2 epochs each on the shipped MNIST sample (CPU minutes)."""
@@ -389,7 +494,9 @@ def test_sample_mnist_pgd_at_beats_natural_under_attack(tmp_path):
         model = create_model("small_cnn", num_classes=10, mean=info.mean, std=info.std,
                              in_channels=1, input_size=28)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        cbs = [EvalCallback(loaders.holdout, eps=0.3, steps=10, alpha=0.1, max_batches=2),
+        cbs = [EvalCallback(loaders.holdout,
+                            lambda m: {"pgd10": PGD(m, eps=0.3, alpha=0.1, steps=10)},
+                            max_batches=2),
                CheckpointCallback(tmp_path / name, monitor="eval/pgd10")]
         state = Trainer(model, create_objective(name, model, **hp), opt, epochs=2,
                         callbacks=cbs).fit(loaders.train)

@@ -1,9 +1,21 @@
 """AutoAttack through the official code, ``pyautoattack`` 0.2.0 (methods.md §1.5).
 
-The composition and every setting are pyautoattack's own; this adapter only fits it to the
-``Attack`` seam (eval mode, device from x, no side effects) and makes ``state_path`` resumable:
-pyautoattack 0.2.0 writes its state file but cannot read it back (the attack set is stored as a
-string, so the check on restore always fails, and ``y_adv`` is unbound on a restored run).
+The composition and every setting are pyautoattack's own. The adapter fits it to the ``Attack``
+seam (eval mode, device from x, no side effects) and adds two things pyautoattack 0.2.0 lacks:
+
+- **Which sub-attack broke each point.** pyautoattack runs its attacks one after another on the
+  points still robust and keeps only the final flags. The adapter runs that same loop one
+  sub-attack at a time: the object built by ``version=`` (so APGD's restarts, the 9 target
+  classes, 100 iterations, 5,000 Square queries and the seed are exactly the version's), its
+  ``attacks_to_run`` set to one attack, called on the points still robust. Each attack reseeds
+  itself per batch and sees the same points in the same batches, so the flags and ``x_adv``
+  equal one ``run_standard_evaluation`` call (tests/test_autoattack.py checks this), and
+  ``info["broken_by"]`` says which attack broke each point: the gradient-masking check needs it
+  (Square breaking what APGD and FAB missed, methods.md §1.5).
+- **A resumable ``state_path``.** pyautoattack 0.2.0 writes its state file but cannot read it
+  back (the attack set is stored as a string, so the check on restore always fails). The adapter
+  writes the file itself after the clean pass and after each sub-attack, in pyautoattack's keys
+  plus ``broken_by``, and resumes from it.
 """
 
 from __future__ import annotations
@@ -12,21 +24,31 @@ import ast
 import json
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult, Norm
-from robustkit.utils import frozen_parameters
+from robustkit.utils import atomic_write_json, frozen_parameters
 
-__all__ = ["AutoAttack"]
+__all__ = ["AutoAttack", "NOT_BROKEN", "MISCLASSIFIED"]
 
 logger = logging.getLogger(__name__)
 
 AttackName = Literal["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
 _NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 _VERSIONS = ("standard", "plus", "rand", "custom")
+# pyautoattack's AutoAttack._set_version, in run order (a test compares them with the backend).
+_VERSION_ATTACKS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+#: ``info["broken_by"]`` of a point no sub-attack broke.
+NOT_BROKEN = -1
+#: ``info["broken_by"]`` of a point misclassified before any attack (pyautoattack's clean pass).
+MISCLASSIFIED = -2
 
 
 class AutoAttack(Attack):
@@ -41,7 +63,8 @@ class AutoAttack(Attack):
         eps: budget in pixel units (default 8/255).
         norm: ``"Linf"`` or ``"L2"``.
         version: ``"standard"`` (APGD-CE, APGD-T, FAB-T, Square: the RobustBench protocol),
-            ``"plus"``, ``"rand"`` or ``"custom"`` (then ``attacks`` lists what to run).
+            ``"plus"``, ``"rand"`` or ``"custom"`` (then ``attacks`` lists what to run, with
+            pyautoattack's constructor defaults, e.g. 5 APGD restarts).
         attacks: with ``version="custom"`` only, e.g. ``["apgd-ce"]``.
         seed: pyautoattack's seed (default 0); the caller's RNG state is left untouched.
         batch_size: pyautoattack's internal batch size (default 500; random starts are drawn
@@ -49,11 +72,15 @@ class AutoAttack(Attack):
 
     Shape:
         x: ``(N, C, H, W)`` in [0, 1]; y: ``(N,)``; x_adv: like x (x itself where not broken).
+        ``info["success"]``: ``(N,)`` bool; ``info["broken_by"]``: ``(N,)`` int64, an index into
+        ``components``, ``NOT_BROKEN`` (-1) or ``MISCLASSIFIED`` (-2).
 
     Example:
         >>> aa = AutoAttack(model, eps=8/255, version="standard")
-        >>> robust = ~aa.perturb(x, y).info["success"]
+        >>> res = aa.perturb(x, y); robust, by = ~res.info["success"], res.info["broken_by"]
     """
+
+    resumable: ClassVar[bool] = True  # perturb takes state_path= and resumes from it
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, norm: Norm = "Linf",
                  version: Literal["standard", "plus", "rand", "custom"] = "standard",
@@ -69,6 +96,8 @@ class AutoAttack(Attack):
         bad = [a for a in attacks or () if a not in _NAMES]
         if bad:
             raise ValueError(f"unknown attacks {bad}; known: {list(_NAMES)}")
+        if attacks is not None and len(set(attacks)) != len(attacks):
+            raise ValueError(f"attacks lists a sub-attack twice: {list(attacks)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.version = version
@@ -76,14 +105,21 @@ class AutoAttack(Attack):
         self.seed = int(seed)
         self.batch_size = batch_size
 
+    @property
+    def components(self) -> list[str]:
+        """The sub-attacks in run order: what ``info["broken_by"]`` indexes."""
+        return list(self.attacks) if self.version == "custom" else list(
+            _VERSION_ATTACKS[self.version])
+
     def perturb(self, x: Tensor, y: Tensor, *, state_path: str | Path | None = None
                 ) -> AttackResult:
         """Run AutoAttack; ``info["success"]`` is True where ``x_adv`` is misclassified.
 
         Args:
-            state_path: JSON file in pyautoattack's format; when it exists the run resumes from
-                it (attacks already run are skipped and, as in pyautoattack, ``x_adv`` is x for
-                points broken before; their ``success`` comes from the file).
+            state_path: JSON file written after the clean pass and after each sub-attack; when
+                it exists the run resumes from it (finished sub-attacks are skipped and, as in
+                pyautoattack, ``x_adv`` is x for points broken before; their ``success`` and
+                ``broken_by`` come from the file).
         """
         return super().perturb(x, y, state_path=state_path)
 
@@ -100,57 +136,82 @@ class AutoAttack(Attack):
                  ) -> AttackResult:
         path = None if state_path is None else Path(state_path)
         aa = self.build(x.device)
+        names = list(aa.attacks_to_run)
         devices = [x.device] if x.device.type == "cuda" else []
         # FAB calls backward(): frozen parameters keep every .grad untouched (and it is faster).
-        with frozen_parameters(self.model):
-            with torch.random.fork_rng(devices=devices):  # pyautoattack seeds the global RNG
-                if path is not None and path.exists() and _read_state(path)[2] is None:
-                    path.unlink()  # interrupted before the clean pass: nothing to resume
-                if path is not None and path.exists():
-                    x_adv, robust = self._resume(aa, x, y, path)
+        with frozen_parameters(self.model), torch.no_grad():
+            # pyautoattack seeds the global RNG per batch: fork_rng leaves the caller's alone
+            with torch.random.fork_rng(devices=devices):
+                saved = _load_state(path, names, x.shape[0]) if path is not None else None
+                if saved is None:
+                    broken_by, done = self._clean_pass(x, y), []
+                    _save_state(path, names, done, broken_by)
                 else:
-                    if path is not None:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                    x_adv, y_adv = aa.run_standard_evaluation(
-                        x, y, batch_size=self.batch_size, state_path=path)
-                    robust = y_adv == y
-        return AttackResult(x_adv, {"success": ~robust.to(x.device),
-                                    "eps": torch.full((x.shape[0],), self.eps, device=x.device)})
+                    broken_by, done = saved[0].to(x.device), saved[1]
+                    logger.info("resuming AutoAttack from %s: done %s", path, done)
+                x_adv = x.clone()
+                for k, name in enumerate(names):
+                    if name in done:
+                        continue
+                    idx = (broken_by == NOT_BROKEN).nonzero().flatten()
+                    if idx.numel():
+                        aa.attacks_to_run = [name]  # the version's settings, one attack at a time
+                        x_sub, y_sub = aa.run_standard_evaluation(
+                            x[idx], y[idx], batch_size=self.batch_size)
+                        hit = y_sub.to(y.device) != y[idx]
+                        broken_by[idx[hit]] = k
+                        x_adv[idx[hit]] = x_sub[hit].to(x_adv)
+                    done.append(name)
+                    _save_state(path, names, done, broken_by)
+        return AttackResult(x_adv, {
+            "success": broken_by != NOT_BROKEN,
+            "broken_by": broken_by,
+            "eps": torch.full((x.shape[0],), self.eps, device=x.device)})
 
-    def _resume(self, aa, x: Tensor, y: Tensor, path: Path) -> tuple[Tensor, Tensor]:
-        from pyautoattack.state import EvaluationState
-
-        wanted, done, flags, clean_acc = _read_state(path)
-        if wanted != set(aa.attacks_to_run):
-            raise ValueError(f"state_path {path} was written for attacks {sorted(wanted)}, "
-                             f"not {sorted(aa.attacks_to_run)}")
-        if flags.shape[0] != x.shape[0]:
-            raise ValueError(f"state_path {path} holds {flags.shape[0]} robust flags, "
-                             f"x has {x.shape[0]}")
-        flags = flags.to(x.device)
-        remaining = [a for a in aa.attacks_to_run if a not in done]
-        logger.info("resuming AutoAttack from %s: done %s, remaining %s", path, sorted(done),
-                    remaining)
-        x_adv = x.clone()
-        if remaining and bool(flags.any()):
-            # The same attacks, in the same order, on the points still robust: what pyautoattack
-            # itself would run after restoring (its own restore is broken in 0.2.0).
-            idx = flags.nonzero().squeeze(1)
-            aa.attacks_to_run = remaining
-            x_sub, y_sub = aa.run_standard_evaluation(x[idx], y[idx], batch_size=self.batch_size)
-            x_adv[idx] = x_sub.to(x.dtype)
-            flags[idx] = y_sub == y[idx]
-        state = EvaluationState(wanted, path=path, _run_attacks=set(wanted),
-                                _clean_accuracy=clean_acc)
-        state.robust_flags = flags  # the setter writes the file
-        return x_adv, flags
+    def _clean_pass(self, x: Tensor, y: Tensor) -> Tensor:
+        """pyautoattack's first step: points misclassified without attack are never attacked."""
+        out = torch.full((x.shape[0],), NOT_BROKEN, dtype=torch.long, device=x.device)
+        for start in range(0, x.shape[0], self.batch_size):  # pyautoattack's batches
+            sl = slice(start, start + self.batch_size)
+            out[sl][self.model(x[sl]).argmax(1) != y[sl]] = MISCLASSIFIED
+        return out
 
 
-def _read_state(path: Path) -> tuple[set[str], set[str], Tensor | None, float]:
-    """Read pyautoattack's state JSON (it stores the attack set as the text of a Python set)."""
+def _save_state(path: Path | None, names: list[str], done: list[str], broken_by: Tensor) -> None:
+    """pyautoattack's state keys (``_robust_flags`` etc.) plus the per-point ``broken_by``."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = max(broken_by.numel(), 1)
+    atomic_write_json(path, {
+        "_attacks_to_run": names, "_run_attacks": list(done),
+        "_robust_flags": (broken_by == NOT_BROKEN).tolist(),
+        "_clean_accuracy": float((broken_by != MISCLASSIFIED).sum()) / n,
+        "broken_by": broken_by.tolist(), "components": names,
+    })
+
+
+def _load_state(path: Path, names: list[str], n: int) -> tuple[Tensor, list[str]] | None:
+    """``(broken_by, finished sub-attacks)`` from ``path``; None when there is nothing to resume.
+
+    Raises:
+        ValueError: the file was written for other sub-attacks or another number of points.
+    """
+    if not path.exists():
+        return None
     d = json.loads(path.read_text())
     wanted = d["_attacks_to_run"]
+    # pyautoattack itself stores the attack set as the text of a Python set
     wanted = set(ast.literal_eval(wanted) if isinstance(wanted, str) else wanted)
+    if wanted != set(names):
+        raise ValueError(f"state_path {path} was written for attacks {sorted(wanted)}, "
+                         f"not {sorted(names)}")
     flags = d.get("_robust_flags")
-    flags = None if flags is None else torch.tensor(flags, dtype=torch.bool)
-    return wanted, set(d.get("_run_attacks", [])), flags, float(d.get("_clean_accuracy", "nan"))
+    if flags is not None and len(flags) != n:
+        raise ValueError(f"state_path {path} holds {len(flags)} robust flags, x has {n}")
+    if d.get("broken_by") is None or d.get("components") != names:
+        # Interrupted before the clean pass, or written by pyautoattack itself: it does not say
+        # which attack broke which point, so the chunk is recomputed (same seeds, same flags).
+        logger.info("state_path %s has no per-attack record: recomputing", path)
+        return None
+    return torch.tensor(d["broken_by"], dtype=torch.long), list(d["_run_attacks"])

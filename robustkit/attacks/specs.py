@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-__all__ = ["AttackSpec", "parse_attacks", "build_attacks", "strength", "targets_needed",
-           "VALID_FORMS", "AA_ATTACKS"]
+__all__ = ["AttackSpec", "parse_attacks", "split_list", "check_aa_attacks", "build_attacks",
+           "strength", "targets_needed", "VALID_FORMS", "AA_ATTACKS"]
 
 VALID_FORMS = ("clean, pgdK, pgdKxR, cwK, cwKxR, fgsm, autoattack, square, torchattacks:NAME, "
                "torchattacks:NAME(key=value, ...) (K steps, R restarts: pgd20, pgd100x5, cw30)")
@@ -44,8 +44,13 @@ class AttackSpec:
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
 
-def _split(text: str) -> list[str]:
-    """Split on commas outside parentheses (``torchattacks:X(a=1,b=2)`` stays whole)."""
+def split_list(text: str) -> list[str]:
+    """Split on commas outside parentheses (``torchattacks:X(a=1,b=2)`` stays whole).
+
+    Example:
+        >>> split_list("clean, pgd20,torchattacks:Square(n_queries=10, p_init=0.8)")
+        ['clean', 'pgd20', 'torchattacks:Square(n_queries=10, p_init=0.8)']
+    """
     parts, depth, cur = [], 0, ""
     for ch in text:
         depth += (ch == "(") - (ch == ")")
@@ -64,14 +69,14 @@ def parse_attacks(text: str | list[str]) -> list[AttackSpec]:
     Raises:
         ValueError: naming the bad entry and listing the valid forms.
     """
-    items = [p for t in ([text] if isinstance(text, str) else text) for p in _split(str(t))]
+    items = [p for t in ([text] if isinstance(text, str) else text) for p in split_list(str(t))]
     specs: list[AttackSpec] = []
     for item in items:
         spec = _parse_one(item)
         if spec is None:
             continue
         if any(s.name == spec.name for s in specs):
-            raise ValueError(f"--attacks: {spec.name!r} is listed twice")
+            raise ValueError(f"{spec.name!r} is listed twice")
         specs.append(spec)
     return specs
 
@@ -86,13 +91,13 @@ def _parse_one(item: str) -> AttackSpec | None:
     if m:
         steps, restarts = int(m[2]), int(m[3] or 1)
         if steps < 1 or restarts < 1:
-            raise ValueError(f"--attacks: {item!r} needs steps >= 1 and restarts >= 1")
+            raise ValueError(f"{item!r} needs steps >= 1 and restarts >= 1")
         name = f"{m[1]}{steps}" + (f"x{restarts}" if restarts > 1 else "")
         return AttackSpec(name, m[1], steps=steps, restarts=restarts)  # type: ignore[arg-type]
     m = re.fullmatch(r"torchattacks:([A-Za-z_]\w*)\s*(?:\((.*)\))?", item, flags=re.S)
     if m:
         return _torchattacks_spec(item, m[1], m[2] or "")
-    raise ValueError(f"--attacks: unknown attack {item!r}; valid forms: {VALID_FORMS}")
+    raise ValueError(f"unknown attack {item!r}; valid forms: {VALID_FORMS}")
 
 
 def _torchattacks_spec(item: str, cls: str, args: str) -> AttackSpec:
@@ -104,15 +109,15 @@ def _torchattacks_spec(item: str, cls: str, args: str) -> AttackSpec:
         if None in kwargs:
             raise ValueError
     except (SyntaxError, ValueError):
-        raise ValueError(f"--attacks: cannot read the arguments of {item!r}; write "
+        raise ValueError(f"cannot read the arguments of {item!r}; write "
                          "torchattacks:NAME(key=value, ...) with literal values") from None
     try:
         import torchattacks
     except ImportError:
-        raise ValueError(f"--attacks: {item!r} needs torchattacks (pip install "
+        raise ValueError(f"{item!r} needs torchattacks (pip install "
                          "'robustkit[torchattacks]')") from None
     if not isinstance(getattr(torchattacks, cls, None), type):
-        raise ValueError(f"--attacks: torchattacks has no attack class {cls!r}")
+        raise ValueError(f"torchattacks has no attack class {cls!r}")
     name = f"torchattacks:{cls}" + (f"({args.strip()})" if kwargs else "")
     return AttackSpec(name, "torchattacks", cls=cls, kwargs=kwargs)
 
@@ -134,6 +139,22 @@ def targets_needed(specs: list[AttackSpec], aa_version: str = "standard",
     return AA_TARGETS
 
 
+def check_aa_attacks(aa_version: str, aa_attacks: list[str] | None) -> None:
+    """``aa_attacks`` names AutoAttack's sub-attacks, and only with ``aa_version="custom"``.
+
+    Raises:
+        ValueError: a custom version without attacks, attacks without it, or an unknown name.
+    """
+    if aa_version == "custom" and not aa_attacks:
+        raise ValueError(f"the custom version needs a list of attacks: some of "
+                         f"{', '.join(AA_ATTACKS)}")
+    if aa_version != "custom" and aa_attacks:
+        raise ValueError(f"a list of attacks needs the custom version, got {aa_version!r}")
+    for a in aa_attacks or ():
+        if a not in AA_ATTACKS:
+            raise ValueError(f"unknown AutoAttack attack {a!r}; valid: {', '.join(AA_ATTACKS)}")
+
+
 def build_attacks(specs: list[AttackSpec], model: nn.Module, *, eps: float,
                   norm: Literal["Linf", "L2"] = "Linf", seed: int = 0,
                   aa_version: Literal["standard", "plus", "custom"] = "standard",
@@ -147,15 +168,7 @@ def build_attacks(specs: list[AttackSpec], model: nn.Module, *, eps: float,
 
     from robustkit.attacks import FGSM, PGD, AutoAttack, create_attack
 
-    if aa_version == "custom" and not aa_attacks:
-        raise ValueError(f"--aa-attacks is required with --aa-version custom: some of "
-                         f"{', '.join(AA_ATTACKS)}")
-    if aa_version != "custom" and aa_attacks:
-        raise ValueError("--aa-attacks needs --aa-version custom")
-    for a in aa_attacks or ():
-        if a not in AA_ATTACKS:
-            raise ValueError(f"--aa-attacks: unknown AutoAttack attack {a!r}; valid: "
-                             f"{', '.join(AA_ATTACKS)}")
+    check_aa_attacks(aa_version, aa_attacks)
     attacks, settings = {}, {}
     for s in specs:
         if s.kind in ("pgd", "cw"):

@@ -2,8 +2,15 @@
 
 The CLI is the only place where configs and flags become objects, and the only place that
 prints (tables, progress bars). Each subcommand lives in its own module with ``add_parser`` and
-``run``; errors a user can fix (``CLIError`` and the library's ``ValueError`` subclasses) end in
-one line on stderr and exit code 2, never a traceback.
+``run``.
+
+Errors: a :class:`~robustkit.errors.UserError` (a bad flag, config value, model, data or state)
+ends in one line on stderr, ``robustkit <command>: error: ...``, and exit code 2 (argparse's
+own usage errors also exit 2). Anything else is a bug: ``main`` lets it propagate, so Python
+prints the traceback and exits with code 1 (in-process callers get the exception itself). The
+library raises plain ``ValueError`` for bad arguments; the CLI converts it into a user error
+only where user input enters the library (:func:`user_input`), so a ``ValueError`` from deeper
+code stays a visible bug.
 """
 
 from __future__ import annotations
@@ -11,14 +18,44 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from robustkit.errors import UserError
 
-__all__ = ["main", "CLIError"]
+__all__ = ["main", "CLIError", "user_input"]
 
 
 class CLIError(UserError):
     """A user error found by the CLI itself (a bad flag): printed as one line, exit code 2."""
+
+
+@contextmanager
+def user_input(
+    kind: type[UserError], where: str, catch: tuple[type[Exception], ...] = (ValueError,)
+) -> Iterator[None]:
+    """Re-raise the library's ``ValueError`` from user-given values as the user error ``kind``.
+
+    Wrap only the call that receives the user's values (a constructor, a factory, a loader):
+    the same exception from anywhere else is a bug and must keep its traceback. A
+    ``UserError`` passes through unchanged.
+
+    Args:
+        kind: e.g. ``ConfigError`` or ``DataError``.
+        where: what the user wrote, prefixed to the message (``"objective.params"``).
+        catch: exception types to convert (default ``ValueError``).
+
+    Example:
+        >>> with user_input(ConfigError, "objective.params"):
+        ...     objective = create_objective(name, model, **params)
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except catch as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise kind(f"{where}: {message}") from err
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,7 +67,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Adversarial training and RobustBench-protocol evaluation for PyTorch.",
     )
     parser.add_argument("--version", action="version", version=f"robustkit {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging; user errors also show their traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (train, evaluate, demo):
         module.add_parser(sub)
@@ -38,6 +76,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (0, or 2 for a user error).
+
+    Raises:
+        Exception: any error that is not a ``UserError`` (a bug), with its traceback.
+    """
     parser = _build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -47,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.run(args) or 0)
-    except (CLIError, ValueError, FileNotFoundError) as err:
-        # User errors (bad flag values, unknown names, missing files): one clear line.
+    except UserError as err:
         if args.verbose:
             raise
-        print(f"robustkit {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"robustkit {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

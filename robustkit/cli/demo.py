@@ -4,24 +4,29 @@
    ``pyautoattack``, on the first ``--cifar-n`` images of the embedded CIFAR-10 test sample
    (clean, PGD-20, AutoAttack ``custom`` = APGD-CE + APGD-T).
 2. Train a natural and an SRD-DAT SmallCNN on the embedded MNIST sample
-   (``configs/demo/*.yaml``), with TensorBoard logs under ``runs/demo/``.
+   (``robustkit/cli/demo_configs/*.yaml``, package data), with TensorBoard logs under
+   ``runs/demo/``.
 3. Evaluate both (clean, PGD-40 and the cheap AutoAttack on the first ``--mnist-n`` test images)
    and print one comparison table.
 
 Everything is a call of the ``train`` and ``evaluate`` subcommands, so the demo exercises
-exactly what a user runs.
+exactly what a user runs. It needs only the installed package (its configs are package data,
+the ResNet-18 factory is ``robustkit.testing.pyautoattack_resnet18``), not a source checkout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 from robustkit.cli import CLIError
 
-_REPO = Path(__file__).resolve().parents[2]
+MODELS = ("natural", "srd_dat")  # robustkit/cli/demo_configs/<name>.yaml, trained in this order
 
 
 def add_parser(sub) -> None:
@@ -31,7 +36,7 @@ def add_parser(sub) -> None:
         description=(
             "Evaluate the standard ResNet-18 shipped in pyautoattack on the embedded CIFAR-10 "
             "sample, train a natural and an SRD-DAT SmallCNN on the embedded MNIST sample, "
-            "evaluate both and print a comparison. Needs a source checkout (configs/, evaluate/)."
+            "evaluate both and print a comparison."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -50,11 +55,28 @@ def _call(argv: list[str]) -> None:
         raise CLIError(f"step `robustkit {' '.join(argv)}` failed with exit code {code}")
 
 
+@contextlib.contextmanager
+def resources_used() -> Iterator[tuple[dict[str, Path], str]]:
+    """The demo's inputs inside the installed package: ``({name: config path}, model spec)``.
+
+    ``as_file`` gives real paths even from a zipped install; the model spec is the
+    ``FILE.py:FN`` form of ``--model`` pointing at ``robustkit/testing.py``.
+    """
+    with contextlib.ExitStack() as stack:
+        folder = resources.files("robustkit.cli").joinpath("demo_configs")
+        configs = {m: stack.enter_context(resources.as_file(folder.joinpath(f"{m}.yaml")))
+                   for m in MODELS}
+        testing = stack.enter_context(
+            resources.as_file(resources.files("robustkit").joinpath("testing.py")))
+        yield configs, f"{testing}:pyautoattack_resnet18"
+
+
 def run(args: argparse.Namespace) -> int:
-    configs = _REPO / "configs" / "demo"
-    factory = _REPO / "evaluate" / "pyautoattack_resnet18.py"
-    if not configs.is_dir() or not factory.is_file():
-        raise CLIError(f"the demo needs a source checkout; {configs} or {factory} is missing")
+    with resources_used() as (configs, factory):
+        return _run(args, configs, factory)
+
+
+def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> int:
     out = Path(args.out)
     start = time.perf_counter()
     # Cheap AutoAttack (the official APGD-CE + APGD-T, not the standard four-attack version),
@@ -64,23 +86,22 @@ def run(args: argparse.Namespace) -> int:
     # is given, so skipping points PGD already broke is what keeps the demo within minutes on CPU.
     aa = ["--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t", "--protocol", "cascade"]
 
-    models = ("natural", "srd_dat")
-    total = 1 + 2 * len(models)  # the CIFAR-10 evaluation, then train + evaluate per model
+    total = 1 + 2 * len(MODELS)  # the CIFAR-10 evaluation, then train + evaluate per model
     print(f"\n== step 1/{total}  standard ResNet-18 (pyautoattack) on the first {args.cifar_n} "
           "embedded CIFAR-10 test images, Linf eps 8/255 ==")
-    _call(["evaluate", "--model", f"{factory}:load", "--dataset", "sample-cifar10",
+    _call(["evaluate", "--model", factory, "--dataset", "sample-cifar10",
            "--n-examples", str(args.cifar_n), "--attacks", "clean,pgd20,autoattack", *aa,
            "--out", str(out / "eval_cifar10_resnet18"), "--device", args.device])
 
     rows = {}
-    for i, name in enumerate(models):
+    for i, name in enumerate(MODELS):
         print(f"\n== step {2 + 2 * i}/{total}  train {name} SmallCNN on the embedded MNIST "
               "sample ==")
         run_dir = out / name
         overrides = [f"trainer.out_dir={run_dir}", f"trainer.device={args.device}"]
         if args.epochs is not None:
             overrides.append(f"trainer.epochs={args.epochs}")
-        _call(["train", "-c", str(configs / f"{name}.yaml"), *overrides])
+        _call(["train", "-c", str(configs[name]), *overrides])
         print(f"\n== step {3 + 2 * i}/{total}  evaluate {name} on the first {args.mnist_n} "
               "MNIST test images, Linf eps 0.3 ==")
         eval_dir = out / f"eval_mnist_{name}"

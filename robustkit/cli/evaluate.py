@@ -1,30 +1,27 @@
 """``robustkit evaluate``: the RobustBench protocol for one model (architecture.md §4.2).
 
-Wiring only: flags (or a ``-c`` YAML) become a dataset subset, a model and attacks; the library
-(``robustkit.evaluation``, ``checks``, ``results``) does the work. Prints a table, writes
-``<out>/results.json``, ``<out>/flags.json`` and ``<out>/model_info/<dataset>/<tm>/<name>.json``;
-``<out>/state/`` makes an interrupted run resumable.
+Wiring only: a ``-c`` YAML and the flags (on top) become one typed ``EvalConfig``
+(``robustkit.config.load_eval_config``: every value gets the same checks wherever it was
+written), then a dataset subset, a model and attacks; the library (``robustkit.evaluation``,
+``checks``, ``results``) does the work. Prints a table, writes ``<out>/config.yaml``,
+``<out>/results.json``, ``<out>/flags.json`` and
+``<out>/model_info/<dataset>/<tm>/<name>.json``; ``<out>/state/`` makes an interrupted run
+resumable.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
-from robustkit.cli import CLIError
+from robustkit.cli import CLIError, user_input
+from robustkit.errors import ConfigError, DataError, ModelError
 
 logger = logging.getLogger(__name__)
-
-DEFAULTS: dict[str, Any] = {
-    "model": None, "checkpoint": None, "dataset": None, "data_root": None,
-    "threat_model": "Linf", "eps": None, "n_examples": None, "batch_size": 256,
-    # RobustBench's number (AutoAttack standard) plus PGD-20 as a quick cross-check.
-    "attacks": "clean,pgd20,autoattack", "aa_version": "standard", "aa_attacks": None,
-    "protocol": "standalone", "out": None, "name": None, "seed": 0, "device": None,
-}  # fmt: skip
 
 EPILOG = """\
 model forms:
@@ -67,8 +64,9 @@ def add_parser(sub) -> None:
     a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
     a("--threat-model", choices=("Linf", "L2"), help="norm of the threat model (default Linf)")
     a("--eps", help="budget in [0,1] pixel units, number or fraction (default: the dataset's)")
-    a("--n-examples", type=int, metavar="N", help="first N test images (default: all)")
-    a("--batch-size", type=int, metavar="B", help="images per attack call (default 256)")
+    # Numbers stay strings here: load_eval_config checks flags and file values alike.
+    a("--n-examples", metavar="N", help="first N test images (default: all)")
+    a("--batch-size", metavar="B", help="images per attack call (default 256)")
     a("--attacks", help="comma-separated list (default clean,pgd20,autoattack)")
     a("--aa-version", choices=("standard", "plus", "custom"),
       help="AutoAttack version (default standard, the RobustBench one)")
@@ -77,49 +75,30 @@ def add_parser(sub) -> None:
       help="standalone (default): every attack on all clean-correct points; cascade: each "
            "attack only on points still robust (faster; accuracies become cumulative)")
     a("--out", metavar="DIR", help="output folder (default runs/evaluate/<name>-<dataset>-<tm>)")
-    a("--name", help="entry name in the RobustBench JSON (default: from --model)")
-    a("--seed", type=int, help="seed of the attacks' randomness (default 0)")
+    a("--name", help="entry name in the RobustBench JSON (default: the model name, the "
+      "function name of FILE.py:FN)")
+    a("--seed", metavar="S", help="seed of the attacks' randomness (default 0)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a("--overwrite", action="store_true", help="discard a previous (partial) run in --out")
     a("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
 
 
-def _settings(args) -> dict[str, Any]:
-    """Flags over the ``-c`` file over DEFAULTS."""
-    cfg: dict[str, Any] = {}
-    if args.config:
-        import yaml
+def _settings(args: argparse.Namespace):
+    """The ``-c`` file with the flags on top, validated as one ``EvalConfig``."""
+    from robustkit.config import EvalConfig, load_eval_config
 
-        path = Path(args.config)
-        if not path.is_file():
-            raise CLIError(f"--config {args.config!r}: file not found")
-        cfg = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(cfg, dict):
-            raise CLIError(f"--config {args.config!r}: expected a mapping of settings")
-        unknown = sorted(set(cfg) - set(DEFAULTS))
-        if unknown:
-            raise CLIError(f"--config {args.config!r}: unknown keys {', '.join(unknown)}; "
-                           f"accepted: {', '.join(DEFAULTS)}")
-    out = {}
-    for key, default in DEFAULTS.items():
-        flag = getattr(args, key, None)
-        out[key] = flag if flag is not None else cfg.get(key, default)
-    for key in ("attacks", "aa_attacks"):
-        if isinstance(out[key], list | tuple):
-            out[key] = ",".join(map(str, out[key]))
-    return out
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(EvalConfig)}
+    return load_eval_config(args.config, flags)
 
 
 def _default_name(spec: str) -> str:
+    """The entry's name: the zoo name, the factory's function name (``archs.py:lenet5_pgd`` ->
+    ``lenet5_pgd``: one file often holds several models) or the registry name."""
     if spec.startswith("robustbench:"):
         return spec.partition(":")[2]
     if ":" in spec:
-        return Path(spec.rpartition(":")[0]).stem
+        return spec.rpartition(":")[2]
     return spec
 
 
@@ -136,9 +115,9 @@ def run(args) -> int:
 
     from robustkit.attacks.specs import build_attacks, parse_attacks, strength, targets_needed
     from robustkit.cli.progress import tqdm_factory
+    from robustkit.config import save_config, to_container
     from robustkit.data import DATASETS, first_n, load_dataset
-    from robustkit.evaluation import evaluate_attacks
-    from robustkit.evaluation.checks import post_checks, pre_checks
+    from robustkit.evaluation import evaluate_attacks, post_checks, pre_checks
     from robustkit.evaluation.results import (
         build_results,
         format_eps,
@@ -147,41 +126,26 @@ def run(args) -> int:
         write_results,
     )
     from robustkit.models import load_model
-    from robustkit.utils import parse_number, resolve_device, seed_everything
+    from robustkit.utils import resolve_device, seed_everything
 
-    s = _settings(args)
-    # Everything a user can get wrong is checked before any model or data is loaded.
-    if not s["model"]:
-        raise CLIError("--model is required (NAME, FILE.py:FN or robustbench:NAME)")
-    if s["dataset"] not in DATASETS:
-        raise CLIError(f"--dataset must be one of {', '.join(DATASETS)}, got {s['dataset']!r}")
+    cfg = _settings(args)  # every value a user can get wrong is checked here, before loading
+    s = to_container(cfg)
     info = DATASETS[s["dataset"]]
     tm = s["threat_model"]
-    if tm not in ("Linf", "L2"):
-        raise CLIError(f"--threat-model must be Linf or L2, got {tm!r}")
-    try:
-        eps = parse_number(s["eps"]) if s["eps"] is not None else float(info.eps[tm])
-    except ValueError as err:
-        raise CLIError(f"--eps: {err}") from None
-    if not eps > 0 or (tm == "Linf" and eps > 1):
-        raise CLIError(f"--eps must be > 0 (and <= 1 for Linf) in pixel units, got {eps}")
-    for key in ("batch_size", "seed", "n_examples"):
-        if s[key] is not None and (not isinstance(s[key], int) or s[key] < (key != "seed")):
-            raise CLIError(f"--{key.replace('_', '-')} must be a positive integer, got {s[key]!r}")
-    if s["aa_version"] not in ("standard", "plus", "custom"):
-        raise CLIError(f"--aa-version must be standard, plus or custom, got {s['aa_version']!r}")
-    if s["protocol"] not in ("standalone", "cascade"):
-        raise CLIError(f"--protocol must be standalone or cascade, got {s['protocol']!r}")
+    eps = s["eps"] if s["eps"] is not None else float(info.eps[tm])
     specs = parse_attacks(s["attacks"])
-    aa_attacks = [a.strip() for a in s["aa_attacks"].split(",")] if s["aa_attacks"] else None
+    aa_attacks = s["aa_attacks"]
     if s["checkpoint"] is not None and not Path(s["checkpoint"]).is_file():
         raise CLIError(f"--checkpoint {s['checkpoint']!r}: file not found")
-    device = resolve_device(s["device"])
+    # torch.device("gpu") raises RuntimeError; a CUDA device without CUDA, ValueError.
+    with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
+        device = resolve_device(s["device"])
     name = s["name"] or _default_name(s["model"])
     out = Path(s["out"] or Path("runs", "evaluate", re.sub(r"[^\w.-]+", "_",
                                                            f"{name}-{s['dataset']}-{tm}")))
 
-    test = load_dataset(s["dataset"], "test", s["data_root"])
+    with user_input(DataError, f"--dataset {s['dataset']}"):
+        test = load_dataset(s["dataset"], "test", s["data_root"])
     n = s["n_examples"] or len(test)
     if n > len(test):
         raise CLIError(f"--n-examples {n} exceeds the {len(test)} test images of "
@@ -189,17 +153,18 @@ def run(args) -> int:
     data = first_n(test, n)
     subset = f"first {n} test images"
     seed_everything(s["seed"])
-    try:
-        c, h, _ = info.input_shape
+    c, h, _ = info.input_shape
+    # ModelError passes through; a ValueError of create_model (e.g. a bad class count) is the
+    # user's --model/--dataset pairing.
+    with user_input(ModelError, f"--model {s['model']}"):
         model = load_model(s["model"], num_classes=info.num_classes, in_channels=c,
                            input_size=h, mean=info.mean, std=info.std,
                            checkpoint=s["checkpoint"], dataset=s["dataset"].removeprefix(
                                "sample-"), threat_model=tm, device=device)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as err:
-        raise CLIError(_one_line(err)) from None
     model.eval()
-    attacks, settings = build_attacks(specs, model, eps=eps, norm=tm, seed=s["seed"],
-                                      aa_version=s["aa_version"], aa_attacks=aa_attacks)
+    with user_input(ConfigError, "--attacks"):  # e.g. torchattacks:X(k=v) with a bad k
+        attacks, settings = build_attacks(specs, model, eps=eps, norm=tm, seed=s["seed"],
+                                          aa_version=s["aa_version"], aa_attacks=aa_attacks)
     logger.info("%s on %s: %s (of %d), %s eps=%s, attacks: %s", s["model"], s["dataset"],
                 subset, len(test), tm, format_eps(eps), ", ".join(attacks) or "none")
 
@@ -233,12 +198,11 @@ def run(args) -> int:
         seed=s["seed"], subset=subset, checkpoint=s["checkpoint"],
         architecture=_architecture(s["model"], model), attacks=settings, checks=checks,
         extra={"name": name, "batch_size": s["batch_size"], "device": str(device)})
+    save_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
     path = write_results(out, results, result)
     info_path = write_model_info(out, results, name=name)
     _print_table(results, name)
-    for c in checks:
-        if not c.passed:
-            print(f"  warning [{c.name}]: {c.message}")
+    _print_checks(checks)
     print(f"results: {path}\nRobustBench JSON: {info_path}")
     logger.info("wrote %s and %s", path, info_path)
     return 0
@@ -255,3 +219,22 @@ def _print_table(results: dict[str, Any], name: str) -> None:
         t_text = "" if t is None else f"{t:.1f} s"
         count = f"{results['n_correct'][key]}/{n}"
         print(f"  {key:<28}{100 * acc:>9.2f}%{count:>14}{t_text:>10}")
+        # AutoAttack's sub-attacks, in run order: accuracy after each (cumulative, as AA counts)
+        for sub, sub_acc in results.get("components", {}).get(key, {}).items():
+            broken = results.get("broken_by", {}).get(key, {}).get(sub)
+            note = "" if broken is None else f"{broken} broken"
+            print(f"    {'after ' + sub:<26}{100 * sub_acc:>9.2f}%{note:>14}")
+
+
+def _print_checks(checks) -> None:
+    """Failed checks first, then warnings; a failure says the numbers above are not trustworthy."""
+    order = {"fail": 0, "warning": 1}
+    shown = sorted((c for c in checks if c.severity in order), key=lambda c: order[c.severity])
+    if not shown:
+        print(f"  checks: all {len(checks)} passed")
+        return
+    for c in shown:
+        print(f"  {c.severity.upper()} [{c.name}]: {c.message}")
+    if any(c.severity == "fail" for c in shown):
+        print("  A check FAILED: the robust accuracy above is likely an overestimate (see "
+              "results.json['checks'] and the footnote); try adaptive attacks.")

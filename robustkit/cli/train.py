@@ -24,7 +24,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from robustkit.cli import user_input
 from robustkit.config import load_config, save_config, to_container
+from robustkit.errors import CheckpointError, ConfigError
 
 __all__ = ["add_parser", "run", "build", "Run"]
 
@@ -125,52 +127,72 @@ def build(cfg: DictConfig, loaders: Any = None) -> Run:
     from robustkit.data import DATASETS, build_loaders
     from robustkit.models import create_model
     from robustkit.objectives import create_objective
-    from robustkit.training.checkpoint import load_checkpoint
     from robustkit.training.trainer import Trainer
     from robustkit.utils import seed_everything
 
     t, d = cfg.trainer, cfg.data
-    info_dist = dist.init_from_env(t.device)
+    # torch.device("gpu") raises RuntimeError; a CUDA device without CUDA, ValueError.
+    with user_input(ConfigError, "trainer.device", (ValueError, RuntimeError)):
+        info_dist = dist.init_from_env(t.device)
     seed_everything(cfg.seed)  # the same initial weights on every rank
     if loaders is None:
-        loaders = build_loaders(
-            d.name, root=d.root, batch_size=d.batch_size, holdout=d.holdout, download=d.download,
-            num_workers=d.num_workers, seed=cfg.seed, augment=d.augment,
-            eval_batch_size=d.eval_batch_size,
-        )
+        with user_input(ConfigError, "data"):  # DataError (a missing root) passes through
+            loaders = build_loaders(
+                d.name, root=d.root, batch_size=d.batch_size, holdout=d.holdout,
+                download=d.download, num_workers=d.num_workers, seed=cfg.seed,
+                augment=d.augment, eval_batch_size=d.eval_batch_size,
+            )
     if d.limit is not None:
         loaders.train = _limit(loaders.train, d.limit)
     info = getattr(loaders, "info", None) or DATASETS[d.name]
     channels, size = info.input_shape[0], info.input_shape[-1]
-    model = create_model(cfg.model.name, num_classes=info.num_classes, mean=info.mean,
-                         std=info.std, in_channels=channels, input_size=size,
-                         **_plain(cfg.model.params)).to(info_dist.device)
+    with user_input(ConfigError, "model"):
+        model = create_model(cfg.model.name, num_classes=info.num_classes, mean=info.mean,
+                             std=info.std, in_channels=channels, input_size=size,
+                             **_plain(cfg.model.params)).to(info_dist.device)
     # Different random starts per rank from here on (a single process keeps cfg.seed).
     seed_everything(cfg.seed + info_dist.rank)
     ddp_model = dist.wrap_ddp(model, info_dist.device)
     attack = None
     if cfg.attack.name is not None:  # else the objective builds its paper-default attack
-        attack = create_attack(cfg.attack.name, model, **_plain(cfg.attack.params))
-    objective = create_objective(cfg.objective.name, ddp_model, attack=attack,
-                                 **_plain(cfg.objective.params))
+        with user_input(ConfigError, "attack"):
+            attack = create_attack(cfg.attack.name, model, **_plain(cfg.attack.params))
+    with user_input(ConfigError, "objective"):  # unknown name or hyper-parameter, bad value
+        objective = create_objective(cfg.objective.name, ddp_model, attack=attack,
+                                     **_plain(cfg.objective.params))
     steps_per_epoch = len(loaders.train)
     optimizer = _optimizer(cfg, model)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_factor(cfg, steps_per_epoch))  # a closure: not saved, rebuilt on resume
     out_dir = Path(t.out_dir)
-    trainer = Trainer(
-        ddp_model, objective, optimizer, scheduler, epochs=t.epochs, amp=t.amp,
-        grad_clip=t.grad_clip, scheduler_interval="step", device=info_dist.device,
-        callbacks=_callbacks(cfg, loaders, info, out_dir),
-    )
+    callbacks = _callbacks(cfg, loaders, info, out_dir, model)
+    with user_input(ConfigError, "trainer"):
+        trainer = Trainer(
+            ddp_model, objective, optimizer, scheduler, epochs=t.epochs, amp=t.amp,
+            grad_clip=t.grad_clip, scheduler_interval="step", device=info_dist.device,
+            callbacks=callbacks,
+        )
     if t.resume:
-        state = load_checkpoint(t.resume)
-        _warn_changes(state.get("config") or {}, to_container(cfg))
-        trainer.load_state_dict(state)
-        log.info("resumed from %s at epoch %d, step %d", t.resume, trainer.state.epoch,
-                 trainer.state.step)
+        _resume(trainer, t.resume, cfg)
     return Run(cfg, loaders, model, objective, optimizer, scheduler, trainer, out_dir,
                steps_per_epoch)
+
+
+def _resume(trainer: Any, path: str, cfg: DictConfig) -> None:
+    """Load ``trainer.resume`` into the trainer; a checkpoint of another run is a user error."""
+    from robustkit.training.checkpoint import load_checkpoint
+
+    if not Path(path).is_file():
+        raise ConfigError(f"config key 'trainer.resume': checkpoint {path!r} not found")
+    state = load_checkpoint(path)  # CheckpointError when it is not plain data
+    _warn_changes(state.get("config") or {}, to_container(cfg))
+    # load_state_dict raises RuntimeError (tensor shapes), KeyError (a missing entry) or
+    # ValueError when the checkpoint was written by another model, optimizer or objective.
+    with user_input(CheckpointError, f"trainer.resume {path!r} does not match this config",
+                    (RuntimeError, KeyError, ValueError)):
+        trainer.load_state_dict(state)
+    log.info("resumed from %s at epoch %d, step %d", path, trainer.state.epoch,
+             trainer.state.step)
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -219,7 +241,30 @@ def _lr_factor(cfg: DictConfig, steps_per_epoch: int):
     return factor
 
 
-def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path) -> list[Any]:
+def _holdout_attacks(cfg: DictConfig, info: Any, model: torch.nn.Module) -> dict[str, Any]:
+    """The held-out evaluation's attack, built here because ``training/`` imports no attack.
+
+    PGD-k as ``robustkit evaluate``'s ``pgdK`` (α = ε/4 unless ``trainer.eval_alpha``, uniform
+    random start, CE, stop on success, the best iterate per sample) on the bare model; the
+    config has checked that k·α reaches ε. Its random starts come from a CPU generator that
+    the evaluation reseeds per batch, so every epoch sees the same starts.
+    """
+    from robustkit.attacks import PGD
+
+    t = cfg.trainer
+    eps = t.eval_eps if t.eval_eps is not None else info.eps[t.eval_norm]
+    alpha = t.eval_alpha if t.eval_alpha is not None else eps / 4
+    with user_input(ConfigError, "trainer.eval_*"):
+        # stop_on_success: a broken point stays broken, so accuracy is unchanged and the
+        # already-broken points cost no more gradient evaluations.
+        pgd = PGD(model, eps=eps, alpha=alpha, steps=t.eval_steps, norm=t.eval_norm,
+                  random_start=True, loss="ce", stop_on_success=True, select="best",
+                  generator=torch.Generator())
+    return {f"pgd{t.eval_steps}": pgd}
+
+
+def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
+               model: torch.nn.Module) -> list[Any]:
     from robustkit import distributed as dist
     from robustkit.training.callbacks import (
         CheckpointCallback,
@@ -232,12 +277,10 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path) -> list[
     callbacks: list[Any] = []
     # Order matters: evaluation fills eval/* before the checkpoint and the loggers read it.
     if t.eval_every > 0 and loaders.holdout is not None:
-        eps = t.eval_eps if t.eval_eps is not None else info.eps[t.eval_norm]
-        callbacks.append(EvalCallback(
-            loaders.holdout, eps=eps, norm=t.eval_norm, steps=t.eval_steps, alpha=t.eval_alpha,
-            every=t.eval_every, max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size),
-            seed=cfg.seed,
-        ))
+        with user_input(ConfigError, "trainer.eval_*"):
+            callbacks.append(EvalCallback(
+                loaders.holdout, _holdout_attacks(cfg, info, model), every=t.eval_every,
+                max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size), seed=cfg.seed))
     callbacks.append(CheckpointCallback(out_dir, config=to_container(cfg),
                                         monitor=f"eval/pgd{t.eval_steps}",
                                         every=t.checkpoint_every))

@@ -7,7 +7,8 @@ Example:
 """
 
 from robustkit.errors import StateMismatchError
-from robustkit.evaluation.checks import BLACK_BOX, Check, post_checks, pre_checks
+from robustkit.evaluation.checks import BLACK_BOX, Check, pre_checks
+from robustkit.evaluation.masking import masking_checks, post_checks
 from robustkit.evaluation.protocol import EvalResult, evaluate_attacks
 from robustkit.evaluation.results import (
     build_results,
@@ -18,5 +19,5 @@ from robustkit.evaluation.results import (
 )
 
 __all__ = ["evaluate_attacks", "EvalResult", "StateMismatchError", "Check", "pre_checks",
-           "post_checks", "BLACK_BOX", "build_results", "write_results", "model_info",
-           "write_model_info", "format_eps"]
+           "post_checks", "masking_checks", "BLACK_BOX", "build_results", "write_results",
+           "model_info", "write_model_info", "format_eps"]

@@ -1,24 +1,26 @@
 """Sanity checks before and after an evaluation (methods.md §1.5; AutoAttack's ``checks.py``).
 
-Before attacking: eval mode, logits rather than probabilities, a deterministic forward pass, no
-gradient computation inside the forward pass (a "dynamic" defence), non-zero input gradients, and
-enough classes for the targeted attacks. After: a black-box attack beating the white-box ones, or a
-stronger PGD giving *higher* accuracy than a weaker one, both signs of gradient masking; and every
-``x_adv`` inside the threat ball. Checks never raise: each returns a ``Check`` that the caller logs
-and stores (``results.json["checks"]``).
+Before attacking (``pre_checks``): eval mode, logits rather than probabilities, a deterministic
+forward pass, no gradient computation inside the forward pass (a "dynamic" defence), non-zero
+input gradients, and enough classes for the targeted attacks. After (``post_checks``): every
+``x_adv`` inside the threat ball, and the gradient-masking signs of ``robustkit.evaluation.masking``
+(Square breaking what the gradient attacks missed, a gradient attack far weaker than another).
+
+Each check has a severity: ``"ok"``; ``"warning"`` (read the numbers with this in mind);
+``"fail"`` (the numbers are not trustworthy as they stand: they go into the RobustBench footnote).
+Checks never raise: the caller logs and stores them (``results.json["checks"]``).
 
 Example:
     >>> checks = pre_checks(model, x[:256], y[:256], num_targets=9)
-    >>> [c.message for c in checks if not c.passed]
+    >>> [c.message for c in checks if c.severity != "ok"]
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,25 +28,52 @@ from torch import Tensor, nn
 
 from robustkit.utils import eval_mode
 
-__all__ = ["Check", "pre_checks", "post_checks", "BLACK_BOX"]
+__all__ = ["Check", "Severity", "SEVERITIES", "pre_checks", "log_checks", "BLACK_BOX",
+           "ZERO_GRADIENT_FAIL"]
 
 logger = logging.getLogger(__name__)
 
-# Score-based black-box attacks: when one beats every white-box attack, gradients are unreliable.
+Severity = Literal["ok", "warning", "fail"]
+SEVERITIES = ("ok", "warning", "fail")
+
+# Score-based black-box attacks: when one beats every gradient attack, gradients are unreliable.
 BLACK_BOX = ("square", "torchattacks:Square", "torchattacks:OnePixel", "torchattacks:Pixle")
+
+# Zero input gradients on >= 2 % of the checked points (and more than one) make gradient attacks
+# unreliable there; one or two saturated points in a batch happen in sound ReLU networks.
+ZERO_GRADIENT_FAIL = 0.02
 
 
 @dataclass
 class Check:
-    """One sanity check: ``passed`` False means a warning the evaluation should be read with."""
+    """One sanity check.
+
+    Attributes:
+        name: e.g. ``"logits"``, ``"black_box:autoattack/square"``.
+        severity: ``"ok"``, ``"warning"`` or ``"fail"``.
+        message: one line for people.
+        details: the numbers behind the message (plain data).
+    """
 
     name: str
-    passed: bool
+    severity: Severity
     message: str
     details: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.severity not in SEVERITIES:
+            raise ValueError(f"severity must be one of {SEVERITIES}, got {self.severity!r}")
+
+    @property
+    def passed(self) -> bool:
+        """False only for ``"fail"``; a warning passes."""
+        return self.severity != "fail"
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """``name``, ``passed``, ``severity``, ``message``, ``details`` (for results.json)."""
+        d = asdict(self)
+        return {"name": d["name"], "passed": self.passed, "severity": d["severity"],
+                "message": d["message"], "details": d["details"]}
 
 
 def pre_checks(model: nn.Module, x: Tensor, y: Tensor, *, num_targets: int = 0,
@@ -74,94 +103,41 @@ def pre_checks(model: nn.Module, x: Tensor, y: Tensor, *, num_targets: int = 0,
         out.append(_check_gradients(model, x, y))
         if num_targets:
             out.append(_check_n_classes(outs[0].shape[1], num_targets))
-    for c in out:
-        (logger.info if c.passed else logger.warning)("check %s: %s", c.name, c.message)
+    log_checks(out)
     return out
 
 
-def post_checks(result, *, eps: float, strength: Mapping[str, tuple[str, int]] | None = None,
-                black_box: tuple[str, ...] = BLACK_BOX, min_samples: int = 1,
-                rel_tol: float = 0.002) -> list[Check]:
-    """Checks on an ``EvalResult``: gradient masking signs and perturbation sizes.
-
-    Args:
-        result: ``robustkit.evaluation.EvalResult``.
-        eps: the budget every ``x_adv`` must respect (same norm as the attacks).
-        strength: attack name -> ``(family, effort)`` for attacks comparable by strength, e.g.
-            ``{"pgd20": ("pgd-ce", 20), "pgd100x5": ("pgd-ce", 500)}``; within a family a larger
-            effort must not give a higher accuracy.
-        black_box: names treated as black-box attacks.
-        min_samples: an accuracy gap is flagged only when larger than this many samples
-            (default 1) and than ``rel_tol`` (default 0.2 %, AutoAttack's Square threshold).
-    """
-    acc, n = result.accuracy(), max(result.n, 1)
-    tol = max(min_samples / n, rel_tol)
-    checks = []
-    for name, pert in result.max_perturbation.items():
-        ok = pert <= eps * (1 + 1e-4) + 1e-6  # float32 rounding of the projection
-        rel = "<=" if ok else "EXCEEDS"
-        checks.append(Check(f"perturbation:{name}", ok,
-                            f"max perturbation {pert:.6g} {rel} eps {eps:.6g}",
-                            {"max_perturbation": pert, "eps": eps}))
-    bb = [k for k in result.correct if k in black_box]
-    wb = [k for k in result.correct if k not in black_box]
-    for k in bb:
-        if not wb:
-            break
-        white = torch.stack([result.correct[w] for w in wb]).all(0)
-        only_bb = int((white & ~result.correct[k]).sum())
-        gap = min(acc[w] for w in wb) - acc[k]
-        ok = gap <= tol
-        checks.append(Check(
-            f"black_box:{k}", ok,
-            f"{k} accuracy {acc[k]:.2%} vs best white-box {min(acc[w] for w in wb):.2%}; "
-            f"{only_bb} points broken only by {k}"
-            + ("" if ok else ": possible gradient masking, try adaptive attacks"),
-            {"gap": gap, "only_black_box": only_bb}))
-    groups: dict[str, list[tuple[int, str]]] = {}
-    for k, (family, effort) in (strength or {}).items():
-        if k in result.correct:
-            groups.setdefault(family, []).append((effort, k))
-    for family, members in groups.items():
-        members.sort()
-        for (e_weak, weak), (e_strong, strong) in zip(members, members[1:], strict=False):
-            if e_strong <= e_weak:
-                continue
-            gap = acc[strong] - acc[weak]
-            reversed_ = int((result.correct[strong] & ~result.correct[weak]).sum())
-            ok = gap <= tol
-            checks.append(Check(
-                f"monotone:{weak}<{strong}", ok,
-                f"{strong} accuracy {acc[strong]:.2%} vs {weak} {acc[weak]:.2%}"
-                + ("" if ok else ": more iterations gave higher accuracy (gradient masking?)"),
-                {"gap": gap, "robust_to_strong_only": reversed_, "family": family}))
+def log_checks(checks: list[Check]) -> None:
+    """Log each check: ``ok`` at INFO, ``warning`` and ``fail`` at WARNING."""
     for c in checks:
-        (logger.info if c.passed else logger.warning)("check %s: %s", c.name, c.message)
-    return checks
+        (logger.info if c.severity == "ok" else logger.warning)("check %s [%s]: %s", c.name,
+                                                                c.severity, c.message)
 
 
 def _check_eval_mode(model: nn.Module) -> Check:
     training = [n for n, m in model.named_modules() if m.training]
-    ok = not training
-    return Check("eval_mode", ok, "model is in eval mode" if ok else
-                 "model is in train mode; it is evaluated in eval mode (RobustBench warns too)",
+    # a warning: robustkit evaluates in eval mode anyway (RobustBench warns too)
+    return Check("eval_mode", "warning" if training else "ok", "model is in eval mode"
+                 if not training else "model is in train mode; it is evaluated in eval mode",
                  {"training_modules": training[:10]})
 
 
 def _check_logits(out: Tensor, tol: float) -> Check:
     probs = bool(out.max() < 1 + tol and out.min() > -tol
                  and ((out.sum(-1) - 1).abs() < tol).all())
-    return Check("logits", not probs, "outputs look like probabilities (rows sum to 1); attacks "
-                 "need logits" if probs else "outputs are logits (rows do not sum to 1)")
+    # fail: cross-entropy on probabilities saturates, so the attacks' losses are flat
+    return Check("logits", "fail" if probs else "ok", "outputs look like probabilities (rows "
+                 "sum to 1); attacks need logits" if probs else "outputs are logits")
 
 
 def _check_deterministic(outs: list[Tensor], tol: float) -> Check:
     diff = max(((o - outs[0]).abs().max().item() for o in outs[1:]), default=0.0)
     scale = outs[0].abs().max().item() + 1e-12
     ok = diff <= tol * max(scale, 1.0)
-    return Check("deterministic", ok, "forward pass is deterministic" if ok else
-                 f"forward pass is randomised (outputs differ by {diff:.3g}); use EOT attacks "
-                 "(AutoAttack version='rand')", {"max_diff": diff})
+    # fail: attacks without EOT overestimate the robustness of a randomised model
+    return Check("deterministic", "ok" if ok else "fail", "forward pass is deterministic" if ok
+                 else f"forward pass is randomised (outputs differ by {diff:.3g}); use EOT "
+                 "attacks (AutoAttack version='rand')", {"max_diff": diff})
 
 
 def _check_dynamic(model: nn.Module, x: Tensor) -> Check:
@@ -180,10 +156,10 @@ def _check_dynamic(model: nn.Module, x: Tensor) -> Check:
             model(x[:2])
     finally:
         sys.settrace(old)
-    ok = not calls
-    return Check("dynamic", ok, "forward pass takes no gradients" if ok else
-                 "forward pass computes gradients (a dynamic defence); AutoAttack may be "
-                 "insufficient", {"calls": len(calls)})
+    # a warning, as in AutoAttack: the trace matches any function named "grad", not only autograd
+    return Check("dynamic", "warning" if calls else "ok", "forward pass takes no gradients"
+                 if not calls else "forward pass computes gradients (a dynamic defence); "
+                 "AutoAttack may be insufficient", {"calls": len(calls)})
 
 
 def _check_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Check:
@@ -192,14 +168,17 @@ def _check_gradients(model: nn.Module, x: Tensor, y: Tensor) -> Check:
         loss = F.cross_entropy(model(xg), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, xg)
     zero = int((grad.flatten(1).abs().sum(1) == 0).sum())
-    ok = zero == 0
-    return Check("gradients", ok, "input gradients are non-zero" if ok else
+    fail = zero > 1 and zero >= ZERO_GRADIENT_FAIL * len(x)
+    return Check("gradients", "fail" if fail else "warning" if zero else "ok",
+                 "input gradients are non-zero" if not zero else
                  f"{zero} of {len(x)} points have a zero input gradient; gradient-based attacks "
-                 "are unreliable", {"zero_gradient_points": zero})
+                 "are unreliable there", {"zero_gradient_points": zero})
 
 
 def _check_n_classes(num_classes: int, num_targets: int) -> Check:
     ok = num_classes >= num_targets + 1
-    return Check("n_classes", ok, f"{num_classes} classes for {num_targets} target classes"
+    # fail: the targeted attacks cannot run as configured
+    return Check("n_classes", "ok" if ok else "fail",
+                 f"{num_classes} classes for {num_targets} target classes"
                  + ("" if ok else ": too few classes for the targeted attacks"),
                  {"num_classes": num_classes, "num_targets": num_targets})

@@ -3,7 +3,13 @@
 RobustBench's leaderboard files (``model_info/<dataset>/<threat_model>/<name>.json``) hold
 percentages as strings with two decimals and ε as text (``"8/255"``, ``"0.5"``); robustkit writes
 the same fields. ``autoattack_acc`` is a leaderboard number only for AutoAttack ``standard`` on the
-full test set of a RobustBench dataset at its ε; anything else gets a footnote saying what it is.
+full test set of a RobustBench dataset at its ε, run alone; anything else (another version, a
+subset, a cascade after other attacks) gets a footnote saying what it is, and so does every
+failed check (gradient masking, perturbation size).
+
+``results.json`` says what each accuracy means (``accuracy_meaning``: the attacks it is cumulative
+over, in words too), and for AutoAttack the accuracy after each sub-attack (``components``) and
+how many points each sub-attack broke (``broken_by``).
 
 Example:
     >>> res = build_results(result, model="resnet18", dataset="cifar10", threat_model="Linf",
@@ -23,7 +29,8 @@ from typing import Any
 from robustkit.utils import atomic_write_json
 
 __all__ = ["build_results", "write_results", "model_info", "write_model_info", "format_eps",
-           "sha256_file", "versions", "PROTOCOL_NOTES", "LEADERBOARD_EPS", "FULL_TEST_SIZE"]
+           "accuracy_meaning", "broken_by_counts", "sha256_file", "versions", "PROTOCOL_NOTES",
+           "LEADERBOARD_EPS", "FULL_TEST_SIZE", "MASKING_CHECKS"]
 
 # RobustBench leaderboards robustkit can produce entries for, with their ε (methods.md §1.6).
 LEADERBOARD_EPS = {("cifar10", "Linf"): 8 / 255, ("cifar10", "L2"): 0.5,
@@ -39,6 +46,8 @@ PROTOCOL_NOTES = {
                "attack's accuracy is the robust accuracy after it and all attacks before it. "
                "'robust' is the per-example AND over all attacks (worst case).",
 }
+# Checks whose failure means the gradients cannot be trusted (robustkit.evaluation.masking).
+MASKING_CHECKS = ("black_box:", "gradient_gap:", "monotone:")
 
 
 def format_eps(eps: float) -> str:
@@ -105,7 +114,11 @@ def build_results(result, *, model: str, dataset: str, threat_model: str, eps: f
         "seed": seed,
         "protocol": {"name": result.protocol, "note": PROTOCOL_NOTES[result.protocol]},
         "accuracy": acc,
+        "accuracy_meaning": accuracy_meaning(result),
         "n_correct": {k: round(v * result.n) for k, v in acc.items()},
+        "components": {k: {sub: f.sum().item() / max(result.n, 1) for sub, f in subs.items()}
+                       for k, subs in result.components.items()},
+        "broken_by": {k: broken_by_counts(result, k) for k in result.components},
         "time_s": {k: round(v, 3) for k, v in result.time_s.items()},
         "max_perturbation": result.max_perturbation,
         "checkpoint": ckpt,
@@ -120,6 +133,33 @@ def build_results(result, *, model: str, dataset: str, threat_model: str, eps: f
     return out
 
 
+def accuracy_meaning(result) -> dict[str, dict[str, Any]]:
+    """Per column of ``accuracy``: ``cumulative_after`` (the attacks it is robust after) and a
+    ``description``. Under ``"cascade"`` an attack's column covers it and every earlier attack."""
+    names = list(result.correct)
+    out = {"clean": {"cumulative_after": [], "description": "accuracy without attack"}}
+    for i, k in enumerate(names):
+        before = names[:i] if result.protocol == "cascade" else []
+        text = (f"robust accuracy after {', '.join(before)} and then {k} (cascade: {k} ran only "
+                f"on the points still robust after {', '.join(before)})" if before else
+                f"accuracy under {k} alone (run on every clean-correct point)")
+        if k in result.components:
+            text += f"; {k}'s sub-attacks ran in cascade: {', '.join(result.components[k])}"
+        out[k] = {"cumulative_after": [*before, k], "description": text}
+    out["robust"] = {"cumulative_after": names,
+                     "description": "per-example worst case: correct under every attack"}
+    return out
+
+
+def broken_by_counts(result, name: str) -> dict[str, int]:
+    """Points each sub-attack of ``name`` broke (first, in its run order)."""
+    out, before = {}, result.attacked(name)
+    for sub, after in result.components[name].items():
+        out[sub] = int((before & ~after).sum())
+        before = after
+    return out
+
+
 def write_results(out_dir: str | Path, results: dict[str, Any],
                   result=None) -> Path:
     """Write ``out_dir/results.json`` (and ``flags.json`` of per-sample 0/1 flags if ``result``)."""
@@ -130,6 +170,9 @@ def write_results(out_dir: str | Path, results: dict[str, Any],
         flags = {"labels": result.labels.tolist(), "clean": result.clean.int().tolist()}
         flags.update({k: v.int().tolist() for k, v in result.correct.items()})
         flags["robust"] = result.robust.int().tolist()
+        # per sub-attack: still correct after it (AutoAttack order); "components" is reserved
+        flags["components"] = {k: {sub: f.int().tolist() for sub, f in subs.items()}
+                               for k, subs in result.components.items()}
         atomic_write_json(out_dir / "flags.json", flags)
     return path
 
@@ -164,10 +207,20 @@ def model_info(results: dict[str, Any], *, name: str | None = None,
         board = LEADERBOARD_EPS.get((dataset, tm))
         if board is not None and abs(board - results["eps"]) > 1e-9:
             where += f", eps = {results['eps_text']} instead of {format_eps(board)}"
-        if where != "AA-standard" or board is None:
+        before = _cascaded_before(results, key)
+        if where != "AA-standard" or board is None or before:
             notes.append(f"{where} (not a leaderboard number)")
+        if before:
+            notes.append(f"cascade: AutoAttack ran only on the points still robust after "
+                         f"{', '.join(before)}, so autoattack_acc is the robust accuracy after "
+                         f"{', '.join(before)} and AutoAttack together, not AutoAttack alone")
         if acc["robust"] < acc[key]:
             notes.append(f"worst case over all attacks run: {_pct(acc['robust'])}%")
+    for c in results.get("checks", []):
+        if c.get("severity", "ok" if c.get("passed", True) else "fail") == "fail":
+            kind = ("gradient-masking check failed" if c["name"].startswith(MASKING_CHECKS)
+                    else f"check {c['name']} failed")
+            notes.append(f"{kind}: {c['message']}")
     info = {
         "link": "",
         "name": name or results["model"],
@@ -195,6 +248,17 @@ def write_model_info(out_dir: str | Path, results: dict[str, Any], *, name: str,
             / f"{name}.json")
     atomic_write_json(path, model_info(results, name=name, meta=meta))
     return path
+
+
+def _cascaded_before(results: dict[str, Any], key: str) -> list[str]:
+    """The attacks that ran before ``key`` under the cascade protocol (empty otherwise)."""
+    if results["protocol"]["name"] != "cascade":
+        return []
+    meaning = results.get("accuracy_meaning", {}).get(key)
+    if meaning is not None:
+        return [k for k in meaning["cumulative_after"] if k != key]
+    names = [k for k in results["accuracy"] if k not in ("clean", "robust")]
+    return names[:names.index(key)]
 
 
 def _pct(fraction: float) -> str:

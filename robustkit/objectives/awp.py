@@ -29,9 +29,11 @@ class AWP(Objective):
     ``w``), one ascent step on the inner loss gives, per layer ``l`` (weights with ≥ 2 dims),
     ``v_l = γ·‖w_l‖·g_l/‖g_l‖`` with ``g_l = ∂L_inner/∂w_l``, so ``‖v_l‖ = γ‖w_l‖``. ``v`` is
     added before the loss whose gradient the trainer takes and removed in ``after_step()``: the
-    optimizer uses gradients at ``w + v`` but updates ``w``. The ascent gradient comes from one
-    ``torch.autograd.grad`` on the bare module (no ``.grad`` or optimizer touched) and leaves
-    BatchNorm running statistics as they were (the reference runs it on a proxy copy).
+    optimizer uses gradients at ``w + v`` but updates ``w``. When the trainer abandons the step
+    (non-finite loss or gradients), ``abort_step()`` copies the saved ``w`` back, bitwise. The
+    ascent gradient comes from one ``torch.autograd.grad`` on the bare module (no ``.grad`` or
+    optimizer touched) and leaves BatchNorm running statistics as they were (the reference runs
+    it on a proxy copy).
 
     Args:
         model: the trained module (may be a DDP wrapper).
@@ -89,7 +91,11 @@ class AWP(Objective):
         active = self.gamma > 0 and warmup_done(ctx.epoch, ctx.epochs, self.warmup)
         if active:
             self._perturb_weights(x, y, adv, ctx)
-        out = self.inner.loss(x, y, adv, ctx)
+        try:
+            out = self.inner.loss(x, y, adv, ctx)
+        except BaseException:
+            self._put_back()  # nobody will call after_step(): never leave the weights at w + v
+            raise
         out.metrics["awp_active"] = torch.tensor(float(active), device=out.loss.device)
         return out
 
@@ -97,6 +103,11 @@ class AWP(Objective):
         """Remove ``v`` (the optimizer's update is kept), then the inner objective's hook."""
         self._restore()
         self.inner.after_step()
+
+    def abort_step(self) -> None:
+        """No update happened: put back ``w`` exactly, then the inner objective's hook."""
+        self._put_back()
+        self.inner.abort_step()
 
     def _layers(self, bare: nn.Module) -> list[nn.Parameter]:
         # conv/linear weights only: biases and BatchNorm affine parameters (≤ 1 dim) are left
@@ -134,6 +145,14 @@ class AWP(Objective):
         with torch.no_grad():
             for p, w, wv in self._applied:
                 p.sub_(wv).add_(w)
+        self._applied = []
+
+    def _put_back(self) -> None:
+        # a copy, not p - (w + v) + w: w + v may be NaN (a non-finite ascent gradient), and
+        # NaN - NaN + w is NaN; the saved w is the only exact way back
+        with torch.no_grad():
+            for p, w, _ in self._applied:
+                p.copy_(w)
         self._applied = []
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -2,7 +2,9 @@
 
 An objective may call its attack and the model as often as it needs (and take input gradients
 with ``create_graph=True``) but never calls ``backward``, touches the optimizer, the scheduler or
-clipping, or knows about ranks, files and loggers (architecture.md §3).
+clipping, or knows about ranks, files and loggers (architecture.md §3). Two hooks let the trainer
+tell it how a step ended: ``after_step()`` after ``optimizer.step()``, ``abort_step()`` when the
+step was abandoned (non-finite loss or gradients) and no update happened.
 """
 
 from __future__ import annotations
@@ -77,7 +79,18 @@ class Objective:
         raise NotImplementedError
 
     def after_step(self) -> None:
-        """Called by the trainer after ``optimizer.step()`` (AWP restores weights here)."""
+        """Called by the trainer after ``optimizer.step()`` (AWP removes its weight perturbation
+        here, keeping the optimizer's update)."""
+
+    def abort_step(self) -> None:
+        """Called by the trainer instead of ``after_step()`` when a step is abandoned.
+
+        The trainer abandons a step, without calling the optimizer, when the loss or the gradient
+        norm is non-finite; it then raises ``NonFiniteLossError``. An objective whose ``loss()``
+        changed the model (AWP's ``w + v``) puts every parameter back to its value before
+        ``loss()``, bitwise, so the error's promise that the weights are intact holds.
+        The default does nothing: most objectives leave the parameters alone.
+        """
 
     def state_dict(self) -> dict[str, Tensor]:
         """Per-sample memory and other state that must survive a resume (tensors only)."""

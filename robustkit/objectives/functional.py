@@ -221,7 +221,10 @@ def gair_weights(kappa: Tensor, steps: int, lam: float) -> Tensor:
     half = max(steps // 2, 1)
     if math.isinf(lam) and lam > 0:
         return torch.ones_like(kappa, dtype=torch.float)
-    w = 0.5 * (1 + torch.tanh(lam + 5 * (1 - kappa.float() / half)))
+    z = lam + 5 * (1 - kappa.float() / half)
+    # ½(1 + tanh z) = σ(2z) exactly; 1 + tanh z cancels in float32 for very negative z (κ near K),
+    # losing the small weights' digits (5 % off at κ = K = 7, λ = -1), while σ keeps them
+    w = torch.sigmoid(2 * z)
     return (w * w.numel() / w.sum()).detach()
 
 

@@ -7,7 +7,7 @@ rank 0 only (``distributed.is_main()``), while evaluation and ``trainer.state_di
 collectives under DDP and run everywhere.
 
 Example:
-    >>> cbs = [EvalCallback(loaders.holdout, eps=8/255), CheckpointCallback("runs/x", config=cfg)]
+    >>> cbs = [EvalCallback(loaders.holdout, {"pgd20": pgd20}), CheckpointCallback("runs/x")]
     >>> Trainer(model, objective, optimizer, epochs=10, callbacks=cbs).fit(loaders.train)
 """
 
@@ -19,7 +19,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Subset
 
 from robustkit import __version__
 from robustkit import distributed as dist
+from robustkit.evaluation.protocol import evaluate_attacks
 from robustkit.training.checkpoint import check_plain, save_checkpoint
 from robustkit.training.loggers import NullLogger, TensorBoardLogger
 
@@ -59,55 +60,48 @@ class Callback:
 
 
 class EvalCallback(Callback):
-    """Clean and PGD-k accuracy on a held-out split, stored as ``eval/clean`` and ``eval/pgd<k>``.
+    """Clean and robust accuracy on a held-out split: ``eval/clean`` and ``eval/<attack name>``.
 
-    The held-out points are split into contiguous runs of whole batches, one per rank, and the
-    counts are summed over ranks; each batch's random start is seeded by ``(seed, batch index)``,
-    so the numbers equal a single-process run's. The robust count needs clean *and* attacked
-    correctness; only clean-correct points are attacked. Evaluation uses the bare module in eval
-    mode (float32, no autocast) and restores the previous mode.
+    Runs ``robustkit.evaluation.evaluate_attacks`` (standalone protocol, eval mode, every
+    submodule's mode restored) with ``shard=True``: each rank attacks a contiguous run of whole
+    batches, every batch is seeded by its global index, and the flags are all-gathered, so the
+    numbers equal a single-process run's. Only clean-correct points are attacked. The training
+    package imports no attack: the caller builds them (architecture.md §2).
 
     Args:
-        loader: ``DataLoader`` of ``(x, y[, idx])`` over the held-out set (its ``dataset`` and
-            ``batch_size`` are used; its sampler is ignored).
-        eps: budget in [0, 1] pixel units.
-        norm: ``"Linf"`` or ``"L2"``.
-        steps: PGD iterations (default 20: ``eval/pgd20``).
-        alpha: step size, default ``eps / 4``.
-        every: evaluate every ``every`` epochs and after the last one.
+        loader: ``DataLoader`` of ``(x, y[, idx])`` over the held-out set; its ``dataset`` and
+            ``batch_size`` are used (its sampler, workers and collate_fn are not).
+        attacks: name -> attack, or a function ``attacks(bare_model) -> {name: attack}`` called
+            at each evaluation (for attacks built on the model the trainer holds). The attacks
+            carry their own ε, norm, steps and step size.
+        every: evaluate every ``every`` epochs and after the last one (default 1).
         max_batches: use only the first ``max_batches * batch_size`` points (None: all).
-        seed: seed of the random starts (fixed: the same starts every epoch).
+        seed: base of the per-batch seeds (fixed: the same random starts every epoch).
 
     Example:
-        >>> cb = EvalCallback(loaders.holdout, eps=8/255, steps=20)
+        >>> cb = EvalCallback(loaders.holdout, lambda m: {"pgd20": PGD(m, eps=8/255, steps=20)})
         >>> cb.evaluate(model)  # {"eval/clean": 0.81, "eval/pgd20": 0.49}
     """
 
     def __init__(
         self,
         loader: DataLoader,
-        eps: float,
-        norm: Literal["Linf", "L2"] = "Linf",
-        steps: int = 20,
-        alpha: float | None = None,
+        attacks: Mapping[str, Any] | Callable[[nn.Module], Mapping[str, Any]],
         every: int = 1,
         max_batches: int | None = None,
         seed: int = 0,
     ) -> None:
         if getattr(loader, "dataset", None) is None or getattr(loader, "batch_size", None) is None:
             raise ValueError("loader must be a DataLoader with a dataset and a batch_size")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps!r}")
-        if not (isinstance(steps, int) and steps >= 0):
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if not (isinstance(attacks, Mapping) or callable(attacks)):
+            raise ValueError("attacks must be a mapping name -> attack or a function of the "
+                             f"model returning one, got {type(attacks).__name__}")
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"every must be an int >= 1, got {every!r}")
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches!r}")
-        self.loader, self.eps, self.norm, self.steps = loader, float(eps), norm, steps
-        self.alpha = float(alpha) if alpha is not None else self.eps / 4
+        if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
+            raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
+        self.loader, self.attacks = loader, attacks
         self.every, self.max_batches, self.seed = every, max_batches, seed
-        self.key = f"eval/pgd{steps}"
 
     def on_epoch_end(self, trainer) -> None:
         done = trainer.state.epoch
@@ -115,43 +109,22 @@ class EvalCallback(Callback):
             trainer.state.metrics.update(self.evaluate(trainer.model, trainer.device))
 
     def evaluate(self, model: nn.Module, device: torch.device | None = None) -> dict[str, float]:
-        """Return ``{"eval/clean": acc, "eval/pgd<k>": acc}`` (fractions in [0, 1])."""
-        from robustkit.attacks.pgd import PGD  # here: the trainer does not depend on attacks
-
-        model = dist.unwrap(model)
-        device = device or next(model.parameters()).device
+        """``{"eval/clean": acc, "eval/<name>": acc, ...}`` (fractions in [0, 1]) on every rank."""
+        model = dist.unwrap(model)  # attacks hold the bare module, never the DDP wrapper
+        attacks = self.attacks if isinstance(self.attacks, Mapping) else self.attacks(model)
         bs, dataset = self.loader.batch_size, self.loader.dataset
         n = len(dataset) if self.max_batches is None else min(len(dataset), self.max_batches * bs)
-        mine = dist.shard_indices(math.ceil(n / bs))  # whole batches: same batches as 1 process
-        shard = Subset(dataset, range(mine.start * bs, min(mine.stop * bs, n)))
-        loader = DataLoader(
-            shard, batch_size=bs, shuffle=False, num_workers=self.loader.num_workers,
-            collate_fn=self.loader.collate_fn, pin_memory=self.loader.pin_memory,
-        )
-        gen = torch.Generator()
-        attack = PGD(model, eps=self.eps, alpha=self.alpha, steps=self.steps, norm=self.norm,
-                     random_start=True, loss="ce", select="best", generator=gen)
-        counts = torch.zeros(3, dtype=torch.float64, device=device)  # clean, robust, total
-        was_training = model.training
-        model.eval()  # BN running statistics, no dropout
-        try:
-            for j, batch in enumerate(loader):
-                x, y = batch[0].to(device), batch[1].to(device)
-                with torch.no_grad():
-                    clean = model(x).argmax(1) == y
-                robust = clean.clone()
-                if clean.any() and self.steps > 0 and self.eps > 0:
-                    gen.manual_seed(self.seed + mine.start + j)  # global batch index
-                    x_adv = attack(x[clean], y[clean])
-                    with torch.no_grad():
-                        robust[clean] = model(x_adv).argmax(1) == y[clean]
-                counts += torch.stack([clean.sum(), robust.sum(), torch.tensor(len(y))]).to(counts)
-        finally:
-            model.train(was_training)
-        clean_n, robust_n, total = dist.all_reduce_sum(counts).tolist()
-        if total == 0:
+        if n == 0:
             raise ValueError("EvalCallback: the held-out loader is empty")
-        return {"eval/clean": clean_n / total, self.key: robust_n / total}
+        data = dataset if n == len(dataset) else Subset(dataset, range(n))
+        kind = torch.device(device).type if device is not None else next(
+            iter(list(model.parameters()) + list(model.buffers())), torch.empty(0)).device.type
+        # float32: an enclosing autocast (if any) must not reach the attacks' gradients
+        with torch.autocast(kind, enabled=False):
+            res = evaluate_attacks(model, data, attacks, batch_size=bs, seed=self.seed,
+                                   device=device, shard=True)
+        acc = res.accuracy()
+        return {"eval/clean": acc["clean"], **{f"eval/{k}": acc[k] for k in attacks}}
 
 
 class CheckpointCallback(Callback):

@@ -45,11 +45,15 @@ class TensorBoardLogger(NullLogger):
     Args:
         log_dir: folder of the event files (created).
         flush_secs: how often pending events are written to disk (seconds, default 30).
+        purge_step: a resumed run's step: events at or after it, written by the interrupted run
+            after its last checkpoint, are hidden, so curves do not overlap (default None).
     """
 
-    def __init__(self, log_dir: str | os.PathLike, flush_secs: int = 30) -> None:
+    def __init__(self, log_dir: str | os.PathLike, flush_secs: int = 30,
+                 purge_step: int | None = None) -> None:
         self.log_dir = os.fspath(log_dir)
         self.flush_secs = flush_secs
+        self.purge_step = purge_step
         self._writer = None
 
     @property
@@ -58,7 +62,8 @@ class TensorBoardLogger(NullLogger):
             # Imported here: tensorboard is only needed when something is actually logged.
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(self.log_dir, flush_secs=self.flush_secs)
+            self._writer = SummaryWriter(self.log_dir, flush_secs=self.flush_secs,
+                                         purge_step=self.purge_step)
         return self._writer
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:

@@ -2,9 +2,12 @@
 
 The trainer owns train mode, ``sampler.set_epoch``, device moves, autocast, ``zero_grad``,
 backward, clipping, the optimizer and scheduler steps, ``objective.after_step()`` and the meters
-(reduced across ranks). What a batch's loss *is* belongs to the objective; evaluation,
-checkpoints and logging are callbacks, called in the order given with events ``on_fit_start``,
-``on_batch_end(trainer, out, batch)``, ``on_epoch_end``, ``on_fit_end`` and ``on_exception``.
+(reduced across ranks). A NaN or infinite loss or gradient norm stops training with
+``NonFiniteLossError`` before the optimizer step, after ``objective.abort_step()`` has put back
+whatever the objective changed, so the weights are those from before the step. What a batch's
+loss *is* belongs to the objective; evaluation, checkpoints and logging are callbacks, called in
+the order given with events ``on_fit_start``, ``on_batch_end(trainer, out, batch)``,
+``on_epoch_end``, ``on_fit_end`` and ``on_exception``.
 
 Example:
     >>> trainer = Trainer(model, objective, optimizer, scheduler, epochs=100, callbacks=[...])
@@ -33,12 +36,18 @@ __all__ = ["Trainer", "TrainerState", "NonFiniteLossError"]
 
 log = logging.getLogger(__name__)
 
+# fp16: below this loss scale a non-finite gradient is no longer GradScaler's overflow (the
+# scaled gradients are not larger than the true ones), so the trainer stops (starts at 2**16).
+_FP16_MIN_SCALE = 1.0
+
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; raised before backward and the optimizer step.
+    """The loss or the gradient norm became NaN or infinite; raised before the optimizer step.
 
-    The parameters keep their values (BatchNorm statistics of the failing forward are not rolled
-    back); the last checkpoint on disk is untouched.
+    The trainer calls ``objective.abort_step()`` first (AWP puts back the weights it perturbed),
+    so the parameters keep their values from before the step, bitwise; their ``.grad`` are
+    cleared. BatchNorm statistics of the failing forward are not rolled back; the last checkpoint
+    on disk is untouched.
     """
 
 
@@ -177,26 +186,63 @@ class Trainer:
             out = self.objective(x, y, ctx)
         loss = out.loss
         scalars = {k: v.detach().float() for k, v in out.metrics.items() if v.dim() == 0}
-        if not bool(torch.isfinite(loss.detach()).item()):
-            values = {k: round(float(v), 6) for k, v in scalars.items()}
-            raise NonFiniteLossError(
-                f"non-finite loss {loss.item():.4g} at epoch {epoch} step {self.state.step} "
-                f"(metrics {values}); stopped before the optimizer step: weights and the last "
-                "checkpoint are intact"
-            )
-        self.scaler.scale(loss).backward()
-        if self.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.scaler.step(self.optimizer)
+        try:
+            stepped = self._backward_and_check(loss, scalars, epoch)
+        except BaseException:
+            # no update will happen: the objective undoes what its loss() did to the weights
+            # (AWP's w + v), so the parameters are those from before the step
+            self.objective.abort_step()
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.scaler.step(self.optimizer)  # fp16: skipped by the scaler when stepped is False
         self.scaler.update()
-        self.objective.after_step()
+        if stepped:
+            self.objective.after_step()
+        else:
+            self.objective.abort_step()
         if self.scheduler is not None and self.scheduler_interval == "step":
             self.scheduler.step()
         self.state.step += 1
         acc = (out.logits.detach().argmax(1) == y).float().mean()
         self.state.batch = {**scalars, "loss": loss.detach().float(), "acc": acc}  # ours win
         return out, y
+
+    def _backward_and_check(self, loss: Tensor, scalars: dict[str, Tensor], epoch: int) -> bool:
+        """Backward, the finiteness checks and clipping; ``False`` for an fp16 overflow step.
+
+        Raises:
+            NonFiniteLossError: the loss or the gradient norm is NaN or infinite (the caller
+                calls ``objective.abort_step()`` on the way out).
+        """
+        # Backward comes before the loss check: under DDP a NaN loss on one rank reaches every
+        # rank through the gradient all-reduce, so all ranks raise together instead of the
+        # others waiting in the all-reduce for a rank that has left.
+        self.scaler.scale(loss).backward()
+        if self.amp == "fp16":
+            self.scaler.unscale_(self.optimizer)  # check and clip the true gradients
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.grad_clip is not None:
+            grad_norm = nn.utils.clip_grad_norm_(params, self.grad_clip)  # the norm before clipping
+        else:
+            grad_norm = _grad_norm(params)
+        # one host sync for both checks
+        loss_ok, grads_ok = torch.isfinite(
+            torch.stack([loss.detach().float(), grad_norm.detach().float().to(loss.device)])
+        ).tolist()
+        if loss_ok and grads_ok:
+            return True
+        if loss_ok and self.amp == "fp16" and self.scaler.get_scale() > _FP16_MIN_SCALE:
+            # An fp16 overflow of the *scaled* gradients is GradScaler's own calibration: its
+            # step() skips the update and update() halves the scale. Only once the scale is down
+            # to 1 are the gradients no larger than the true ones, and then they are the model's.
+            return False
+        values = {k: round(float(v), 6) for k, v in scalars.items()}
+        what = (f"non-finite loss {loss.item():.4g}" if not loss_ok else
+                f"non-finite gradient norm {float(grad_norm):.4g} (loss {loss.item():.4g})")
+        raise NonFiniteLossError(
+            f"{what} at epoch {epoch} step {self.state.step} (metrics {values}); stopped before "
+            "the optimizer step: weights and the last checkpoint are intact"
+        )
 
     def _move(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         x, y, idx = (*batch, None) if len(batch) == 2 else batch
@@ -256,6 +302,14 @@ class Trainer:
         if len(rngs) != world:
             log.warning("checkpoint has RNG states of %d ranks, now %d", len(rngs), world)
         _set_rng_state(rngs[dist.rank() % len(rngs)], self.device)
+
+
+def _grad_norm(params: list[nn.Parameter]) -> Tensor:
+    """The global L2 norm of the gradients (what ``clip_grad_norm_`` would clip), no sync."""
+    if not params:
+        return torch.zeros(())
+    norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
 
 
 def _model_device(model: nn.Module) -> torch.device:

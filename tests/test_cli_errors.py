@@ -1,0 +1,167 @@
+"""The CLI's error contract (robustkit.cli): a ``UserError`` is one line on stderr and exit code 2;
+anything else is a bug that propagates out of ``main`` with its traceback (exit code 1 from a
+shell). The library's ``ValueError`` becomes a user error only where user input enters it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustkit.cli import main, user_input
+from robustkit.errors import ConfigError, ModelError, UserError
+from robustkit.models import create_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+QUIET = ["log.progress=false", "log.tensorboard=false", "trainer.device=cpu"]
+
+
+def _one_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith(f"robustkit {command}: error: ")
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["trainer.epoch=2"], "'trainer.epochs'"),  # unknown key: the nearest one
+    (["objective.params.k_max=0"], "k_max"),  # a bad hyper-parameter value (constructor)
+    (["objective.params.bata=3"], "beta"),  # a misspelt hyper-parameter
+    (["objective.name=tradez"], "trades"),
+    (["attack.name=pgd", "attack.params.steps=-1"], "steps"),
+    (["model.params.width=3"], "width"),
+    (["data.name=mnistt"], "'mnist'"),
+    (["data.holdout=100000"], "holdout"),
+    (["trainer.eval_steps=5", "trainer.eval_alpha=0.01"], "eval_alpha"),  # cannot reach eps
+    (["trainer.device=gpu7"], "trainer.device"),
+    (["optim.lr=fast"], "optim.lr"),
+])
+def test_train_user_mistakes_are_one_line(tmp_path, capsys, overrides, named):
+    rc = main(["train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET, *overrides,
+               "--dry-run"])
+    assert rc == 2
+    assert named in _one_line(capsys, "train")
+
+
+def test_train_missing_files_are_named(tmp_path, capsys):
+    assert main(["train", "-c", str(tmp_path / "nope.yaml")]) == 2
+    assert "nope.yaml" in _one_line(capsys, "train")
+    resume = tmp_path / "gone.pt"
+    assert main(["train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET,
+                 f"trainer.resume={resume}", "--dry-run"]) == 2
+    assert "gone.pt" in _one_line(capsys, "train")
+
+
+def test_resume_from_another_model_is_a_user_error(tmp_path, capsys):
+    ckpt = tmp_path / "other.pt"
+    # A plain-data checkpoint of another architecture: loadable, but not this run's.
+    torch.save({"model": create_model("cifar_cnn", 10).state_dict(), "optimizer": {}},
+               ckpt)
+    assert main(["train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET,
+                 f"trainer.resume={ckpt}", "--dry-run"]) == 2
+    line = _one_line(capsys, "train")
+    assert "trainer.resume" in line and "other.pt" in line and "does not match" in line
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--attacks", "clean,pgdx"], "unknown attack 'pgdx'"),
+    (["--eps", "abc"], "--eps"),
+    (["--eps", "2"], "--eps"),
+    (["--batch-size", "1.5"], "--batch-size"),
+    (["--dataset", "cifar11"], "'cifar10'"),
+    (["--checkpoint", "missing.pt"], "missing.pt"),
+    (["--device", "gpu7"], "--device"),
+    (["-c", "missing.yaml"], "missing.yaml"),
+    (["--model", "no_such_net"], "no_such_net"),
+])
+def test_evaluate_user_mistakes_are_one_line(tmp_path, capsys, argv, named):
+    flags = {"--model": "small_cnn", "--dataset": "sample-mnist", "--n-examples": "4",
+             "--attacks": "clean", "--out": str(tmp_path / "o")}
+    flags.update(zip(argv[::2], argv[1::2], strict=True))
+    assert main(["evaluate", "--no-progress", *(x for kv in flags.items() for x in kv)]) == 2
+    assert named in _one_line(capsys, "evaluate")
+
+
+def test_evaluate_unknown_config_key_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("dataset: sample-mnist\nepsilon: 0.1\n")
+    assert main(["evaluate", "-c", str(cfg), "--model", "small_cnn"]) == 2
+    line = _one_line(capsys, "evaluate")
+    assert "'epsilon'" in line and "'eps'" in line and "e.yaml" in line
+
+
+def test_verbose_shows_the_user_error_itself(tmp_path):
+    with pytest.raises(ConfigError, match="trainer.epochs"):
+        main(["-v", "train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", "trainer.epoch=2"])
+
+
+# ----------------------------------------------------------------------------- bugs
+
+
+def _bug(exc: type[Exception]):
+    def boom(*args, **kwargs):
+        raise exc("an internal bug")
+
+    return boom
+
+
+@pytest.mark.parametrize("exc", [ValueError, KeyError, FileNotFoundError])
+def test_train_bug_propagates_with_its_type(tmp_path, monkeypatch, exc):
+    # Run.describe is reached only after every user value was accepted: not a boundary.
+    monkeypatch.setattr("robustkit.cli.train.Run.describe", _bug(exc))
+    with pytest.raises(exc, match="an internal bug"):
+        main(["train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET, "--dry-run"])
+
+
+def test_boundary_converts_only_value_error(tmp_path, monkeypatch):
+    # create_objective receives user values: its ValueError is the user's; a KeyError is a bug.
+    monkeypatch.setattr("robustkit.objectives.create_objective", _bug(KeyError))
+    with pytest.raises(KeyError):
+        main(["train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET, "--dry-run"])
+
+
+@pytest.mark.parametrize("exc", [ValueError, KeyError])
+def test_evaluate_bug_propagates(tmp_path, monkeypatch, exc):
+    monkeypatch.setattr("robustkit.data.first_n", _bug(exc))  # after the inputs were accepted
+    with pytest.raises(exc, match="an internal bug"):
+        main(["evaluate", "--model", "small_cnn", "--dataset", "sample-mnist", "--n-examples",
+              "4", "--attacks", "clean", "--no-progress", "--out", str(tmp_path / "o")])
+
+
+def test_user_input_converts_value_errors_and_keeps_the_cause():
+    with pytest.raises(ConfigError, match=r"^objective: bad beta$") as err:
+        with user_input(ConfigError, "objective"):
+            raise ValueError("bad\n   beta")
+    assert isinstance(err.value.__cause__, ValueError)
+    with pytest.raises(ModelError, match="^original$"):  # a UserError passes unchanged
+        with user_input(ConfigError, "model"):
+            raise ModelError("original")
+    with pytest.raises(RuntimeError):
+        with user_input(ConfigError, "x"):
+            raise RuntimeError("not converted")
+    assert issubclass(ConfigError, UserError) and issubclass(ConfigError, ValueError)
+
+
+def test_shell_exit_codes(tmp_path):
+    """From a shell: a bug exits 1 with a traceback, a user error 2 with one line."""
+    bug = (
+        "import sys, robustkit.cli.train as t\n"
+        "def boom(self): raise ValueError('an internal bug')\n"
+        "t.Run.describe = boom\n"
+        "from robustkit.cli import main\n"
+        f"sys.exit(main(['train', '--dry-run', '-c', {SMOKE!r}, 'trainer.out_dir={tmp_path}', "
+        "'trainer.device=cpu', 'log.progress=false'] + sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", bug], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "ValueError: an internal bug" in proc.stderr
+    proc = subprocess.run([sys.executable, "-c", bug, "trainer.epoch=1"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
