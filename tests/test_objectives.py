@@ -45,6 +45,7 @@ FAST = {
     "gairat": {"steps": 2, "burn_in": 0.1},
     "awp": {"inner": "trades", "steps": 2},
     "srd_dat": {"k_max": 3, "misclassified": "uniform", "score_ema": True},
+    "fast_at": {"method": "n_fgsm"},
 }
 CTX = TrainContext(epoch=7, epochs=10, step=0, idx=torch.arange(N))
 
@@ -76,7 +77,7 @@ def _fresh(model, state, objective, x, y, ctx, seed=0):
 
 def test_registry_is_complete():
     assert set(OBJECTIVES) == {"natural", "pgd_at", "trades", "mart", "fat", "gairat", "awp",
-                               "srd_dat"}
+                               "srd_dat", "fast_at"}
     assert set(FAST) == set(OBJECTIVES)
 
 

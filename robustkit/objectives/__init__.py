@@ -15,6 +15,7 @@ from torch import nn
 from robustkit.attacks.base import Attack
 from robustkit.objectives.awp import AWP
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
+from robustkit.objectives.fast_at import FastAT
 from robustkit.objectives.fat import FAT
 from robustkit.objectives.gairat import GAIRAT
 from robustkit.objectives.mart import MART
@@ -26,7 +27,7 @@ from robustkit.objectives.trades import TRADES
 
 __all__ = ["OBJECTIVES", "create_objective", "accepted_hparams", "Objective", "ObjectiveOutput",
            "PGDObjective", "TrainContext", "SampleMemory", "Natural", "PGDAT", "TRADES", "MART",
-           "FAT", "GAIRAT", "AWP", "SRDDAT"]
+           "FAT", "GAIRAT", "AWP", "SRDDAT", "FastAT"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "natural": Natural,
@@ -37,6 +38,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "gairat": GAIRAT,
     "awp": AWP,
     "srd_dat": SRDDAT,
+    "fast_at": FastAT,
 }
 
 

@@ -1,0 +1,96 @@
+"""fast_at: FGSM with a random start (Wong et al. 2020) and N-FGSM (de Jorge et al. 2022).
+
+Oracles are the papers' single steps written plainly here (delta = U(-k eps, k eps) clipped to
+the image, one signed step, optional projection), driven by the same random numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustkit.attacks import FGSM
+from robustkit.objectives import FastAT, TrainContext, create_objective
+from robustkit.testing import TinyCNN, random_batch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _setup(n=8, seed=0):
+    torch.manual_seed(seed)
+    model = TinyCNN().double()
+    x, y = random_batch(n, (3, 32, 32), seed=seed)
+    return model, x.double(), y
+
+
+def _reference(model, x, y, eps, alpha, k, project, u):
+    """The papers' step (pdejorge/N-FGSM train.py, locuslab/fast_adversarial), eval mode."""
+    delta = ((2 * u - 1) * k * eps)
+    delta = torch.max(torch.min(delta, 1 - x), -x)
+    model.eval()
+    d = delta.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(F.cross_entropy(model(x + d), y), d)
+    model.train()
+    delta = delta + alpha * g.sign()
+    if project:
+        delta = delta.clamp(-eps, eps)
+    return (x + delta).clamp(0, 1)
+
+
+@pytest.mark.parametrize("method, ratio, k, project", [("fgsm_rs", 1.25, 1.0, True),
+                                                        ("n_fgsm", 1.0, 2.0, False)])
+def test_step_equals_the_papers_reference(method, ratio, k, project):
+    model, x, y = _setup()
+    eps = 8 / 255
+    obj = FastAT(model, eps=eps, method=method, generator=torch.Generator().manual_seed(3))
+    assert (obj.alpha, obj.noise, obj.project) == (pytest.approx(ratio * eps), k, project)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    expected = _reference(model, x, y, eps, ratio * eps, k, project, u)
+    got = obj.perturb(x, y, TrainContext())
+    torch.testing.assert_close(got.x_adv, expected, rtol=0, atol=1e-12)
+    assert model.training  # the mode is restored
+
+
+def test_zero_noise_and_alpha_eps_is_fgsm_training():
+    """noise = 0 and alpha = eps reduce fast_at to plain FGSM training (Goodfellow et al.)."""
+    model, x, y = _setup()
+    eps = 0.05
+    obj = FastAT(model, eps=eps, method="fgsm_rs", alpha=eps, noise=0.0)
+    x_fgsm = FGSM(model, eps=eps)(x, y)  # before the training pass moves BN's running stats
+    torch.testing.assert_close(obj.perturb(x, y, TrainContext()).x_adv, x_fgsm, rtol=0,
+                               atol=1e-12)
+    out = obj(x, y, TrainContext())
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(x_fgsm), y), rtol=0, atol=1e-12)
+
+
+def test_n_fgsm_perturbation_stays_within_k_plus_one_eps_and_the_box():
+    model, x, y = _setup(16)
+    eps = 8 / 255
+    obj = FastAT(model, eps=eps, method="n_fgsm", generator=torch.Generator().manual_seed(0))
+    x_adv = obj.perturb(x, y, TrainContext()).x_adv
+    d = (x_adv - x).abs().amax(dim=(1, 2, 3))
+    assert (d <= 3 * eps + 1e-12).all()  # (k + 1) eps with k = 2
+    assert (d > eps).any()  # no projection: it does leave the eps-ball
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    x_adv = FastAT(model, eps=eps, method="fgsm_rs").perturb(x, y, TrainContext()).x_adv
+    assert ((x_adv - x).abs().amax(dim=(1, 2, 3)) <= eps + 1e-12).all()
+
+
+def test_parameters_grads_untouched_by_the_step_and_bad_arguments_refused():
+    model, x, y = _setup(4)
+    FastAT(model, eps=0.1).perturb(x, y, TrainContext())
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="method"):
+        FastAT(model, method="pgd")
+    with pytest.raises(ValueError, match="noise"):
+        FastAT(model, noise=-1.0)
+    with pytest.raises(ValueError, match="attack must be None"):
+        FastAT(model, attack=FGSM(model))
+    with pytest.raises(ValueError, match="did you mean 'noise'"):
+        create_objective("fast_at", model, nois=2.0)
