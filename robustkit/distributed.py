@@ -37,6 +37,7 @@ __all__ = [
     "unwrap",
     "shard_indices",
     "cleanup",
+    "raise_first_failure",
 ]
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,36 @@ def shard_indices(n: int, rank_: int | None = None, world: int | None = None) ->
     base, extra = divmod(n, w)
     start = r * base + min(r, extra)
     return range(start, start + base + (1 if r < extra else 0))
+
+
+def raise_first_failure(failures: list[tuple[str, str] | None]) -> None:
+    """Raise the first rank's failure among gathered ``(exception type name, message)`` summaries.
+
+    For a rank that did not fail but must stop because another did (after a collective such as
+    ``all_gather_object`` that carried the summaries), so no rank waits forever for a dead one.
+    A ``robustkit.errors.UserError`` kind or a built-in exception is raised as the same type
+    with the message prefixed by the rank (the CLI still prints one line and exits 2 for a user
+    error); anything else becomes a ``RuntimeError`` naming the rank and the type (the traceback
+    is on that rank). No-op when none failed.
+    """
+    import builtins
+
+    from robustkit import errors
+
+    for r, failure in enumerate(failures):
+        if failure is None:
+            continue
+        kind, message = failure
+        cls = getattr(errors, kind, None) or getattr(builtins, kind, None)
+        if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ in (
+                "builtins", errors.__name__):
+            try:
+                exc = cls(f"rank {r}: {message}")
+            except TypeError:  # a constructor with other arguments (UnicodeDecodeError)
+                exc = None
+            if exc is not None:
+                raise exc
+        raise RuntimeError(f"rank {r} failed with {kind}: {message}")
 
 
 def cleanup() -> None:

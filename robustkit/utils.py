@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 __all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number",
-           "eval_mode", "frozen_parameters", "torch_load_plain"]
+           "eval_mode", "frozen_parameters", "torch_load_plain", "output_errors"]
 
 
 def seed_everything(seed: int) -> None:
@@ -47,6 +47,8 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates 0600; results and checkpoints get the usual 0666 & ~umask instead
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -56,6 +58,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -134,12 +142,20 @@ def torch_load_plain(path: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"{path} not found")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is corrupt: the file is empty")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        # neither torch's zip format nor a (legacy) pickle: e.g. a YAML file given by mistake
+        raise ValueError(f"{path} is corrupt: not a torch checkpoint (it starts with {head!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        # A global outside torch's allowlist, or a plain pickle that the weights-only unpickler
+        # cannot read, is refused (unpickling it could run code). Inside torch's zip format any
+        # other unpickling failure is corruption.
         lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
-        if lines or "Weights only load failed" in str(err):
-            why = lines[0] if lines else "it pickles objects other than tensors and containers"
+        if lines or head.startswith(b"\x80"):
+            why = lines[0] if lines else "a plain pickle, not a weights-only torch file"
             raise _Refused(f"{path} was refused: {why}; robustkit loads checkpoints with "
                            "weights_only=True and never runs pickled code") from None
         raise ValueError(f"{path} is corrupt ({_first(err)})") from None
@@ -157,3 +173,30 @@ class _Refused(ValueError):
 def _first(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@contextmanager
+def output_errors(path: str | os.PathLike, intact: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` of the write of ``path`` into ``OutputError`` naming the file.
+
+    A full disk (``ENOSPC``), an exhausted quota (``EDQUOT``), a read-only or re-mounted file
+    system (``EROFS``) or permissions changed under a run are the user's to fix, not bugs: the
+    CLI prints them as one line (exit 2). A ``UserError`` passes through unchanged.
+
+    Args:
+        path: the file being written, named in the message.
+        intact: appended to the message, e.g. ``"; the previous last.pt is intact"``.
+
+    Example:
+        >>> with output_errors(out / "last.pt", "; the previous last.pt is intact"):
+        ...     save_checkpoint(out / "last.pt", state)
+    """
+    from robustkit.errors import OutputError, UserError
+
+    try:
+        yield
+    except UserError:
+        raise
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise OutputError(f"cannot write {path} ({reason}){intact}") from err

@@ -88,14 +88,15 @@ def test_load_refuses_a_pickled_object_and_runs_no_code(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-@pytest.mark.parametrize("cut", ["empty", "half", "text"])
+@pytest.mark.parametrize("cut", ["empty", "half", "text", "yaml"])
 def test_a_torn_checkpoint_is_called_corrupt_not_refused(tmp_path, cut):
     """A file cut mid-write (or not a checkpoint at all) is corrupt: calling it a security
     refusal sent users looking for pickled code that is not there."""
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"epoch": 1, "w": torch.ones(100)})
     data = path.read_bytes()
-    path.write_bytes({"empty": b"", "half": data[: len(data) // 2], "text": b"hello" * 9}[cut])
+    path.write_bytes({"empty": b"", "half": data[: len(data) // 2], "text": b"hello" * 9,
+                      "yaml": b"name: smoke\nseed: 0\n"}[cut])  # config.yaml as trainer.resume
     with pytest.raises(CheckpointError, match="corrupt") as err:
         load_checkpoint(path)
     assert "refused" not in str(err.value) and str(path) in str(err.value)

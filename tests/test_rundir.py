@@ -85,3 +85,17 @@ def test_start_fresh_keeps_the_old_log_aside(tmp_path):
     RunDirectory(tmp_path).start_fresh()
     assert not (tmp_path / "metrics.jsonl").exists()
     assert (tmp_path / "metrics.jsonl.old").read_text().startswith('{"type"')
+
+
+def test_start_fresh_moves_folders_too_and_never_overwrites_an_older_copy(tmp_path):
+    run = RunDirectory(tmp_path)
+    for generation in ("first", "second"):
+        (tmp_path / "tb").mkdir()
+        (tmp_path / "tb" / "events").write_text(generation)
+        (tmp_path / "metrics.jsonl").write_text(generation)
+        run.start_fresh(("metrics.jsonl", "tb", "best.pt"))  # best.pt absent: skipped
+    assert (tmp_path / "metrics.jsonl.old").read_text() == "first"
+    assert (tmp_path / "metrics.jsonl.old.1").read_text() == "second"
+    assert (tmp_path / "tb.old" / "events").read_text() == "first"
+    assert (tmp_path / "tb.old.1" / "events").read_text() == "second"
+    assert not (tmp_path / "tb").exists() and not (tmp_path / "best.pt.old").exists()

@@ -193,6 +193,7 @@ def test_best_and_last_written(tmp_path):
     last, best = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "best.pt")
     assert (last["epoch"], best["epoch"]) == (3, 2)
     assert best["metrics"]["eval/pgd20"] == 0.5 and state.best == 0.5 == last["best"]
+    assert state.best_epoch == 2 == last["best_epoch"] == best["best_epoch"]  # where best.pt is
     assert last["config"] == {"lr": 0.05, "name": "toy"} and "torch" in last["versions"]
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]

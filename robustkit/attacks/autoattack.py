@@ -13,14 +13,19 @@ seam (eval mode, device from x, no side effects) and adds two things pyautoattac
   ``info["broken_by"]`` says which attack broke each point: the gradient-masking check needs it
   (Square breaking what APGD and FAB missed, methods.md §1.5).
 - **A resumable ``state_path``.** pyautoattack 0.2.0 writes its state file but cannot read it
-  back (the attack set is stored as a string, so the check on restore always fails). The adapter
-  writes the file itself after the clean pass and after each sub-attack, in pyautoattack's keys
-  plus ``broken_by``, and resumes from it.
+  back (the attack set is stored as a string, so the check on restore always fails), and writes
+  it with a plain ``open("w")``: a kill or a full disk mid-write leaves a torn file. The adapter
+  never hands pyautoattack a ``state_path``; it writes the file itself, atomically, after the
+  clean pass and after each sub-attack (so sub-attacks finished within a chunk are kept), in
+  pyautoattack's keys plus ``broken_by``, and resumes from it. A torn, empty or otherwise
+  unreadable file means "redo this chunk" (with a warning), never a dead run; a failed write is
+  an ``OutputError`` naming the file, and the previous version of the file stays intact.
 """
 
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import logging
 from pathlib import Path
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult, Norm
+from robustkit.errors import OutputError
 from robustkit.utils import atomic_write_json, frozen_parameters
 
 __all__ = ["AutoAttack", "NOT_BROKEN", "MISCLASSIFIED"]
@@ -116,10 +122,16 @@ class AutoAttack(Attack):
         """Run AutoAttack; ``info["success"]`` is True where ``x_adv`` is misclassified.
 
         Args:
-            state_path: JSON file written after the clean pass and after each sub-attack; when
-                it exists the run resumes from it (finished sub-attacks are skipped and, as in
-                pyautoattack, ``x_adv`` is x for points broken before; their ``success`` and
-                ``broken_by`` come from the file).
+            state_path: JSON file written (atomically) after the clean pass and after each
+                sub-attack; when it exists the run resumes from it (finished sub-attacks are
+                skipped and, as in pyautoattack, ``x_adv`` is x for points broken before; their
+                ``success`` and ``broken_by`` come from the file). An unreadable or incomplete
+                file is ignored with a warning: the chunk is recomputed (same seeds, same flags).
+
+        Raises:
+            ValueError: ``state_path`` was written for other sub-attacks or another number of
+                points (a file of another run, not a torn one).
+            OutputError: ``state_path`` cannot be written (full disk, read-only folder).
         """
         return super().perturb(x, y, state_path=state_path)
 
@@ -181,28 +193,41 @@ def _save_state(path: Path | None, names: list[str], done: list[str], broken_by:
     """pyautoattack's state keys (``_robust_flags`` etc.) plus the per-point ``broken_by``."""
     if path is None:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     n = max(broken_by.numel(), 1)
-    atomic_write_json(path, {
-        "_attacks_to_run": names, "_run_attacks": list(done),
-        "_robust_flags": (broken_by == NOT_BROKEN).tolist(),
-        "_clean_accuracy": float((broken_by != MISCLASSIFIED).sum()) / n,
-        "broken_by": broken_by.tolist(), "components": names,
-    })
+    try:
+        atomic_write_json(path, {
+            "_attacks_to_run": names, "_run_attacks": list(done),
+            "_robust_flags": (broken_by == NOT_BROKEN).tolist(),
+            "_clean_accuracy": float((broken_by != MISCLASSIFIED).sum()) / n,
+            "broken_by": broken_by.tolist(), "components": names,
+        })
+    except OSError as err:  # full disk, quota, read-only: the previous file stays intact
+        code = errno.errorcode.get(err.errno or -1)
+        why = (err.strerror or str(err) or type(err).__name__) + (f" ({code})" if code else "")
+        raise OutputError(f"cannot write {path}: {why}; the files already written are intact: "
+                          "free space or fix the permissions and rerun to resume") from err
 
 
 def _load_state(path: Path, names: list[str], n: int) -> tuple[Tensor, list[str]] | None:
-    """``(broken_by, finished sub-attacks)`` from ``path``; None when there is nothing to resume.
+    """``(broken_by, finished sub-attacks)`` from ``path``; None when there is nothing to resume
+    (no file, or one that is torn, empty or malformed: the chunk is recomputed, with a warning).
 
     Raises:
         ValueError: the file was written for other sub-attacks or another number of points.
     """
     if not path.exists():
         return None
-    d = json.loads(path.read_text())
-    wanted = d["_attacks_to_run"]
-    # pyautoattack itself stores the attack set as the text of a Python set
-    wanted = set(ast.literal_eval(wanted) if isinstance(wanted, str) else wanted)
+    try:
+        d = json.loads(path.read_text())
+        wanted = d["_attacks_to_run"]
+        # pyautoattack itself stores the attack set as the text of a Python set
+        wanted = set(ast.literal_eval(wanted) if isinstance(wanted, str) else wanted)
+    except (OSError, UnicodeDecodeError, ValueError, SyntaxError, KeyError, TypeError) as err:
+        # A kill or a full disk mid-write (by older code or pyautoattack itself), or a hand edit:
+        # redo this chunk rather than wedge every rerun.
+        logger.warning("state_path %s is unreadable (%s: %s): recomputing this chunk", path,
+                       type(err).__name__, err)
+        return None
     if wanted != set(names):
         raise ValueError(f"state_path {path} was written for attacks {sorted(wanted)}, "
                          f"not {sorted(names)}")
@@ -214,4 +239,15 @@ def _load_state(path: Path, names: list[str], n: int) -> tuple[Tensor, list[str]
         # which attack broke which point, so the chunk is recomputed (same seeds, same flags).
         logger.info("state_path %s has no per-attack record: recomputing", path)
         return None
-    return torch.tensor(d["broken_by"], dtype=torch.long), list(d["_run_attacks"])
+    by, done = d["broken_by"], d.get("_run_attacks")
+    # The adapter runs the sub-attacks in order and records each as it finishes: anything else
+    # (a truncated list, an index of a sub-attack not yet run) is not a state it wrote.
+    ok = (isinstance(by, list) and len(by) == n and isinstance(done, list)
+          and done == names[:len(done)]
+          and all(type(b) is int and (b in (NOT_BROKEN, MISCLASSIFIED) or 0 <= b < len(done))
+                  for b in by))
+    if not ok:
+        logger.warning("state_path %s is malformed (broken_by or _run_attacks): recomputing this "
+                       "chunk", path)
+        return None
+    return torch.tensor(by, dtype=torch.long), list(done)

@@ -10,7 +10,8 @@ own usage errors also exit 2). Anything else is a bug: ``main`` lets it propagat
 prints the traceback and exits with code 1 (in-process callers get the exception itself). The
 library raises plain ``ValueError`` for bad arguments; the CLI converts it into a user error
 only where user input enters the library (:func:`user_input`), so a ``ValueError`` from deeper
-code stays a visible bug.
+code stays a visible bug. Ctrl-C at any point, the imports of the subcommands included, ends in
+one line ``interrupted`` (plus what to do, e.g. how to resume) and exit code 130.
 """
 
 from __future__ import annotations
@@ -76,26 +77,32 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit code (0, or 2 for a user error).
+    """Run one command; returns the exit code (0, 2 for a user error, 130 when interrupted).
+
+    Ctrl-C (``KeyboardInterrupt``) at any point, including while the subcommands' modules
+    (torch) are imported, ends in one line starting with ``interrupted`` and exit code 130.
 
     Raises:
         Exception: any error that is not a ``UserError`` (a bug), with its traceback.
     """
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    command, verbose = "", False
     try:
+        parser = _build_parser()  # imports the subcommands, hence torch: interruptible too
+        args = parser.parse_args(argv)
+        command, verbose = args.command, args.verbose
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
         return int(args.run(args) or 0)
     except UserError as err:
-        if args.verbose:
+        if verbose:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"robustkit {args.command}: error: {message}", file=sys.stderr)
+        print(f"robustkit {command}: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        detail = " ".join(str(err).split())  # e.g. how to resume (robustkit train)
+        print("interrupted" + (f": {detail}" if detail else ""), file=sys.stderr)
         return 130

@@ -98,7 +98,10 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
         print(f"\n== step {2 + 2 * i}/{total}  train {name} SmallCNN on the embedded MNIST "
               "sample ==")
         run_dir = out / name
-        overrides = [f"trainer.out_dir={run_dir}", f"trainer.device={args.device}"]
+        # auto: a second `make demo` resumes its finished runs (nothing to train) instead of
+        # being refused for overwriting them
+        overrides = [f"trainer.out_dir={run_dir}", f"trainer.device={args.device}",
+                     "trainer.resume=auto"]
         if args.epochs is not None:
             overrides.append(f"trainer.epochs={args.epochs}")
         _call(["train", "-c", str(configs[name]), *overrides])

@@ -6,7 +6,11 @@ written), then a dataset subset, a model and attacks; the library (``robustkit.e
 ``checks``, ``results``) does the work. Prints a table, writes ``<out>/config.yaml``,
 ``<out>/results.json``, ``<out>/flags.json`` and
 ``<out>/model_info/<dataset>/<tm>/<name>.json``; ``<out>/state/`` makes an interrupted run
-resumable.
+resumable (under torchrun, one ``state/rank<r>-of<world>/`` folder per process).
+
+Under ``torchrun --nproc_per_node=N -m robustkit evaluate ...`` (or several nodes) every process
+evaluates a contiguous run of whole batches (``evaluate_attacks(shard=True)``), the flags are
+gathered, and rank 0 prints and writes the same files as a single process would.
 """
 
 from __future__ import annotations
@@ -41,11 +45,15 @@ attack forms (--attacks, comma separated, run in order; eps/norm from the evalua
 defaults: eps from the dataset (CIFAR Linf 8/255, L2 0.5; MNIST Linf 0.3, L2 2.0; Tiny-ImageNet
 Linf 8/255, L2 0.5); every test image (RobustBench: 10,000); attacks clean,pgd20,autoattack.
 Each attack runs on all clean-correct points (its own accuracy); 'robust' is the per-example
-worst case over all attacks. Re-running the same command resumes an interrupted run.
+worst case over all attacks. Re-running the same command resumes an interrupted run (the
+state is tied to the settings, the weights, the images and --data-root; --overwrite restarts).
 
 example:
   robustkit evaluate --model preact_resnet18 --checkpoint runs/x/best.pt --dataset cifar10 \\
       --n-examples 1000 --attacks clean,pgd20,pgd100x5,cw30,autoattack --out runs/x/eval
+
+several GPUs or nodes (whole batches per process; the same numbers and flags as one process):
+  torchrun --nproc_per_node=4 -m robustkit evaluate --model ... --out runs/x/eval
 """
 
 
@@ -110,31 +118,22 @@ def _architecture(spec: str, model) -> str:
     return cls if ":" in spec else f"{spec} ({cls})"
 
 
-def run(args) -> int:
-    import torch
+# Collective timeout of a sharded evaluation: on a resume, a rank whose state is complete waits
+# at the first gather for the others' remaining AutoAttack batches, which can take hours; the
+# default 30 minutes would kill a healthy run (torchrun already stops every rank when one dies).
+# 7 days in milliseconds also stays below 2**31 for backends that keep an int32.
+EVAL_TIMEOUT_S = 7 * 24 * 3600
 
-    from robustkit.attacks.specs import build_attacks, parse_attacks, strength, targets_needed
-    from robustkit.cli.progress import tqdm_factory
-    from robustkit.config import save_config, to_container
-    from robustkit.data import DATASETS, first_n, load_dataset
-    from robustkit.evaluation import evaluate_attacks, post_checks, pre_checks
-    from robustkit.evaluation.results import (
-        build_results,
-        format_eps,
-        sha256_file,
-        write_model_info,
-        write_results,
-    )
-    from robustkit.models import load_model
-    from robustkit.utils import resolve_device, seed_everything
+
+def run(args) -> int:
+    from robustkit import distributed as dist
+    from robustkit.config import to_container
+    from robustkit.training.rundir import check_writable
+    from robustkit.utils import resolve_device
 
     cfg = _settings(args)  # every value a user can get wrong is checked here, before loading
     s = to_container(cfg)
-    info = DATASETS[s["dataset"]]
     tm = s["threat_model"]
-    eps = s["eps"] if s["eps"] is not None else float(info.eps[tm])
-    specs = parse_attacks(s["attacks"])
-    aa_attacks = s["aa_attacks"]
     if s["checkpoint"] is not None and not Path(s["checkpoint"]).is_file():
         raise CLIError(f"--checkpoint {s['checkpoint']!r}: file not found")
     # torch.device("gpu") raises RuntimeError; a CUDA device without CUDA, ValueError.
@@ -143,6 +142,60 @@ def run(args) -> int:
     name = s["name"] or _default_name(s["model"])
     out = Path(s["out"] or Path("runs", "evaluate", re.sub(r"[^\w.-]+", "_",
                                                            f"{name}-{s['dataset']}-{tm}")))
+    # Before any model or data is loaded: a read-only, unwritable or mistyped --out costs nothing.
+    check_writable(out, "--out")
+    check_writable(out / "state", "--out state folder")
+    # Under torchrun: one process per GPU (cuda:<LOCAL_RANK>, NCCL) or CPU process (Gloo); a
+    # plain run creates no process group and keeps `device`.
+    where = dist.init_from_env(device, timeout_s=EVAL_TIMEOUT_S)
+    try:
+        if where.world_size > 1 and where.rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs, prints and writes
+        return _run(args, cfg, s, name, out, where)
+    finally:
+        dist.cleanup()
+
+
+def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
+    """The evaluation proper, on every rank (``where``: ``distributed.DistInfo``)."""
+    import torch
+
+    from robustkit import distributed as dist
+    from robustkit.attacks.specs import build_attacks, parse_attacks, strength, targets_needed
+    from robustkit.cli.progress import tqdm_factory
+    from robustkit.data import DATASETS, first_n, load_dataset, resolve_root
+    from robustkit.evaluation import evaluate_attacks, post_checks, pre_checks
+    from robustkit.evaluation.results import (
+        build_results,
+        format_eps,
+        sha256_file,
+        write_model_info,
+        write_results,
+    )
+    from robustkit.evaluation.state import discard_state, rank_dir
+    from robustkit.models import load_model
+    from robustkit.training.rundir import clean_tmp
+    from robustkit.utils import seed_everything
+
+    main = where.rank == 0
+    device = where.device
+    info = DATASETS[s["dataset"]]
+    tm = s["threat_model"]
+    eps = s["eps"] if s["eps"] is not None else float(info.eps[tm])
+    specs = parse_attacks(s["attacks"])
+    aa_attacks = s["aa_attacks"]
+    state = out / "state"
+    if main:
+        # Only rank 0 writes into --out itself; each rank's state folder is cleaned by its own
+        # store. Another rank never writes here, so no live temporary file is removed.
+        clean_tmp(out)
+    if args.overwrite:  # before any rank opens its state (the barrier below)
+        world = where.world_size
+        if world > 1:  # each rank its own folder: right with or without a shared file system
+            discard_state(rank_dir(state, where.rank, world))
+        if main:  # the single-process state and other world sizes' folders
+            discard_state(state, keep_world=world if world > 1 else None)
+    dist.barrier()
 
     with user_input(DataError, f"--dataset {s['dataset']}"):
         test = load_dataset(s["dataset"], "test", s["data_root"])
@@ -165,9 +218,11 @@ def run(args) -> int:
     with user_input(ConfigError, "--attacks"):  # e.g. torchattacks:X(k=v) with a bad k
         attacks, settings = build_attacks(specs, model, eps=eps, norm=tm, seed=s["seed"],
                                           aa_version=s["aa_version"], aa_attacks=aa_attacks)
-    logger.info("%s on %s: %s (of %d), %s eps=%s, attacks: %s", s["model"], s["dataset"],
-                subset, len(test), tm, format_eps(eps), ", ".join(attacks) or "none")
+    logger.info("%s on %s: %s (of %d), %s eps=%s, attacks: %s%s", s["model"], s["dataset"],
+                subset, len(test), tm, format_eps(eps), ", ".join(attacks) or "none",
+                f"; sharded over {where.world_size} processes" if where.world_size > 1 else "")
 
+    # Every rank runs the same checks on the same first batch, so all agree on them.
     k = min(n, s["batch_size"])
     batch = [data[i] for i in range(k)]
     x0 = torch.stack([b[0] for b in batch]).to(device)
@@ -176,13 +231,13 @@ def run(args) -> int:
         specs, s["aa_version"], aa_attacks))
 
     ckpt_hash = sha256_file(s["checkpoint"]) if s["checkpoint"] else None
-    state = out / "state"
-    if args.overwrite and state.is_dir():
-        for f in [*state.glob("flags_*.json"), *state.glob("aastate_*.json"),
-                  *state.glob("fingerprint.json")]:
-            f.unlink()
+    # The shipped samples ignore --data-root; for every other dataset the folder is part of
+    # what was evaluated (evaluate_attacks adds the hashes of the images and the weights).
+    data_root = (None if s["dataset"].startswith("sample-")
+                 else str(resolve_root(s["data_root"]).resolve()))
     fingerprint = {"model": s["model"], "checkpoint_sha256": ckpt_hash, "dataset": s["dataset"],
-                   "threat_model": tm, "eps": eps, "attack_settings": settings}
+                   "data_root": data_root, "threat_model": tm, "eps": eps,
+                   "attack_settings": settings}
     logger.info("per-batch state in %s: re-run the same command to resume", state)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -190,15 +245,19 @@ def run(args) -> int:
         result = evaluate_attacks(
             model, data, attacks, batch_size=s["batch_size"], protocol=s["protocol"],
             seed=s["seed"], state_dir=state, fingerprint=fingerprint,
-            progress=tqdm_factory(False if args.no_progress else None), device=device, norm=tm)
+            progress=tqdm_factory(False if args.no_progress or not main else None),
+            device=device, norm=tm, shard=True)
     checks += post_checks(result, eps=eps, strength=strength(specs))
+    if not main:
+        return 0
 
     results = build_results(
         result, model=s["model"], dataset=s["dataset"], threat_model=tm, eps=eps,
         seed=s["seed"], subset=subset, checkpoint=s["checkpoint"],
         architecture=_architecture(s["model"], model), attacks=settings, checks=checks,
-        extra={"name": name, "batch_size": s["batch_size"], "device": str(device)})
-    save_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
+        extra={"name": name, "batch_size": s["batch_size"], "device": str(device),
+               "world_size": where.world_size})
+    _save_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
     path = write_results(out, results, result)
     info_path = write_model_info(out, results, name=name)
     _print_table(results, name)
@@ -206,6 +265,19 @@ def run(args) -> int:
     print(f"results: {path}\nRobustBench JSON: {info_path}")
     logger.info("wrote %s and %s", path, info_path)
     return 0
+
+
+def _save_config(cfg, path: Path) -> None:
+    """``save_config``, with a failed write (full disk, read-only) as one ``OutputError`` line."""
+    from robustkit.config import save_config
+    from robustkit.errors import OutputError
+
+    try:
+        save_config(cfg, path)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror or err}; the evaluation state is "
+                          "intact: free space or fix the permissions and rerun the same command "
+                          "(nothing is recomputed)") from err
 
 
 def _print_table(results: dict[str, Any], name: str) -> None:

@@ -15,6 +15,7 @@ import argparse
 import bisect
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from robustkit.cli import user_input
 from robustkit.config import load_config, save_config, to_container
-from robustkit.errors import CheckpointError, ConfigError
+from robustkit.errors import CheckpointError, ConfigError, OutputError
+from robustkit.utils import output_errors
 
 __all__ = ["add_parser", "run", "build", "Run"]
 
@@ -41,8 +43,10 @@ flags such as --dry-run before or after all of them, not between):
   objective.params.<name> and are checked against the objective's constructor.
 
 run directory: trainer.out_dir (default runs/<config name>/) gets config.yaml, last.pt, best.pt,
-  metrics.jsonl and tb/ (tensorboard --logdir runs/).
+  metrics.jsonl and tb/ (tensorboard --logdir runs/); .lock refuses a second live run, and a
+  folder holding last.pt is never overwritten: resume it or choose another out_dir.
 resume: robustkit train -c <same config> trainer.resume=runs/<name>/last.pt
+  (trainer.resume=auto: resume when out_dir holds last.pt, else start fresh)
 multi-GPU: torchrun --nproc_per_node=4 -m robustkit train -c ... (data.batch_size is global)
 """
 
@@ -72,8 +76,23 @@ def run(args: argparse.Namespace) -> int:
         overrides.append("data.download=true")
     cfg = load_config(args.config, overrides)
     from robustkit import distributed as dist
+    from robustkit.training.rundir import RunDirectory
 
+    out = Path(cfg.trainer.out_dir)
+    # Rank 0 owns the folder; read from the environment because the process group starts in
+    # build(), after this check (torchrun sets RANK; a single process is rank 0).
+    owner = int(os.environ.get("RANK", "0")) == 0 and not args.dry_run
+    rundir = RunDirectory(out)
     try:
+        # Before any model or data is loaded: a bad trainer.out_dir costs nothing. The lock is
+        # held until the end, over config.yaml, checkpoints and logs.
+        if owner:
+            rundir.acquire()  # OutputError: a file, read-only, unwritable, or in use
+            rundir.clean_tmp()  # safe: no other live run writes here
+        elif out.exists() and not out.is_dir():
+            raise OutputError(f"run directory {out} is an existing file, not a folder; "
+                              "choose another trainer.out_dir")
+        resume = _resume_path(cfg, announce=True)  # refuses to overwrite an earlier run
         r = build(cfg)
         main = dist.is_main()  # read before cleanup(): afterwards every process says rank 0
         if args.dry_run:
@@ -81,16 +100,82 @@ def run(args: argparse.Namespace) -> int:
                 print(OmegaConf.to_yaml(cfg), end="")
                 print(f"dry run: {r.describe()}; nothing trained")
             return 0
-        if main:
-            save_config(cfg, r.out_dir / "config.yaml")
+        if owner:
+            _prepare_logs(rundir, resume, r.trainer.state)
+            with output_errors(out / "config.yaml", f"; nothing trained: {_fix(out)}"):
+                save_config(cfg, out / "config.yaml")
             log.info("training %s", r.describe())
         start = time.perf_counter()
-        state = r.trainer.fit(r.loaders.train)
+        try:
+            state = r.trainer.fit(r.loaders.train)
+        except OutputError as err:  # a full disk while writing a checkpoint or a log
+            raise OutputError(f"{err}; training stopped: {_fix(out)}") from err
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(_next(out)) from None
+        if main:
+            print(_summary(r, state, resume, time.perf_counter() - start))
     finally:
+        rundir.release()
         dist.cleanup()  # no-op without torchrun
-    if main:
-        print(_summary(r, state.metrics, time.perf_counter() - start))
     return 0
+
+
+def _resume_path(cfg: DictConfig, announce: bool = False) -> Path | None:
+    """The checkpoint this run resumes from (``trainer.resume``, ``auto`` resolved), or None.
+
+    ``auto``: ``<out_dir>/last.pt`` when it exists, else a fresh start. With ``announce``, says
+    which in the log and refuses a run that would overwrite an earlier run's ``last.pt``: a
+    fresh start (or a resume from a checkpoint outside ``out_dir``) in a folder holding one.
+
+    Raises:
+        OutputError: ``out_dir`` holds ``last.pt`` that this run would overwrite.
+    """
+    out, resume = Path(cfg.trainer.out_dir), cfg.trainer.resume
+    last = out / "last.pt"
+    if resume == "auto":
+        path = last if last.is_file() else None
+        if announce:
+            if path is None:
+                log.info("trainer.resume=auto: no last.pt in %s, starting fresh", out)
+            else:
+                log.info("trainer.resume=auto: resuming from %s", path)
+        return path
+    path = Path(resume) if resume else None
+    if announce and path is not None and not path.is_file():  # before any data is loaded
+        raise ConfigError(f"config key 'trainer.resume': checkpoint {resume!r} not found")
+    inside = path is not None and path.resolve().parent == out.resolve()
+    if announce and last.is_file() and not inside:
+        what = f"resuming from {path}" if path is not None else "a fresh start"
+        raise OutputError(
+            f"run directory {out} already holds last.pt of an earlier run, which {what} would "
+            f"overwrite: continue it with trainer.resume={last} (or trainer.resume=auto), or "
+            "choose another trainer.out_dir"
+        )
+    return path
+
+
+def _prepare_logs(rundir: Any, resume: Path | None, state: Any) -> None:
+    """Logs that continue the resumed checkpoint exactly, or a clean slate for a fresh run."""
+    fix = f"; nothing trained: {_fix(rundir.path)}"
+    if resume is not None and resume.resolve().parent == rundir.path.resolve():
+        # what the interrupted run logged after its checkpoint is rewritten by this run
+        with output_errors(rundir.path / "metrics.jsonl", fix):
+            rundir.trim_jsonl("metrics.jsonl", step=state.step, epoch=state.epoch)
+    else:  # a fresh run (or one resumed from elsewhere): earlier files are not its own
+        with output_errors(rundir.path, fix):
+            rundir.start_fresh(("metrics.jsonl", "best.pt", "tb"))
+
+
+def _next(out: Path) -> str:
+    """How to go on after a stop: resume from ``last.pt`` when it exists."""
+    last = out / "last.pt"
+    if last.is_file():
+        return f"resume with trainer.resume={last}"
+    return "no last.pt was written yet: rerun the same command"
+
+
+def _fix(out: Path) -> str:
+    return f"free space or fix the folder, then {_next(out)}"
 
 
 @dataclass
@@ -172,27 +257,48 @@ def build(cfg: DictConfig, loaders: Any = None) -> Run:
             grad_clip=t.grad_clip, scheduler_interval="step", device=info_dist.device,
             callbacks=callbacks,
         )
-    if t.resume:
-        _resume(trainer, t.resume, cfg)
+    resume = _resume_path(cfg)
+    if resume is not None:
+        _resume(trainer, resume, cfg)
     return Run(cfg, loaders, model, objective, optimizer, scheduler, trainer, out_dir,
                steps_per_epoch)
 
 
-def _resume(trainer: Any, path: str, cfg: DictConfig) -> None:
+def _resume(trainer: Any, path: Path, cfg: DictConfig) -> None:
     """Load ``trainer.resume`` into the trainer; a checkpoint of another run is a user error."""
     from robustkit.training.checkpoint import load_checkpoint
 
-    if not Path(path).is_file():
-        raise ConfigError(f"config key 'trainer.resume': checkpoint {path!r} not found")
-    state = load_checkpoint(path)  # CheckpointError when it is not plain data
+    if not path.is_file():
+        raise ConfigError(f"config key 'trainer.resume': checkpoint {str(path)!r} not found")
+    fix = ("point trainer.resume at an intact checkpoint of this run (its best.pt, or an "
+           "earlier copy), or drop it to start afresh in another trainer.out_dir")
+    try:
+        state = load_checkpoint(path)  # CheckpointError: corrupt (torn, empty) or refused
+    except CheckpointError as err:
+        raise CheckpointError(f"trainer.resume: {_short(err, 320)}; {fix}") from None
     _warn_changes(state.get("config") or {}, to_container(cfg))
     # load_state_dict raises RuntimeError (tensor shapes), KeyError (a missing entry) or
-    # ValueError when the checkpoint was written by another model, optimizer or objective.
-    with user_input(CheckpointError, f"trainer.resume {path!r} does not match this config",
-                    (RuntimeError, KeyError, ValueError)):
+    # ValueError when the checkpoint was written by another model, optimizer or objective, or
+    # is not a training checkpoint at all (a bare state_dict).
+    try:
         trainer.load_state_dict(state)
-    log.info("resumed from %s at epoch %d, step %d", path, trainer.state.epoch,
-             trainer.state.step)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise CheckpointError(
+            f"trainer.resume {str(path)!r} does not match this config: {_short(err)}; the "
+            "checkpoint was written by another model, optimizer or objective (or is not a "
+            "training checkpoint): resume with the config it was trained with"
+        ) from err
+    done = "; nothing left to train" if trainer.state.epoch >= trainer.epochs else ""
+    log.info("resumed from %s at epoch %d, step %d%s", path, trainer.state.epoch,
+             trainer.state.step, done)
+
+
+def _short(err: BaseException, limit: int = 240) -> str:
+    """One line of at most ``limit`` characters (a state_dict mismatch lists every key)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, KeyError):
+        text = f"missing entry {text}"
+    return text if len(text) <= limit else text[: limit - 5].rstrip() + " ..."
 
 
 def _plain(node: Any) -> dict[str, Any]:
@@ -275,15 +381,12 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
 
     t = cfg.trainer
     callbacks: list[Any] = []
-    # Order matters: evaluation fills eval/* before the checkpoint and the loggers read it.
+    # Order matters: evaluation fills eval/* before the loggers and the checkpoint read it.
     if t.eval_every > 0 and loaders.holdout is not None:
         with user_input(ConfigError, "trainer.eval_*"):
             callbacks.append(EvalCallback(
                 loaders.holdout, _holdout_attacks(cfg, info, model), every=t.eval_every,
                 max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size), seed=cfg.seed))
-    callbacks.append(CheckpointCallback(out_dir, config=to_container(cfg),
-                                        monitor=f"eval/pgd{t.eval_steps}",
-                                        every=t.checkpoint_every))
     if cfg.log.jsonl:
         callbacks.append(JSONLCallback(out_dir / "metrics.jsonl", log_every=t.log_every))
     if cfg.log.tensorboard:
@@ -297,6 +400,11 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
         from robustkit.cli.progress import ProgressCallback
 
         callbacks.append(ProgressCallback())
+    # Last: an epoch's logs reach the disk before its checkpoint, so a run killed between them
+    # has logs ahead of last.pt (trimmed on resume), never a line missing behind it.
+    callbacks.append(CheckpointCallback(out_dir, config=to_container(cfg),
+                                        monitor=f"eval/pgd{t.eval_steps}",
+                                        every=t.checkpoint_every))
     return callbacks
 
 
@@ -311,15 +419,21 @@ def _warn_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
             log.warning("resume: %s was %r in the checkpoint, now %r", full, a, b)
 
 
-def _summary(r: Run, metrics: dict[str, float], seconds: float) -> str:
+def _summary(r: Run, state: Any, resume: Path | None, seconds: float) -> str:
+    """What was trained and where it is; names only the files that exist."""
+    metrics = state.metrics
     shown = {k: v for k, v in metrics.items() if k.startswith("eval/") or k == "train/acc"}
+    since = f" (resumed from {resume})" if resume is not None else ""
     lines = [f"trained {r.cfg.objective.name} {r.cfg.model.name} on {r.cfg.data.name} for "
-             f"{r.trainer.state.epoch} epochs in {seconds:.1f} s",
+             f"{state.epoch} epochs in {seconds:.1f} s{since}",
              "  final: " + (", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "-")]
-    best = r.trainer.state.best
-    lines.append(f"  run dir: {r.out_dir}  (config.yaml, last.pt"
-                 + (f", best.pt [{best:.4f}]" if best is not None else "")
-                 + ", metrics.jsonl)")
-    if r.cfg.log.tensorboard:
+    files = [n for n in ("config.yaml", "last.pt") if (r.out_dir / n).is_file()]
+    if state.best is not None and (r.out_dir / "best.pt").is_file():
+        monitor = f"eval/pgd{r.cfg.trainer.eval_steps}"
+        files.append(f"best.pt [{monitor}={state.best:.4f}, epoch {state.best_epoch}]")
+    if r.cfg.log.jsonl and (r.out_dir / "metrics.jsonl").is_file():
+        files.append("metrics.jsonl")
+    lines.append(f"  run dir: {r.out_dir}  ({', '.join(files) or 'no files written'})")
+    if r.cfg.log.tensorboard and (r.out_dir / "tb").is_dir():
         lines.append(f"  tensorboard --logdir {r.out_dir / 'tb'}")
     return "\n".join(lines)

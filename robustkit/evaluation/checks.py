@@ -2,8 +2,9 @@
 
 Before attacking (``pre_checks``): eval mode, logits rather than probabilities, a deterministic
 forward pass, no gradient computation inside the forward pass (a "dynamic" defence), non-zero
-input gradients, and enough classes for the targeted attacks. After (``post_checks``): every
-``x_adv`` inside the threat ball, and the gradient-masking signs of ``robustkit.evaluation.masking``
+input gradients, and enough classes for the targeted attacks. After (``post_checks``): finite
+logits on every evaluated point (``finite_logits``), every ``x_adv`` inside the threat ball, and
+the gradient-masking signs of ``robustkit.evaluation.masking``
 (Square breaking what the gradient attacks missed, a gradient attack far weaker than another).
 
 Each check has a severity: ``"ok"``; ``"warning"`` (read the numbers with this in mind);
@@ -28,8 +29,8 @@ from torch import Tensor, nn
 
 from robustkit.utils import eval_mode
 
-__all__ = ["Check", "Severity", "SEVERITIES", "pre_checks", "log_checks", "BLACK_BOX",
-           "ZERO_GRADIENT_FAIL"]
+__all__ = ["Check", "Severity", "SEVERITIES", "pre_checks", "log_checks", "finite_logits",
+           "BLACK_BOX", "ZERO_GRADIENT_FAIL"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,29 @@ def pre_checks(model: nn.Module, x: Tensor, y: Tensor, *, num_targets: int = 0,
             out.append(_check_n_classes(outs[0].shape[1], num_targets))
     log_checks(out)
     return out
+
+
+def finite_logits(result) -> Check:
+    """``"fail"`` when the model's logits were NaN or inf on any point (``EvalResult.nonfinite``).
+
+    Such points already count as incorrect (clean and under every attack); the check says how
+    many there were per pass, since a model that overflows makes every accuracy suspect.
+    """
+    counts = {k: int(v.sum()) for k, v in getattr(result, "nonfinite", {}).items()
+              if v is not None}
+    bad = {k: c for k, c in counts.items() if c}
+    points = set()
+    for k in bad:
+        points.update(result.nonfinite[k].nonzero().flatten().tolist())
+    if not bad:
+        return Check("finite_logits", "ok", "logits are finite on every evaluated point",
+                     {"nonfinite_points": 0, "per_pass": counts})
+    where = ", ".join(f"{c} under {k}" for k, c in bad.items())
+    return Check("finite_logits", "fail",
+                 f"the model's logits are NaN or inf on {len(points)} of {result.n} points "
+                 f"({where}); they are counted as incorrect", {
+                     "nonfinite_points": len(points), "per_pass": counts,
+                     "first_points": sorted(points)[:20]})
 
 
 def log_checks(checks: list[Check]) -> None:

@@ -12,7 +12,8 @@ AutoAttack) or gradient based (everything else). Three signs of masked gradients
   the same points (e.g. PGD-20 68 % vs AutoAttack's APGD 0 %).
 - ``monotone:<weak><<strong>``: within a family (``strength``), more effort gave a higher accuracy.
 
-``post_checks`` (what the CLI runs after attacking) adds the perturbation-size checks to these.
+``post_checks`` (what the CLI runs after attacking) adds the finite-logits and perturbation-size
+checks to these.
 
 Example:
     >>> checks = post_checks(result, eps=8/255, strength={"pgd20": ("pgd-ce", 20)})
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from robustkit.evaluation.checks import BLACK_BOX, Check, log_checks
+from robustkit.evaluation.checks import BLACK_BOX, Check, finite_logits, log_checks
 
 __all__ = ["post_checks", "masking_checks", "BLACK_BOX_COMPONENTS", "BLACK_BOX_GAIN_FAIL",
            "FAIL_MIN_POINTS", "GRADIENT_GAP_FAIL", "GRADIENT_GAP_WARN", "MONOTONE_FAIL",
@@ -210,9 +211,10 @@ def post_checks(result, *, eps: float, strength: Mapping[str, tuple[str, int]] |
             Square threshold).
 
     Returns:
-        ``perturbation:<attack>`` checks, then those of ``masking.masking_checks``.
+        ``finite_logits``, ``perturbation:<attack>`` checks, then those of
+        ``masking.masking_checks``.
     """
-    checks = []
+    checks = [finite_logits(result)]
     for name, pert in result.max_perturbation.items():
         ok = pert <= eps * (1 + 1e-4) + 1e-6  # float32 rounding of the projection
         rel = "<=" if ok else "EXCEEDS"

@@ -16,12 +16,18 @@ An attack with sub-attacks (``AutoAttack``: a ``components`` list and ``info["br
 also gets per-sub-attack flags in ``EvalResult.components``, which the gradient-masking checks
 read. Evaluation is resumable (``state_dir``, see ``robustkit.evaluation.state``); each batch's
 randomness comes from a seed derived from ``(seed, attack name, batch index)``, so a resumed or a
-sharded run equals an uninterrupted single-process one.
+sharded run equals an uninterrupted single-process one. The resume fingerprint always includes
+the sha256 of the model's parameters and buffers and of the evaluated images and labels, so a
+state is never reused for edited weights or other images with the same names.
+
+A point whose logits are not finite counts as incorrect (clean and under every attack) and is
+listed in ``EvalResult.nonfinite``; ``post_checks`` turns that into a failed ``finite_logits``
+check.
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +38,23 @@ from torch import Tensor, nn
 
 from robustkit import distributed as dist
 from robustkit.errors import StateMismatchError
-from robustkit.evaluation.runner import NOT_BROKEN, ProgressFactory, _Runner, _Source
-from robustkit.evaluation.state import _Store
+from robustkit.evaluation.runner import (
+    NOT_BROKEN,
+    ProgressFactory,
+    _describe,
+    _model_sha256,
+    _Runner,
+    _Source,
+)
+from robustkit.evaluation.state import _Store, rank_dir
 from robustkit.utils import eval_mode
 
 if TYPE_CHECKING:  # typing only: evaluation (and the trainer through it) imports no attack
     from robustkit.attacks.base import Attack
 
 __all__ = ["EvalResult", "evaluate_attacks", "StateMismatchError", "RESERVED"]
+
+logger = logging.getLogger(__name__)
 
 Protocol = Literal["standalone", "cascade"]
 #: Names an attack may not take: the clean column, the worst case, the flags.json sub-key.
@@ -61,6 +76,8 @@ class EvalResult:
         components: attack name -> sub-attack name -> ``(N,)`` bool, still correct after the
             sub-attacks up to and including this one (AutoAttack's own cascade; False where
             the attack did not run); only for attacks with sub-attacks, in run order.
+        nonfinite: ``"clean"`` and each attack name -> ``(N,)`` bool, the model's logits were
+            NaN or inf there (on x, or on that attack's x_adv); such points count as incorrect.
 
     Example:
         >>> res.accuracy()["robust"]
@@ -74,6 +91,7 @@ class EvalResult:
     max_perturbation: dict[str, float] = field(default_factory=dict)
     protocol: Protocol = "standalone"
     components: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    nonfinite: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def n(self) -> int:
@@ -136,9 +154,14 @@ def evaluate_attacks(
         batch_size: points per attack call (default 256); part of the resume fingerprint.
         protocol: ``"standalone"`` (default) or ``"cascade"``.
         seed: base of the per-(attack, batch) seeds (default 0).
-        state_dir: folder for resumable per-batch flags; ``None`` keeps nothing.
-        fingerprint: extra settings (model, checkpoint hash, eps, ...) that must match to resume;
-            the attacks' own settings (``Attack.settings()``) are always included.
+        state_dir: folder for resumable per-batch flags; ``None`` keeps nothing. With
+            ``shard=True`` on several processes each rank keeps its own subfolder
+            ``rank<r>-of<world>``; a rerun with another number of processes recomputes (into
+            its own subfolders) instead of reusing them.
+        fingerprint: extra settings (model name, checkpoint hash, eps, ...) that must match to
+            resume; the attacks' own settings (``Attack.settings()``), the batch size, protocol,
+            seed, world size and the sha256 of the model's parameters and buffers and of the
+            images and labels are always included.
         overwrite: discard a mismatching state instead of raising ``StateMismatchError``.
         progress: optional factory ``progress(name, total)`` of bars with ``update(k)``/``close()``.
         device: where batches go; default: the model's device.
@@ -146,14 +169,16 @@ def evaluate_attacks(
             attack's own).
         shard: split the batches of every pass over the ``torch.distributed`` ranks (each takes
             a contiguous run of whole batches) and all-gather the flags, so every rank returns
-            the single-process result; a no-op without a process group. Needs
-            ``state_dir=None`` when more than one process runs.
+            the single-process result; a no-op without a process group.
 
     Returns:
         ``EvalResult`` with per-sample flags.
 
     Raises:
         StateMismatchError: ``state_dir`` holds a run with other settings (and not overwrite).
+        OutputError: the state cannot be written (full disk, read-only); what was written stays.
+        ValueError: ``data`` holds images that are not floating point, finite and in [0, 1],
+            non-integer labels, or labels outside the model's classes.
 
     Shape:
         ``x``: ``(N, C, H, W) in [0, 1]``, ``y``: ``(N,)``.
@@ -171,21 +196,36 @@ def evaluate_attacks(
     for name in attacks:
         if name in RESERVED or not name:
             raise ValueError(f"attacks: the name {name!r} is reserved or empty")
-    if shard and state_dir is not None and dist.world_size() > 1:
-        # Ranks would race on the same state files; a sharded run is short (held-out checks).
-        raise ValueError("state_dir must be None when shard=True runs on several processes")
     source = _Source(data)
     labels = source.labels()
     if device is None:
         p = next(iter(list(model.parameters()) + list(model.buffers())), None)
         device = p.device if p is not None else torch.device("cpu")
-    store = _Store(state_dir, {
-        **dict(fingerprint or {}),
-        "n": len(source), "batch_size": batch_size, "protocol": protocol, "seed": seed,
-        # every setting that changes a flag (steps, alpha, loss, restarts, version, seed, ...)
-        "attacks": {k: {"class": type(a).__name__, **a.settings()} for k, a in attacks.items()},
-        "labels_sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest(),
-    }, overwrite)
+    world = dist.world_size() if shard else 1
+    store = _Store(None, {}, overwrite)
+    if state_dir is not None:
+        failure = None
+        try:
+            store = _Store(state_dir if world == 1 else rank_dir(state_dir, dist.rank(), world), {
+                **dict(fingerprint or {}),
+                "n": len(source), "batch_size": batch_size, "protocol": protocol, "seed": seed,
+                # the batches each rank owns, hence its state folder
+                "world_size": world,
+                # every setting that changes a flag (steps, alpha, loss, restarts, version, ...)
+                "attacks": {k: {"class": type(a).__name__, **a.settings()}
+                            for k, a in attacks.items()},
+                # the weights and images themselves: names alone do not say they are unchanged
+                "model_sha256": _model_sha256(model),
+                "data_sha256": source.sha256(),
+            }, overwrite)
+        except Exception as err:  # every rank learns of it below, so none waits at a gather
+            failure = err
+        if world > 1:
+            parts = dist.all_gather_object(_describe(failure))
+            if failure is None:
+                dist.raise_first_failure(parts)
+        if failure is not None:
+            raise failure
     runner = _Runner(model=model, source=source, store=store, batch_size=batch_size, seed=seed,
                      device=torch.device(device), norm=norm, progress=progress, shard=shard)
     result = EvalResult(labels=labels, clean=torch.zeros(len(source), dtype=torch.bool),
@@ -194,15 +234,22 @@ def evaluate_attacks(
     with eval_mode(model):
         clean = runner.clean()
         result.clean, result.time_s["clean"] = clean.correct, clean.time_s
+        result.nonfinite["clean"] = clean.nonfinite
         still = result.clean.clone()
         for name, attack in attacks.items():
             active = torch.nonzero(still if protocol == "cascade" else result.clean).flatten()
             out = runner.attack(name, attack, active)
             result.correct[name], result.time_s[name] = out.correct, out.time_s
             result.max_perturbation[name] = out.max_perturbation
+            result.nonfinite[name] = out.nonfinite
             if out.components is not None:
                 result.components[name] = _after_each(out.broken_by, out.components, active)
             still &= out.correct
+    for name, flags in result.nonfinite.items():
+        if flags.any():
+            logger.warning("%s: the model's logits are NaN or inf on %d point(s) (first: %s); "
+                           "they count as incorrect", name, int(flags.sum()),
+                           flags.nonzero().flatten()[:5].tolist())
     return result
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from robustkit.utils import atomic_write_json
+from robustkit.evaluation.state import write_json
 
 __all__ = ["build_results", "write_results", "model_info", "write_model_info", "format_eps",
            "accuracy_meaning", "broken_by_counts", "sha256_file", "versions", "PROTOCOL_NOTES",
@@ -162,10 +162,14 @@ def broken_by_counts(result, name: str) -> dict[str, int]:
 
 def write_results(out_dir: str | Path, results: dict[str, Any],
                   result=None) -> Path:
-    """Write ``out_dir/results.json`` (and ``flags.json`` of per-sample 0/1 flags if ``result``)."""
+    """Write ``out_dir/results.json`` (and ``flags.json`` of per-sample 0/1 flags if ``result``).
+
+    Raises:
+        OutputError: a file cannot be written (named; files already written stay intact).
+    """
     out_dir = Path(out_dir)
     path = out_dir / "results.json"
-    atomic_write_json(path, results)
+    write_json(path, results)
     if result is not None:
         flags = {"labels": result.labels.tolist(), "clean": result.clean.int().tolist()}
         flags.update({k: v.int().tolist() for k, v in result.correct.items()})
@@ -173,7 +177,7 @@ def write_results(out_dir: str | Path, results: dict[str, Any],
         # per sub-attack: still correct after it (AutoAttack order); "components" is reserved
         flags["components"] = {k: {sub: f.int().tolist() for sub, f in subs.items()}
                                for k, subs in result.components.items()}
-        atomic_write_json(out_dir / "flags.json", flags)
+        write_json(out_dir / "flags.json", flags)
     return path
 
 
@@ -246,7 +250,7 @@ def write_model_info(out_dir: str | Path, results: dict[str, Any], *, name: str,
     """Write ``out_dir/model_info/<dataset>/<threat_model>/<name>.json``; returns its path."""
     path = (Path(out_dir) / "model_info" / results["dataset"] / results["threat_model"]
             / f"{name}.json")
-    atomic_write_json(path, model_info(results, name=name, meta=meta))
+    write_json(path, model_info(results, name=name, meta=meta))
     return path
 
 

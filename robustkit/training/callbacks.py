@@ -2,17 +2,21 @@
 
 A callback is any object with some of the methods of :class:`Callback` (minGPT style); the
 trainer calls them in the order given, so put ``EvalCallback`` before the callbacks that read
-its ``eval/*`` metrics. Every callback runs on every rank; those that write files or logs act on
-rank 0 only (``distributed.is_main()``), while evaluation and ``trainer.state_dict()`` are
-collectives under DDP and run everywhere.
+its ``eval/*`` metrics, and ``CheckpointCallback`` last: an epoch's log lines are then on disk
+before its checkpoint, so a run killed in between has logs *ahead* of ``last.pt`` (trimmed on
+resume), never behind it (a line lost for good). Every callback runs on every rank; those that
+write files or logs act on rank 0 only (``distributed.is_main()``), while evaluation and
+``trainer.state_dict()`` are collectives under DDP and run everywhere.
 
 Example:
-    >>> cbs = [EvalCallback(loaders.holdout, {"pgd20": pgd20}), CheckpointCallback("runs/x")]
+    >>> cbs = [EvalCallback(loaders.holdout, {"pgd20": pgd20}), JSONLCallback("runs/x/m.jsonl"),
+    ...        CheckpointCallback("runs/x")]
     >>> Trainer(model, objective, optimizer, epochs=10, callbacks=cbs).fit(loaders.train)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -30,8 +34,9 @@ from torch.utils.data import DataLoader, Subset
 from robustkit import __version__
 from robustkit import distributed as dist
 from robustkit.evaluation.protocol import evaluate_attacks
-from robustkit.training.checkpoint import check_plain, save_checkpoint
+from robustkit.training.checkpoint import check_plain, load_checkpoint, save_checkpoint
 from robustkit.training.loggers import NullLogger, TensorBoardLogger
+from robustkit.utils import output_errors
 
 __all__ = [
     "Callback",
@@ -135,12 +140,25 @@ class CheckpointCallback(Callback):
     with ``load_checkpoint`` (``weights_only=True``). ``best.pt`` selects against robust
     overfitting (Rice et al., 2020, https://arxiv.org/abs/2002.11569).
 
+    ``best.pt`` is written *before* ``last.pt``, and the state records ``best_epoch``: a run
+    killed between the two writes leaves ``best.pt`` one epoch ahead of ``last.pt``, never
+    behind it, so the weights of the epoch ``last.pt`` calls best are always on disk. On a
+    resumed run (``trainer.state.epoch > 0`` at ``on_fit_start``) ``best.pt`` is checked against
+    the state and reconciled, so that ``best.pt`` holds epoch ``state.best_epoch``: a newer
+    ``best.pt`` (the interrupted epoch's) is adopted, a stale one is rewritten from the resumed
+    state when that state is the best epoch. Put this callback last: the logs of an epoch are
+    then written before its checkpoint, and a resumed run trims what ran ahead of it.
+
     Args:
         out_dir: the run folder (created).
         config: the resolved config as plain data (dicts, lists, numbers, strings), or None.
         monitor: metric deciding ``best.pt`` (default ``"eval/pgd20"``, from ``EvalCallback``).
         every: write ``last.pt`` every ``every`` epochs.
         mode: ``"max"`` (accuracies) or ``"min"`` (losses).
+
+    Raises:
+        OutputError: (from ``on_epoch_end``) a checkpoint could not be written (full disk,
+            quota, read-only folder), naming the file; the previous file is intact.
 
     Example:
         >>> cb = CheckpointCallback("runs/cifar10_pgd_at", config=to_container(cfg))
@@ -164,27 +182,99 @@ class CheckpointCallback(Callback):
         self.monitor, self.every, self.mode = monitor, every, mode
         self._seen_monitor = False
 
+    def _better(self, value: float, than: float | None) -> bool:
+        return than is None or (value > than if self.mode == "max" else value < than)
+
+    def on_fit_start(self, trainer) -> None:
+        if trainer.state.epoch > 0:  # resumed: best.pt must hold the epoch the state calls best
+            self._reconcile_best(trainer)
+
     def on_epoch_end(self, trainer) -> None:
         s = trainer.state
         value = s.metrics.get(self.monitor)
         self._seen_monitor |= value is not None
-        improved = value is not None and math.isfinite(value) and (
-            s.best is None or (value > s.best if self.mode == "max" else value < s.best)
-        )
+        improved = value is not None and math.isfinite(value) and self._better(value, s.best)
         if improved:
-            s.best = float(value)
+            s.best, s.best_epoch = float(value), s.epoch
         write_last = s.epoch % self.every == 0 or s.epoch == trainer.epochs
         if not (write_last or improved):
             return
         state = trainer.state_dict()  # a collective under DDP: every rank calls it
         if not dist.is_main():
             return
-        state.update(config=self.config, versions=_versions(), metrics=dict(s.metrics))
-        if write_last:
-            save_checkpoint(self.out_dir / "last.pt", state)
+        # best.pt first (see the class docstring): killed between the writes, best.pt is ahead
+        # of last.pt and adopted on resume; the other order would lose the best epoch.
         if improved:
-            save_checkpoint(self.out_dir / "best.pt", state)
+            self._save("best.pt", state, s)
             log.info("best.pt: %s = %.4f at epoch %d", self.monitor, value, s.epoch)
+        if write_last:
+            self._save("last.pt", state, s)
+
+    def _save(self, name: str, state: dict[str, Any], s) -> None:
+        state.update(config=self.config, versions=_versions(), metrics=dict(s.metrics))
+        with output_errors(self.out_dir / name, f"; the previous {name} is intact"):
+            save_checkpoint(self.out_dir / name, state)
+
+    # -- resume: best.pt against the resumed state ---------------------------------------------
+    def _reconcile_best(self, trainer) -> None:
+        s = trainer.state
+        if s.best is not None and s.best_epoch is None:  # a checkpoint older than best_epoch
+            s.best_epoch = next((i + 1 for i, h in enumerate(s.history)
+                                 if h.get(self.monitor) == s.best), None)
+        # rank 0 reads best.pt and decides for every rank (other nodes may not see the folder)
+        action = self._best_action(s) if dist.is_main() else None
+        kind, *args = dist.all_gather_object(action)[0] or ("ok",)
+        if kind == "adopt":
+            s.best, s.best_epoch = args
+        elif kind == "reset":
+            s.best, s.best_epoch = None, None
+        elif kind == "rewrite":
+            state = trainer.state_dict()  # a collective under DDP
+            if dist.is_main():
+                self._save("best.pt", state, s)
+
+    def _best_action(self, s) -> tuple | None:
+        """What to do so that best.pt holds epoch ``s.best_epoch`` (rank 0; logs why)."""
+        path = self.out_dir / "best.pt"
+        held_epoch = held = None
+        if path.is_file():
+            try:
+                b = load_checkpoint(path)
+                held_epoch, held = int(b["epoch"]), b.get("best")
+                held = float(held) if held is not None and math.isfinite(held) else None
+            except (ValueError, KeyError, TypeError) as err:  # CheckpointError is a ValueError
+                log.warning("%s is unreadable (%s)", path, " ".join(str(err).split())[:200])
+                held_epoch = held = None
+        if held is not None and held_epoch > s.epoch and self._better(held, s.best):
+            log.warning("%s holds epoch %d (%s = %.4f), written by the interrupted run after "
+                        "the resumed checkpoint (epoch %d): adopted as the best so far", path,
+                        held_epoch, self.monitor, held, s.epoch)
+            return ("adopt", held, held_epoch)
+        if s.best is None:
+            return None  # nothing is called best yet; the first evaluated epoch writes best.pt
+        if held is not None and held_epoch == s.best_epoch:
+            return None
+        if held is not None and s.best_epoch is None and held == s.best:
+            return ("adopt", held, held_epoch)  # an old checkpoint whose history lacks the epoch
+        if s.best_epoch == s.epoch:  # the resumed state itself is the best epoch
+            if held_epoch is None:  # e.g. resumed from another folder's last.pt
+                log.info("%s written from the resumed checkpoint, the best epoch so far (%d, "
+                         "%s = %.4f)", path, s.epoch, self.monitor, s.best)
+            else:
+                log.warning("%s holds epoch %d, not epoch %d which the resumed checkpoint calls "
+                            "best (%s = %.4f): rewritten from it", path, held_epoch, s.epoch,
+                            self.monitor, s.best)
+            return ("rewrite",)
+        if held is not None:
+            log.warning("%s holds epoch %d (%s = %.4f), not epoch %s which the resumed "
+                        "checkpoint calls best (%.4f): those weights are lost; best.pt is "
+                        "kept as the best so far", path, held_epoch, self.monitor, held,
+                        s.best_epoch, s.best)
+            return ("adopt", held, held_epoch)
+        log.warning("%s is missing or unreadable: the best so far (%s = %.4f at epoch %s) "
+                    "is forgotten and the next evaluated epoch writes a new best.pt", path,
+                    self.monitor, s.best, s.best_epoch)
+        return ("reset",)
 
     def on_fit_end(self, trainer) -> None:
         if not self._seen_monitor and dist.is_main():
@@ -196,7 +286,9 @@ class JSONLCallback(Callback):
 
     Epoch lines: ``{"type": "epoch", "epoch", "step", "time", <metrics>}``; step lines:
     ``{"type": "step", "epoch", "step", "train/<name>", "lr"}``. Non-finite values are written
-    as ``null``. A resumed run appends to the same file.
+    as ``null``. A resumed run appends to the same file (the CLI first trims it to the resumed
+    checkpoint: ``RunDirectory.trim_jsonl``). A failed append (full disk) is cut back, so no torn
+    line is left, and raises ``OutputError`` naming the file.
 
     Args:
         path: the ``metrics.jsonl`` file (parent folders created).
@@ -213,11 +305,12 @@ class JSONLCallback(Callback):
         self.path, self.log_every = Path(path), log_every
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None)
                  for k, v in record.items()}
-        with open(self.path, "a") as f:  # one short append per line: a crash loses no earlier line
-            f.write(json.dumps(clean) + "\n")
+        data = (json.dumps(clean) + "\n").encode()
+        with output_errors(self.path, "; its earlier lines are intact"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _append(self.path, data)
 
     def on_batch_end(self, trainer, out, batch) -> None:
         s = trainer.state
@@ -236,6 +329,23 @@ class JSONLCallback(Callback):
 MetricsLogger = JSONLCallback
 
 
+def _append(path: Path, data: bytes) -> None:
+    """Append ``data`` whole or not at all (a failed write is truncated back, best effort)."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:  # os.write may write part of the data before the disk fills
+                view = view[os.write(fd, view):]
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)
+
+
 class TensorBoardCallback(Callback):
     """TensorBoard logging with methods.md §7.3's tags (rank 0; other ranks use a NullLogger).
 
@@ -244,7 +354,11 @@ class TensorBoardCallback(Callback):
     since the last log). Every epoch: ``eval/*`` and the epoch means as ``epoch/<name>``,
     ``hist/<name>`` for every ``(N,)`` metric, and the images of ``image_fn`` (the hook for
     saliency panels). At the start the config as text; at the end ``add_hparams`` with the final
-    metrics as ``hparam/<name>``. The x axis is the optimizer step.
+    metrics as ``hparam/<name>``. The x axis is the optimizer step. A resumed run (``state.step
+    > 0`` at ``on_fit_start``) opens its writer with ``purge_step = state.step + 1``: what the
+    interrupted run logged after its checkpoint is hidden, what it logged up to it (including
+    the checkpointed epoch's own ``eval/*`` at ``state.step``) is kept, so curves neither overlap
+    nor lose a point.
 
     Args:
         log_dir: event-file folder, e.g. ``runs/<name>/tb``.
@@ -278,7 +392,11 @@ class TensorBoardCallback(Callback):
         self.logger: NullLogger = NullLogger()
 
     def on_fit_start(self, trainer) -> None:
-        self.logger = TensorBoardLogger(self.log_dir) if dist.is_main() else NullLogger()
+        step = trainer.state.step
+        # step + 1, not step: events at the checkpoint's own step came before the checkpoint
+        purge = step + 1 if step > 0 else None
+        self.logger = (TensorBoardLogger(self.log_dir, purge_step=purge) if dist.is_main()
+                       else NullLogger())
         if self.config_text:
             # Indented four spaces: TensorBoard renders text as Markdown, this keeps it verbatim.
             text = "\n".join("    " + line for line in self.config_text.splitlines())

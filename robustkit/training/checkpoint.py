@@ -68,13 +68,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint onto the CPU with ``torch.load(weights_only=True)``.
 
     Raises:
-        CheckpointError: the file is missing, corrupt (empty, truncated: "corrupt"), pickles
-            anything but plain data ("refused": it is never run), or is not a dict.
+        CheckpointError: the file is missing, corrupt (empty, truncated, not a torch file at
+            all: "corrupt"), pickles anything but plain data ("refused": it is never run), or
+            is not a dict.
     """
     try:
-        state = torch_load_plain(path)
+        state = torch_load_plain(path)  # tells "corrupt" (e.g. config.yaml) from "refused"
     except (FileNotFoundError, ValueError) as err:
         raise CheckpointError(f"checkpoint {err}") from None
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({err.strerror or err})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, expected a dict")
     return state

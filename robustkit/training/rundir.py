@@ -156,12 +156,21 @@ class RunDirectory:
             logger.info("%s: dropped %d line(s) written after the checkpoint", path, dropped)
         return dropped
 
-    def start_fresh(self, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
+    def start_fresh(self, names: tuple[str, ...] = ("metrics.jsonl",)) -> list[Path]:
         """A fresh run in a folder without ``last.pt``: earlier logs would mix with the new ones;
-        they are renamed ``<name>.old`` (kept, not deleted)."""
+        they are renamed ``<name>.old`` (kept, not deleted; ``<name>.old.1``, ... when that
+        exists). ``names`` may name files or folders (``tb``). Returns the new paths."""
+        moved = []
         for name in names:
             path = self.path / name
-            if path.is_file():
-                old = path.with_name(path.name + ".old")
-                os.replace(path, old)
-                logger.warning("%s held a previous run's log; moved to %s", path, old)
+            if not (path.is_file() or path.is_dir()):
+                continue
+            old, n = path.with_name(path.name + ".old"), 0
+            while old.exists():
+                n += 1
+                old = path.with_name(f"{path.name}.old.{n}")
+            os.replace(path, old)
+            moved.append(old)
+            logger.warning("%s held a previous run's %s; moved to %s", path,
+                           "logs" if old.is_dir() else "file", old)
+        return moved

@@ -62,6 +62,8 @@ class TrainerState:
             ``lr``), plus what callbacks add (``eval/clean``, ``eval/pgd20``).
         history: one ``metrics`` dict per completed epoch.
         best: best value of the checkpoint monitor so far.
+        best_epoch: the epoch (1-based, as ``epoch``) that reached ``best``; its weights are in
+            ``best.pt`` (``CheckpointCallback`` keeps the two in step).
         stop: set by a callback to end training after the current batch.
         batch: the last batch's 0-dim values (``loss``, ``acc``, objective metrics), detached and
             on the device, this rank only: read them with ``float()`` when needed.
@@ -73,6 +75,7 @@ class TrainerState:
     metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     best: float | None = None
+    best_epoch: int | None = None
     stop: bool = False
     batch: dict[str, Tensor] = field(default_factory=dict)
     histograms: dict[str, Tensor] = field(default_factory=dict)
@@ -279,6 +282,7 @@ class Trainer:
             "epoch": self.state.epoch,
             "step": self.state.step,
             "best": self.state.best,
+            "best_epoch": self.state.best_epoch,
             "history": [dict(h) for h in self.state.history],
             "rng": dist.all_gather_object(_rng_state(self.device)),  # one entry per rank
         }
@@ -296,6 +300,10 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.state.epoch, self.state.step = int(state["epoch"]), int(state["step"])
         self.state.best = state["best"]
+        # absent from checkpoints written before best_epoch existed: CheckpointCallback derives
+        # it from the history when it needs it
+        best_epoch = state.get("best_epoch")
+        self.state.best_epoch = int(best_epoch) if best_epoch is not None else None
         self.state.history = [dict(h) for h in state["history"]]
         self.state.metrics = dict(self.state.history[-1]) if self.state.history else {}
         rngs, world = state["rng"], dist.world_size()
