@@ -200,6 +200,27 @@ def test_best_and_last_written(tmp_path):
     assert [r["eval/pgd20"] for r in lines] == [0.3, 0.5, 0.4]
 
 
+@pytest.mark.parametrize("scores, warned", [([0.30, 0.45, 0.05, 0.04], True),
+                                             ([0.30, 0.45, 0.40, 0.38], False),
+                                             ([0.10, 0.15, 0.06, 0.07], False)])
+def test_a_collapse_of_held_out_robustness_is_warned_and_best_pt_keeps_the_good_epoch(
+        tmp_path, caplog, scores, warned):
+    """Catastrophic overfitting (Wong et al. 2020): the held-out PGD accuracy falls below half
+    its best and by >= 10 points -> a warning; best.pt stays at the good epoch. Noise (a few
+    points) and small absolute drops on a weak model are not collapses."""
+    it = iter(scores)
+
+    class FakeEval:
+        def on_epoch_end(self, trainer):
+            trainer.state.metrics["eval/pgd20"] = next(it)
+
+    cbs = [FakeEval(), CheckpointCallback(tmp_path)]
+    with caplog.at_level("WARNING", logger="robustkit.training.callbacks"):
+        trainer_for(tiny(), epochs=4, callbacks=cbs).fit(toy_loader(32, 16))
+    assert ("catastrophic overfitting" in caplog.text) == warned
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
 def test_grad_clip_bounds_the_update():
     x, y = separable_toy_data(16, (3, 8, 8), num_classes=10)
     loader = DataLoader(TensorDataset(x * 50, y), batch_size=16)  # large inputs: large gradients

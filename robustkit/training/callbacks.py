@@ -132,6 +132,12 @@ class EvalCallback(Callback):
         return {"eval/clean": acc["clean"], **{f"eval/{k}": acc[k] for k in attacks}}
 
 
+# Catastrophic overfitting watch (CheckpointCallback): the monitored accuracy fell below this
+# fraction of its best and by at least this much (fractions in [0, 1]).
+COLLAPSE_FRACTION = 0.5
+COLLAPSE_MIN_DROP = 0.10
+
+
 class CheckpointCallback(Callback):
     """``last.pt`` every ``every`` epochs and after the last; ``best.pt`` when ``monitor`` improves.
 
@@ -148,6 +154,10 @@ class CheckpointCallback(Callback):
     ``best.pt`` (the interrupted epoch's) is adopted, a stale one is rewritten from the resumed
     state when that state is the best epoch. Put this callback last: the logs of an epoch are
     then written before its checkpoint, and a resumed run trims what ran ahead of it.
+
+    A monitored accuracy that collapses (below half its best and by >= 10 points: catastrophic
+    overfitting of single-step training, Wong et al. 2020) is logged as a warning; ``best.pt``
+    keeps the last good epoch, so a collapsed run never ships as "best".
 
     Args:
         out_dir: the run folder (created).
@@ -182,6 +192,17 @@ class CheckpointCallback(Callback):
         self.monitor, self.every, self.mode = monitor, every, mode
         self._seen_monitor = False
 
+    def _collapsed(self, value: float, best: float | None) -> bool:
+        """The monitored robust accuracy fell below half its best and by >= 10 points.
+
+        Single-step training (fast_at) can lose all robustness within an epoch while its clean
+        accuracy rises (catastrophic overfitting); such a drop is far larger than the epoch-to-
+        epoch noise of a 1,000-image held-out PGD (a few points).
+        """
+        if self.mode != "max" or best is None or not math.isfinite(value):
+            return False
+        return value < COLLAPSE_FRACTION * best and best - value >= COLLAPSE_MIN_DROP
+
     def _better(self, value: float, than: float | None) -> bool:
         return than is None or (value > than if self.mode == "max" else value < than)
 
@@ -196,6 +217,11 @@ class CheckpointCallback(Callback):
         improved = value is not None and math.isfinite(value) and self._better(value, s.best)
         if improved:
             s.best, s.best_epoch = float(value), s.epoch
+        elif value is not None and self._collapsed(value, s.best):
+            log.warning("%s fell from %.4f (epoch %s) to %.4f at epoch %d: catastrophic "
+                        "overfitting? (Wong et al. 2020, https://arxiv.org/abs/2001.03994) "
+                        "best.pt keeps epoch %s", self.monitor, s.best, s.best_epoch, value,
+                        s.epoch, s.best_epoch)
         write_last = s.epoch % self.every == 0 or s.epoch == trainer.epochs
         if not (write_last or improved):
             return
