@@ -16,6 +16,16 @@ if os.environ.get("ROBUSTKIT_SHARED_DATA"):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test: two shared cores, tiny tensors; thread hand-offs cost more
+    than the maths (one AutoAttack test took 65 s with the default threads, 1 s with one)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
     yield

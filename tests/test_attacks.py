@@ -17,15 +17,6 @@ EPS = {"Linf": 4 / 255, "L2": 0.25}  # a random TinyCNN (no fc bias) is broken a
 CONTRACT = [*ATTACKS, "torchattacks:PGD"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads only add contention for these tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(n=8, dtype=torch.float32, seed=0):
     """A TinyCNN and a batch labelled by its own predictions (every clean point is correct).
 

@@ -19,15 +19,6 @@ pyautoattack = pytest.importorskip("pyautoattack")
 EPS = 1 / 255  # APGD-CE breaks some points of the TinyCNN below, APGD-T some more, not all
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads only add contention for these tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(n=8):
     torch.manual_seed(0)
     model = TinyCNN().eval()

@@ -36,14 +36,6 @@ def net():
 """
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def factory(tmp_path):
     path = tmp_path / "archs.py"

@@ -14,14 +14,6 @@ from robustkit.evaluation.results import build_results, model_info
 from robustkit.testing import LinearModel, random_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=12):
     torch.manual_seed(0)
     model = LinearModel((3, 4, 4), 10).eval()

@@ -31,8 +31,6 @@ class Masked(nn.Module):
 
 @pytest.fixture(autouse=True)
 def _fast(monkeypatch):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: threads only add contention for tiny models
     build = AutoAttack.build
 
     def few_queries(self, device):
@@ -42,8 +40,6 @@ def _fast(monkeypatch):
         return aa
 
     monkeypatch.setattr(AutoAttack, "build", few_queries)
-    yield
-    torch.set_num_threads(n)
 
 
 def _evaluate(model, attacks_of, protocol="standalone"):

@@ -16,14 +16,6 @@ from robustkit.evaluation.results import build_results, write_results
 from robustkit.testing import LinearModel, TinyCNN, random_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: threads only add contention for tiny models
-    yield
-    torch.set_num_threads(n)
-
-
 def _tiny(n=32):
     torch.manual_seed(0)
     model = TinyCNN(3, 10, 8).eval()

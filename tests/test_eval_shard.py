@@ -27,13 +27,6 @@ from robustkit.training.callbacks import EvalCallback
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: threads only add contention for tiny models
-    yield
-    torch.set_num_threads(n)
-
 WORKER = '''
 import json, os, sys
 import torch

@@ -27,14 +27,6 @@ pyautoattack = pytest.importorskip("pyautoattack")
 from pyautoattack import AutoAttack as Backend  # noqa: E402  (after the importorskip)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: threads only add contention for tiny models
-    yield
-    torch.set_num_threads(n)
-
-
 class Counting(Attack):
     """PGD (3 steps, seeded by the runner through its generator) counting its calls."""
 

@@ -12,9 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 from robustkit.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,14 +60,6 @@ def centroid():
 ARGS = ["--dataset", "sample-mnist", "--n-examples", "40", "--batch-size", "8", "--eps", "0.1",
         "--attacks", "clean,pgd5,autoattack", "--aa-version", "custom", "--aa-attacks",
         "apgd-ce", "--device", "cpu", "--no-progress"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # torchrun gives each process one thread too: the same floats
-    yield
-    torch.set_num_threads(n)
 
 
 def _free_port() -> int:

@@ -31,14 +31,6 @@ from robustkit.testing import ConstantModel, LinearModel, TinyCNN, random_batch
 K = 5  # classes of the pixel model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: threads only add contention for tiny models
-    yield
-    torch.set_num_threads(n)
-
-
 class PixelModel(nn.Module):
     """Predicts the class nearest to ``pixel(0,0,0) * (K - 1)``: smooth logits, known argmax."""
 

@@ -14,14 +14,6 @@ from robustkit.objectives import FastAT, TrainContext, create_objective
 from robustkit.testing import TinyCNN, random_batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _setup(n=8, seed=0):
     torch.manual_seed(seed)
     model = TinyCNN().double()

@@ -50,15 +50,6 @@ FAST = {
 CTX = TrainContext(epoch=7, epochs=10, step=0, idx=torch.arange(N))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread hand-offs cost more than the maths on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _model() -> TinyCNN:
     torch.manual_seed(0)
     return TinyCNN(in_channels=3, num_classes=K).train()

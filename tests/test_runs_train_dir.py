@@ -28,14 +28,6 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 FAST = ["log.progress=false", "trainer.device=cpu", "data.limit=128", "log.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 class Killed(BaseException):
     """Stands for SIGKILL: nothing catches it, the process (here: main) ends."""
 

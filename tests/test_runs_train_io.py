@@ -28,14 +28,6 @@ SMOKE = str(ROOT / "configs" / "smoke.yaml")
 FAST = ["log.progress=false", "trainer.device=cpu", "data.limit=128", "log.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores
-    yield
-    torch.set_num_threads(threads)
-
-
 def _train(out: Path, *overrides: str) -> int:
     return main(["train", "-c", SMOKE, f"trainer.out_dir={out}", *FAST, *overrides])
 
