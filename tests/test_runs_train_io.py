@@ -276,3 +276,22 @@ def test_ctrl_c_during_imports_from_a_shell_is_one_line(tmp_path):
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip() == "interrupted"
+
+
+def test_a_diverged_run_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatch):
+    """A NaN loss is the user's to fix (learning rate, clipping): one line, exit 2."""
+    from robustkit.objectives.standard import Natural
+
+    real_loss = Natural.loss
+
+    def nan_loss(self, x, y, adv, ctx):
+        out = real_loss(self, x, y, adv, ctx)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Natural, "loss", nan_loss)
+    config = Path(__file__).resolve().parents[1] / "robustkit/cli/demo_configs/natural.yaml"
+    code = main(["train", "-c", str(config), f"trainer.out_dir={tmp_path / 'run'}",
+                 "trainer.epochs=1", "data.limit=128", "log.progress=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "non-finite loss" in err[-1] and "Traceback" not in "\n".join(err)

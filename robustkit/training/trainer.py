@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit import distributed as dist
+from robustkit.errors import UserError
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
 from robustkit.training.meters import Meters
 
@@ -41,8 +42,11 @@ log = logging.getLogger(__name__)
 _FP16_MIN_SCALE = 1.0
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss or the gradient norm became NaN or infinite; raised before the optimizer step.
+
+    A diverged run is the user's to fix (a lower ``optim.lr``, ``trainer.grad_clip``, a smaller
+    budget), so it is a ``UserError``: the CLI prints one line and exits 2.
 
     The trainer calls ``objective.abort_step()`` first (AWP puts back the weights it perturbed),
     so the parameters keep their values from before the step, bitwise; their ``.grad`` are
@@ -244,7 +248,8 @@ class Trainer:
                 f"non-finite gradient norm {float(grad_norm):.4g} (loss {loss.item():.4g})")
         raise NonFiniteLossError(
             f"{what} at epoch {epoch} step {self.state.step} (metrics {values}); stopped before "
-            "the optimizer step: weights and the last checkpoint are intact"
+            "the optimizer step: weights and the last checkpoint are intact; lower optim.lr, "
+            "set trainer.grad_clip, or resume from last.pt"
         )
 
     def _move(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
