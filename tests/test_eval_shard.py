@@ -21,8 +21,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from robustkit.attacks.pgd import PGD
 from robustkit.evaluation import evaluate_attacks
 from robustkit.testing import LinearModel, TinyCNN, random_batch
-from robustkit.training import callbacks
 from robustkit.training.callbacks import EvalCallback
+from robustkit.training.callbacks import evaluation as evaluation_callback
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -141,7 +141,7 @@ def test_eval_callback_runs_the_evaluation_runner(holdout, monkeypatch):
         calls.append(kwargs)
         return evaluate_attacks(*args, **kwargs)
 
-    monkeypatch.setattr(callbacks, "evaluate_attacks", spy)
+    monkeypatch.setattr(evaluation_callback, "evaluate_attacks", spy)
     bn = model.features[1].running_mean.clone()
     pgd = PGD(model, eps=0.05, alpha=0.02, steps=3)
     got = EvalCallback(loader, {"pgd3": pgd}, seed=5).evaluate(model)
@@ -198,9 +198,9 @@ def _imports(path: Path) -> list[str]:
 @pytest.mark.parametrize("folder", ["training", "evaluation"])
 def test_training_and_evaluation_import_no_attack(folder):
     """architecture.md §2: the CLI builds the attacks; the trainer and the runner take them."""
-    for path in sorted((REPO / "robustkit" / folder).glob("*.py")):
+    for path in sorted((REPO / "robustkit" / folder).rglob("*.py")):  # callbacks/ too
         bad = [m for m in _imports(path) if m.startswith("robustkit.attacks")]
-        assert not bad, (path.name, bad)
+        assert not bad, (str(path.relative_to(REPO)), bad)
 
 
 def test_sharding_without_a_process_group_is_the_plain_run():

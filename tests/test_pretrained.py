@@ -32,6 +32,8 @@ def fake_assets(tmp_path, monkeypatch):
     (tmp_path / "checksums.json").write_text(json.dumps(
         {"files": {"models/mnist_smallcnn_robust.pt": {"sha256": sha}}}))
     monkeypatch.setattr(P, "_root", lambda: tmp_path)
+    monkeypatch.setattr(P, "PRETRAINED", {"mnist_smallcnn_standard": "mnist_smallcnn_standard",
+                                          "mnist_smallcnn_robust": "mnist_smallcnn_robust"})
     return tmp_path, model
 
 
@@ -57,6 +59,11 @@ def test_changed_weights_are_refused_by_their_sha256(fake_assets):
     path.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="sha256"):
         P.load_pretrained("mnist_smallcnn_robust")
+
+
+def test_nothing_is_registered_without_its_files():
+    """Every registered name ships both files (no entry points at weights that are not there)."""
+    assert P.available_pretrained() == list(P.PRETRAINED)
 
 
 def test_unknown_or_missing_names_are_clear(fake_assets):

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import robustkit.training.callbacks as callbacks
+import robustkit.training.callbacks.checkpoint as checkpoint_callback
+import robustkit.training.callbacks.jsonl as jsonl_callback
 from robustkit.cli import main
 from robustkit.errors import OutputError
 from robustkit.training.checkpoint import load_checkpoint, save_checkpoint
@@ -52,7 +54,7 @@ def _scores(monkeypatch, scores: dict[int, float]) -> None:
 
 def _kill_at_save(monkeypatch, name: str, epoch: int, after: bool = False) -> None:
     """Kill the run inside (before ``os.replace``) or right after the write of ``name``."""
-    real = callbacks.save_checkpoint
+    real = checkpoint_callback.save_checkpoint
 
     def save(path, state):
         if Path(path).name == name and state["epoch"] == epoch:
@@ -61,7 +63,7 @@ def _kill_at_save(monkeypatch, name: str, epoch: int, after: bool = False) -> No
             raise Killed(f"{name} epoch {epoch}")
         real(path, state)
 
-    monkeypatch.setattr(callbacks, "save_checkpoint", save)
+    monkeypatch.setattr(checkpoint_callback, "save_checkpoint", save)
 
 
 def _kill_at_step(monkeypatch, step: int) -> None:
@@ -240,8 +242,9 @@ def test_the_lock_is_held_over_config_checkpoints_and_logs(tmp_path, monkeypatch
         return wrapper
 
     monkeypatch.setattr(cli_train, "save_config", spy("config.yaml", cli_train.save_config))
-    monkeypatch.setattr(callbacks, "save_checkpoint", spy("checkpoint", callbacks.save_checkpoint))
-    monkeypatch.setattr(callbacks, "_append", spy("metrics.jsonl", callbacks._append))
+    monkeypatch.setattr(checkpoint_callback, "save_checkpoint",
+                        spy("checkpoint", checkpoint_callback.save_checkpoint))
+    monkeypatch.setattr(jsonl_callback, "_append", spy("metrics.jsonl", jsonl_callback._append))
     assert _train(tmp_path) == 0
     assert {w for w, _ in held} == {"config.yaml", "checkpoint", "metrics.jsonl"}
     assert all(ok for _, ok in held), held

@@ -18,6 +18,7 @@ from robustkit.models.cifar_cnn import CifarCNN
 from robustkit.models.loading import load_model, load_state_dict_file, load_weights
 from robustkit.models.normalize import Normalize
 from robustkit.models.preact_resnet import PreActResNet
+from robustkit.models.pretrained import PRETRAINED, load_pretrained, model_card
 from robustkit.models.registry import MODELS, create_model
 from robustkit.models.resnet import ResNet
 from robustkit.models.small_cnn import SmallCNN
@@ -28,6 +29,9 @@ __all__ = [
     "create_model",
     "load_model",
     "load_weights",
+    "load_pretrained",
+    "model_card",
+    "PRETRAINED",
     "load_state_dict_file",
     "ModelError",
     "Normalize",

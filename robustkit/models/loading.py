@@ -244,13 +244,15 @@ def load_model(
       arguments; it must return an ``nn.Module`` taking [0, 1] inputs (normalising itself:
       ``mean``/``std`` are not applied); the optional ``checkpoint`` is then loaded into it;
     * ``robustbench:<name>``: RobustBench's zoo (``dataset`` and ``threat_model`` required,
-      network access to download weights unless already in ``model_dir``); no checkpoint.
+      network access to download weights unless already in ``model_dir``); no checkpoint;
+    * ``robustkit:<name>``: a reference model shipped with robustkit
+      (``robustkit.models.pretrained``: offline, sha256-checked); no checkpoint.
 
     Every model is then run once on a zero input of shape ``(1, in_channels, input_size,
     input_size)`` to check that it returns ``(1, num_classes)`` logits.
 
     Args:
-        spec: model name, ``FILE.py:FN`` or ``robustbench:NAME``.
+        spec: model name, ``FILE.py:FN``, ``robustbench:NAME`` or ``robustkit:NAME``.
         num_classes: classes of the dataset.
         in_channels: image channels of the dataset. Default 3.
         input_size: image height = width of the dataset in pixels. Default 32.
@@ -275,9 +277,11 @@ def load_model(
     from robustkit.utils import resolve_device
 
     if not isinstance(spec, str) or not spec.strip():
-        raise ModelError(f"spec must be a model name, FILE.py:FN or robustbench:NAME, got {spec!r}")
+        raise ModelError("spec must be a model name, FILE.py:FN, robustbench:NAME or "
+                         f"robustkit:NAME, got {spec!r}")
     spec = spec.strip()
     is_zoo = spec.startswith("robustbench:")
+    shipped = spec.startswith("robustkit:")
     if kwargs and (is_zoo or ":" in spec or spec.endswith(".py")):
         raise ModelError(f"architecture arguments {', '.join(kwargs)} apply to registry names "
                          f"only, not to {spec!r}")
@@ -289,11 +293,18 @@ def load_model(
                              "downloads its own weights)")
         model = load_zoo_model(spec.partition(":")[2], dataset=dataset,
                                threat_model=threat_model, model_dir=model_dir)
+    elif shipped:
+        from robustkit.models.pretrained import load_pretrained
+
+        if checkpoint is not None:
+            raise ModelError("checkpoint cannot be combined with robustkit: models (they ship "
+                             "their own weights)")
+        model = load_pretrained(spec.partition(":")[2])
     elif ":" in spec or spec.endswith(".py"):
         if spec.rpartition(":")[0][-3:] != ".py":
             raise ModelError(
                 f"--model {spec!r}: expected a registry name ({', '.join(MODELS)}), "
-                f"path/to/file.py:function or robustbench:NAME"
+                f"path/to/file.py:function, robustbench:NAME or robustkit:NAME"
             )
         model = _from_file(spec)
     else:
