@@ -1,0 +1,17 @@
+"""Neuron sensitivity (methods.md §4): capture features, measure σ, rank neurons.
+
+Example:
+    >>> from robustkit.sensitivity import neuron_sensitivity, top_k_neurons
+    >>> sigma = neuron_sensitivity(model, x, x_adv, "auto")
+"""
+
+from robustkit.sensitivity.measure import (
+    SensitivityMeter,
+    jaccard,
+    neuron_sensitivity,
+    top_k_neurons,
+)
+from robustkit.sensitivity.tap import FeatureTap, resolve_layers
+
+__all__ = ["FeatureTap", "resolve_layers", "SensitivityMeter", "neuron_sensitivity",
+           "top_k_neurons", "jaccard"]

@@ -1,0 +1,140 @@
+"""robustkit.sensitivity: FeatureTap's hygiene, σ against the two published formulas written
+plainly here (the Beihang group's per-neuron mean L1 normalised by the feature size, and
+MindSpore MindArmour's NeuronMetric), batch-size invariance, ranking and overlap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robustkit.models import create_model
+from robustkit.sensitivity import (
+    FeatureTap,
+    SensitivityMeter,
+    jaccard,
+    neuron_sensitivity,
+    top_k_neurons,
+)
+from robustkit.testing import TinyCNN, random_batch
+
+
+def _model():
+    torch.manual_seed(0)
+    return create_model("small_cnn", 10, in_channels=1, input_size=28).double().eval()
+
+
+def _pairs(n=10, seed=0):
+    x, _ = random_batch(n, (1, 28, 28), seed=seed)
+    x = x.double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x_adv = (x + 0.1 * (2 * torch.rand(x.shape, generator=g, dtype=x.dtype) - 1)).clamp(0, 1)
+    return x, x_adv
+
+
+def _features(model, x, layer):
+    out = {}
+    h = model.get_submodule(layer).register_forward_hook(lambda m, i, o: out.update(f=o))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return out["f"]
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_tap_captures_named_outputs_and_removes_every_hook_even_on_error():
+    model = TinyCNN().eval()
+    x, _ = random_batch(4, (3, 32, 32))
+    with FeatureTap(model, ["features.0", "fc"]) as tap:
+        assert _hooks(model) == 2
+        logits = model(x)
+        feats = tap.take()
+    assert _hooks(model) == 0
+    assert feats["features.0"].shape == (4, 8, 32, 32) and torch.equal(feats["fc"], logits)
+    assert not feats["fc"].requires_grad
+    with pytest.raises(RuntimeError, match="boom"):
+        with FeatureTap(model, "auto"):
+            model(x)
+            raise RuntimeError("boom")
+    assert _hooks(model) == 0
+    with FeatureTap(model, ["fc"], detach=False) as tap:
+        model(x)
+        assert tap.take()["fc"].requires_grad  # SNS needs the graph
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['layer9'\].*features.0, fc"):
+        FeatureTap(model, ["layer9"])
+    with pytest.raises(RuntimeError, match="run a forward pass"):
+        with FeatureTap(model, ["fc"]) as tap:
+            tap.take()
+    assert FeatureTap(model, "auto").layers == ["features.0", "fc"]
+
+
+def test_sigma_is_zero_for_identical_pairs():
+    model = _model()
+    x, _ = _pairs()
+    for reduction in ("elementwise", "spatial_mean"):
+        sigma = neuron_sensitivity(model, x, x, "auto", reduction=reduction)
+        assert all(float(s.abs().max()) == 0.0 for s in sigma.values())
+
+
+def test_elementwise_equals_the_papers_formula_and_spatial_mean_equals_mindarmour():
+    model = _model()
+    x, x_adv = _pairs(12)
+    layer = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]  # 2nd conv
+    fx, fa = _features(model, x, layer), _features(model, x_adv, layer)
+    n, c, h, w = fx.shape
+    # Beihang evaluation code: per neuron, the mean over samples of the L1 difference of the
+    # feature map divided by its size H*W.
+    paper = torch.stack([sum((fx[i, m] - fa[i, m]).abs().sum() / (h * w) for i in range(n)) / n
+                         for m in range(c)])
+    # MindArmour NeuronMetric: channel means first, then the L1 norm over the batch (no 1/N).
+    mind = torch.stack([sum(abs(fx[i, m].mean() - fa[i, m].mean()) for i in range(n))
+                        for m in range(c)])
+    got = neuron_sensitivity(model, x, x_adv, [layer])[layer]
+    got_mind = neuron_sensitivity(model, x, x_adv, [layer], reduction="spatial_mean")[layer]
+    torch.testing.assert_close(got, paper, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_mind, mind, rtol=1e-12, atol=1e-12)
+    assert (got_mind <= n * got + 1e-12).all()  # cancellation only makes it smaller
+    rel = neuron_sensitivity(model, x, x_adv, [layer], relative=True)[layer]
+    clean = torch.stack([sum(fx[i, m].abs().sum() / (h * w) for i in range(n)) / n
+                         for m in range(c)])
+    torch.testing.assert_close(rel, paper / (clean + 1e-8), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reduction", ["elementwise", "spatial_mean"])
+def test_result_does_not_depend_on_the_batch_size(reduction):
+    model = _model()
+    x, x_adv = _pairs(11)
+    ref = neuron_sensitivity(model, x, x_adv, "auto", reduction=reduction, batch_size=11)
+    for bs in (1, 3, 5):
+        got = neuron_sensitivity(model, x, x_adv, "auto", reduction=reduction, batch_size=bs)
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-12, atol=1e-15)
+
+
+def test_meter_restores_the_mode_and_refuses_empty_or_mismatched_input():
+    model = _model().train()
+    meter = SensitivityMeter(model, "auto")
+    with pytest.raises(ValueError, match="no pairs"):
+        meter.compute()
+    x, x_adv = _pairs(4)
+    with pytest.raises(ValueError, match="same shape"):
+        meter.update(x, x_adv[:2])
+    meter.update(x, x_adv)
+    assert model.training and all(m.training for m in model.modules())
+    with pytest.raises(ValueError, match="reduction"):
+        SensitivityMeter(model, "auto", reduction="max")
+
+
+def test_top_k_is_the_k_largest_and_jaccard_counts_overlap():
+    sigma = torch.tensor([0.3, 0.9, 0.1, 0.9, 0.5, 0.0, 0.2, 0.7, 0.4, 0.6])
+    assert top_k_neurons(sigma, ratio=0.1).tolist() == [1]
+    assert top_k_neurons(sigma, ratio=0.25).tolist() == [1, 3, 7]  # ceil(2.5) = 3, stable ties
+    assert set(top_k_neurons(sigma, k=4).tolist()) == set(sigma.topk(4).indices.tolist())
+    with pytest.raises(ValueError, match="ratio"):
+        top_k_neurons(sigma, ratio=0.0)
+    assert jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == 0.5
+    assert jaccard(torch.tensor([1]), torch.tensor([1])) == 1.0
+    assert jaccard(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == 1.0
