@@ -12,8 +12,10 @@ from robustkit.models import create_model
 from robustkit.sensitivity import (
     FeatureTap,
     SensitivityMeter,
+    intervention_test,
     jaccard,
     neuron_sensitivity,
+    patched_logits,
     top_k_neurons,
 )
 from robustkit.testing import TinyCNN, random_batch
@@ -21,7 +23,10 @@ from robustkit.testing import TinyCNN, random_batch
 
 def _model():
     torch.manual_seed(0)
-    return create_model("small_cnn", 10, in_channels=1, input_size=28).double().eval()
+    model = create_model("small_cnn", 10, in_channels=1, input_size=28).double().eval()
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    nn.init.normal_(last.weight, std=0.1)  # SmallCNN zero-initialises it (TRADES' code): all
+    return model                           # logits would be 0 and every prediction class 0
 
 
 def _pairs(n=10, seed=0):
@@ -138,3 +143,58 @@ def test_top_k_is_the_k_largest_and_jaccard_counts_overlap():
     assert jaccard(torch.tensor([1, 2, 3]), torch.tensor([2, 3, 4])) == 0.5
     assert jaccard(torch.tensor([1]), torch.tensor([1])) == 1.0
     assert jaccard(torch.tensor([], dtype=torch.long), torch.tensor([], dtype=torch.long)) == 1.0
+
+
+def test_replacing_every_neuron_of_a_layer_restores_the_clean_logits():
+    """A network cut at a layer sees only that layer's output: restoring all of its channels to
+    their clean values must give the clean logits exactly; restoring none, the adversarial ones;
+    restoring some, neither."""
+    model = _model()
+    x, x_adv = _pairs(6)
+    layer = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]
+    c = model.get_submodule(layer).out_channels
+    with torch.no_grad():
+        clean, adv = model(x), model(x_adv)
+    torch.testing.assert_close(patched_logits(model, x, x_adv, layer, torch.arange(c)), clean,
+                               rtol=0, atol=0)
+    none = patched_logits(model, x, x_adv, layer, torch.arange(0))
+    torch.testing.assert_close(none, adv, rtol=0, atol=0)
+    half = patched_logits(model, x, x_adv, layer, torch.arange(c // 2))
+    assert not torch.allclose(half, clean) and not torch.allclose(half, adv)
+    assert _hooks(model) == 0
+
+
+def test_intervention_test_reports_topk_random_and_bounds():
+    model = _model()
+    x, x_adv = _pairs(16)
+    y = model(x).argmax(1)  # every clean point correct
+    layer = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]
+    sigma = neuron_sensitivity(model, x, x_adv, [layer])[layer]
+    out = intervention_test(model, x, x_adv, y, layer, sigma, ratio=1.0, draws=2)
+    assert out["clean"] == 1.0 and out["topk"] == 1.0 == out["random"]  # all neurons: clean
+    out = intervention_test(model, x, x_adv, y, layer, sigma, ratio=0.25, draws=3)
+    assert out["k"] == -(-sigma.numel() // 4)
+    assert all(0.0 <= out[key] <= 1.0 for key in ("topk", "random", "adv", "clean"))
+    with pytest.raises(ValueError, match="draws"):
+        intervention_test(model, x, x_adv, y, layer, sigma, draws=0)
+
+
+def test_random_draws_are_k_distinct_neurons_other_than_the_top_k(monkeypatch):
+    import robustkit.sensitivity.intervention as iv
+
+    model = _model()
+    x, x_adv = _pairs(4)
+    layer = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][1]
+    sigma = torch.arange(32, dtype=torch.float64)  # top-4 = 31, 30, 29, 28
+    seen = []
+    real = iv.patched_logits
+    monkeypatch.setattr(iv, "patched_logits",
+                        lambda m, a, b, lay, neurons: seen.append(neurons) or real(m, a, b, lay,
+                                                                                  neurons))
+    iv.intervention_test(model, x, x_adv, torch.zeros(4, dtype=torch.long), layer, sigma,
+                         ratio=0.125, draws=4)
+    *rand, top = seen
+    assert top.tolist() == [31, 30, 29, 28]
+    assert all(r.numel() == 4 and len(set(r.tolist())) == 4 for r in rand)
+    assert any(set(r.tolist()) != set(top.tolist()) for r in rand)
+    assert len({tuple(sorted(r.tolist())) for r in rand}) > 1  # different draws

@@ -5,6 +5,7 @@ Example:
     >>> sigma = neuron_sensitivity(model, x, x_adv, "auto")
 """
 
+from robustkit.sensitivity.intervention import intervention_test, patched_logits
 from robustkit.sensitivity.measure import (
     SensitivityMeter,
     jaccard,
@@ -14,4 +15,4 @@ from robustkit.sensitivity.measure import (
 from robustkit.sensitivity.tap import FeatureTap, resolve_layers
 
 __all__ = ["FeatureTap", "resolve_layers", "SensitivityMeter", "neuron_sensitivity",
-           "top_k_neurons", "jaccard"]
+           "top_k_neurons", "jaccard", "patched_logits", "intervention_test"]
