@@ -3,7 +3,9 @@ context managers every part uses on a model: ``eval_mode()`` and ``frozen_parame
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import tempfile
@@ -17,8 +19,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from robustkit.errors import OutputError, UserError
+
 __all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number",
-           "eval_mode", "frozen_parameters", "torch_load_plain", "output_errors"]
+           "eval_mode", "frozen_parameters", "torch_load_plain", "output_errors",
+           "check_writable", "clean_tmp", "TMP_GLOB"]
+
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -36,6 +43,10 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available")
     return dev
+
+
+# atomic_write's temporary files: ".<name>.<random>.tmp" beside the target (clean_tmp's prey).
+TMP_GLOB = ".*.tmp"
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
@@ -69,6 +80,44 @@ def _umask() -> int:
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """``atomic_write`` of ``obj`` as indented JSON."""
     atomic_write(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def check_writable(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` (a folder) if needed and prove it writable; ``OutputError`` otherwise.
+
+    Called before any model or data is loaded, so a typo in ``--out`` costs nothing.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{what} {path} is an existing file, not a folder; choose another path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"{what} {path} is not writable ({err.strerror or err}); "
+                          "choose another folder or fix its permissions") from None
+    return path
+
+
+def clean_tmp(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files interrupted atomic writes left in ``folder`` (not recursive).
+
+    Only call it while holding the folder's lock: a live writer's temporary file looks the same.
+    """
+    removed = []
+    for f in Path(folder).glob(TMP_GLOB):
+        if f.is_file():
+            try:
+                f.unlink()
+                removed.append(f)
+            except OSError as err:  # pragma: no cover - racing cleanup; nothing is lost
+                logger.debug("could not remove %s: %s", f, err)
+    if removed:
+        logger.info("removed %d temporary file(s) of interrupted writes in %s", len(removed),
+                    folder)
+    return removed
 
 
 def parse_number(value: str | float | int) -> float:
@@ -191,12 +240,11 @@ def output_errors(path: str | os.PathLike, intact: str = "") -> Iterator[None]:
         >>> with output_errors(out / "last.pt", "; the previous last.pt is intact"):
         ...     save_checkpoint(out / "last.pt", state)
     """
-    from robustkit.errors import OutputError, UserError
-
     try:
         yield
     except UserError:
         raise
     except OSError as err:
-        reason = err.strerror or str(err) or type(err).__name__
-        raise OutputError(f"cannot write {path} ({reason}){intact}") from err
+        code = errno.errorcode.get(err.errno or -1)
+        reason = (err.strerror or str(err) or type(err).__name__) + (f" ({code})" if code else "")
+        raise OutputError(f"cannot write {path}: {reason}{intact}") from err

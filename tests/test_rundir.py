@@ -12,7 +12,8 @@ import textwrap
 import pytest
 
 from robustkit.errors import OutputError, UserError
-from robustkit.training.rundir import RunDirectory, check_writable, clean_tmp
+from robustkit.training.rundir import RunDirectory
+from robustkit.utils import check_writable, clean_tmp
 
 
 def test_check_writable_refuses_a_file_and_a_read_only_folder(tmp_path):

@@ -25,7 +25,6 @@ seam (eval mode, device from x, no side effects) and adds two things pyautoattac
 from __future__ import annotations
 
 import ast
-import errno
 import json
 import logging
 from pathlib import Path
@@ -35,8 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult, Norm
-from robustkit.errors import OutputError
-from robustkit.utils import atomic_write_json, frozen_parameters
+from robustkit.utils import atomic_write_json, frozen_parameters, output_errors
 
 __all__ = ["AutoAttack", "NOT_BROKEN", "MISCLASSIFIED"]
 
@@ -194,18 +192,15 @@ def _save_state(path: Path | None, names: list[str], done: list[str], broken_by:
     if path is None:
         return
     n = max(broken_by.numel(), 1)
-    try:
+    # full disk, quota, read-only: OutputError naming the file; the previous file stays intact
+    with output_errors(path, "; the files already written are intact: free space or fix the "
+                             "permissions and rerun to resume"):
         atomic_write_json(path, {
             "_attacks_to_run": names, "_run_attacks": list(done),
             "_robust_flags": (broken_by == NOT_BROKEN).tolist(),
             "_clean_accuracy": float((broken_by != MISCLASSIFIED).sum()) / n,
             "broken_by": broken_by.tolist(), "components": names,
         })
-    except OSError as err:  # full disk, quota, read-only: the previous file stays intact
-        code = errno.errorcode.get(err.errno or -1)
-        why = (err.strerror or str(err) or type(err).__name__) + (f" ({code})" if code else "")
-        raise OutputError(f"cannot write {path}: {why}; the files already written are intact: "
-                          "free space or fix the permissions and rerun to resume") from err
 
 
 def _load_state(path: Path, names: list[str], n: int) -> tuple[Tensor, list[str]] | None:

@@ -128,8 +128,7 @@ EVAL_TIMEOUT_S = 7 * 24 * 3600
 def run(args) -> int:
     from robustkit import distributed as dist
     from robustkit.config import to_container
-    from robustkit.training.rundir import check_writable
-    from robustkit.utils import resolve_device
+    from robustkit.utils import check_writable, resolve_device
 
     cfg = _settings(args)  # every value a user can get wrong is checked here, before loading
     s = to_container(cfg)
@@ -174,8 +173,7 @@ def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
     )
     from robustkit.evaluation.state import discard_state, rank_dir
     from robustkit.models import load_model
-    from robustkit.training.rundir import clean_tmp
-    from robustkit.utils import seed_everything
+    from robustkit.utils import clean_tmp, seed_everything
 
     main = where.rank == 0
     device = where.device
@@ -270,14 +268,11 @@ def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
 def _save_config(cfg, path: Path) -> None:
     """``save_config``, with a failed write (full disk, read-only) as one ``OutputError`` line."""
     from robustkit.config import save_config
-    from robustkit.errors import OutputError
+    from robustkit.utils import output_errors
 
-    try:
+    with output_errors(path, "; the evaluation state is intact: free space or fix the "
+                             "permissions and rerun the same command (nothing is recomputed)"):
         save_config(cfg, path)
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {err.strerror or err}; the evaluation state is "
-                          "intact: free space or fix the permissions and rerun the same command "
-                          "(nothing is recomputed)") from err
 
 
 def _print_table(results: dict[str, Any], name: str) -> None:

@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -32,8 +31,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from robustkit.errors import OutputError, StateMismatchError
-from robustkit.utils import atomic_write_json
+from robustkit.errors import StateMismatchError
+from robustkit.utils import TMP_GLOB, atomic_write_json, clean_tmp, output_errors
 
 __all__ = ["STATE_VERSION", "write_json", "read_json", "discard_state", "rank_dir"]
 
@@ -47,7 +46,6 @@ STATE_VERSION = 3
 # The files a state folder holds (discarded together); atomic_write's temporary files are
 # ".<name>.<random>.tmp" beside their target.
 _STATE_GLOBS = ("flags_*.json", "aastate_*.json")
-_TMP_GLOB = ".*.tmp"
 _RANK_DIR = re.compile(r"rank\d+-of\d+")
 
 
@@ -60,14 +58,9 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         OutputError: the disk is full, the quota exceeded, the folder read-only or unwritable
             (or any other ``OSError`` while writing).
     """
-    try:
+    with output_errors(path, "; the files already written are intact: free space or fix the "
+                       "permissions and rerun the same command to resume"):
         atomic_write_json(path, obj)
-    except OutputError:
-        raise
-    except OSError as err:
-        raise OutputError(f"cannot write {path}: {_reason(err)}; the files already written are "
-                          "intact: free space or fix the permissions and rerun the same command "
-                          "to resume") from err
 
 
 def read_json(path: str | os.PathLike) -> tuple[Any, str | None]:
@@ -96,7 +89,7 @@ def discard_state(state_dir: str | os.PathLike, keep_world: int | None = None) -
     if not folder.is_dir():
         return 0
     removed = 0
-    for pattern in (*_STATE_GLOBS, "fingerprint.json", _TMP_GLOB):
+    for pattern in (*_STATE_GLOBS, "fingerprint.json", TMP_GLOB):
         for f in folder.glob(pattern):
             f.unlink()
             removed += 1
@@ -126,7 +119,7 @@ class _Store:
         self.dir = None if state_dir is None else Path(state_dir)
         if self.dir is None:
             return
-        _clean_tmp(self.dir)
+        clean_tmp(self.dir)
         fingerprint = json.loads(json.dumps({"state_version": STATE_VERSION, **fingerprint},
                                             default=str))  # canonical JSON types
         path = self.dir / "fingerprint.json"
@@ -224,23 +217,6 @@ def _bad_record(key: str, rec: Any, components: list[str] | None) -> str | None:
                 type(b) is int and -2 <= b < len(components) for b in by)):
             return "'broken_by' is not one sub-attack index per point"
     return None
-
-
-def _clean_tmp(folder: Path) -> None:
-    """Delete the temporary files interrupted atomic writes left in ``folder``."""
-    stale = [f for f in folder.glob(_TMP_GLOB) if f.is_file()]
-    for f in stale:
-        f.unlink(missing_ok=True)
-    if stale:
-        logger.info("removed %d temporary file(s) of interrupted writes in %s", len(stale),
-                    folder)
-
-
-def _reason(err: OSError) -> str:
-    """``"No space left on device (ENOSPC)"``."""
-    code = errno.errorcode.get(err.errno or -1)
-    text = err.strerror or str(err) or type(err).__name__
-    return f"{text} ({code})" if code else text
 
 
 def _safe(name: str) -> str:

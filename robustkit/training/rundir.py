@@ -22,53 +22,11 @@ import os
 from pathlib import Path
 
 from robustkit.errors import OutputError
-from robustkit.utils import atomic_write
+from robustkit.utils import atomic_write, check_writable, clean_tmp
 
-__all__ = ["RunDirectory", "check_writable", "clean_tmp"]
+__all__ = ["RunDirectory"]
 
 logger = logging.getLogger(__name__)
-
-# atomic_write's temporary files: ".<name>.<random>.tmp" beside the target.
-_TMP_GLOB = ".*.tmp"
-
-
-def check_writable(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create ``path`` (a folder) if needed and prove it writable; ``OutputError`` otherwise.
-
-    Called before any model or data is loaded, so a typo in ``--out`` costs nothing.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{what} {path} is an existing file, not a folder; choose another path")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(f"{what} {path} is not writable ({err.strerror or err}); "
-                          "choose another folder or fix its permissions") from None
-    return path
-
-
-def clean_tmp(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files interrupted atomic writes left in ``folder`` (not recursive).
-
-    Only call it while holding the folder's lock: a live writer's temporary file looks the same.
-    """
-    removed = []
-    for f in Path(folder).glob(_TMP_GLOB):
-        if f.is_file():
-            try:
-                f.unlink()
-                removed.append(f)
-            except OSError as err:  # pragma: no cover - racing cleanup; nothing is lost
-                logger.debug("could not remove %s: %s", f, err)
-    if removed:
-        logger.info("removed %d temporary file(s) of interrupted writes in %s", len(removed),
-                    folder)
-    return removed
-
 
 class RunDirectory:
     """A run's folder, held by one live process at a time.
