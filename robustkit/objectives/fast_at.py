@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.distributed import unwrap
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
-from robustkit.objectives.functional import accuracy, check_hparam
+from robustkit.objectives.functional import accuracy, attack_metrics, check_hparam
 from robustkit.utils import eval_mode
 
 __all__ = ["FastAT"]
@@ -124,9 +124,7 @@ class FastAT(Objective):
         loss = F.cross_entropy(logits_adv, y)
         delta = (adv.x_adv - x).flatten(1).abs().amax(1)
         metrics = {"loss/ce_adv": loss, "acc_adv": accuracy(logits_adv, y),
-                   "steps_per_sample": adv.info["steps_used"].float().mean(),
-                   "eps_mean": adv.info["eps"].float().mean(),
-                   "delta_linf_mean": delta.mean()}
+                   "delta_linf_mean": delta.mean(), **attack_metrics(adv.info)}
         return ObjectiveOutput(loss, logits_adv, detach_metrics(metrics))
 
     def __repr__(self) -> str:
