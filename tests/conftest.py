@@ -48,3 +48,24 @@ def tiny_cnn() -> TinyCNN:
 @pytest.fixture
 def batch():
     return random_batch(8, (3, 32, 32), 10, seed=0)
+
+
+@pytest.fixture
+def failing_replace(monkeypatch):
+    """``failing_replace(code, target, after=0)``: ``os.replace`` raises ``OSError(code)`` for
+    files named ``target`` after ``after`` successful replaces (a full disk, a read-only
+    remount mid-run, caught where atomic writes commit)."""
+
+    def install(code: int, target: str, after: int = 0) -> None:
+        real, seen = os.replace, []
+
+        def replace(src, dst, *a, **kw):
+            if os.path.basename(dst) == target:
+                seen.append(dst)
+                if len(seen) > after:
+                    raise OSError(code, os.strerror(code))
+            return real(src, dst, *a, **kw)
+
+        monkeypatch.setattr(os, "replace", replace)
+
+    return install

@@ -7,12 +7,16 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from robustkit.attacks import AutoAttack
 from robustkit.attacks.autoattack import MISCLASSIFIED, NOT_BROKEN
 from robustkit.evaluation import runner
-from robustkit.testing import LinearModel, TinyCNN, random_batch
+from robustkit.testing import (
+    HalfMaskedLinear,
+    TinyCNN,
+    random_batch,
+    shrink_autoattack,
+)
 
 pyautoattack = pytest.importorskip("pyautoattack")
 
@@ -63,32 +67,8 @@ class Interrupted(Exception):
     """A crash inside an attack (not KeyboardInterrupt, which would stop pytest itself)."""
 
 
-class HalfMasked(nn.Module):
-    """A linear model whose right half of the image is quantised, plus a tiny decoy term whose
-    gradient points the wrong way: each sub-attack of AutoAttack standard breaks some points
-    (APGD-CE, APGD-T, FAB-T and Square: 7, 4, 1, 3 of 24) and 8 stay robust at eps 0.05."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = LinearModel((3, 8, 8), 10)
-
-    def forward(self, x):
-        q = torch.cat([x[..., :4], torch.round(x[..., 4:] * 4) / 4], dim=-1)
-        return self.net(q) - 1e-3 * self.net.fc(x.flatten(1))
-
-
-def _small(aa):
-    """Fewer iterations, targets and queries, for speed; both sides of a comparison run it."""
-    for a in (aa.apgd, aa.apgd_targeted, aa.fab):
-        a.n_iter = 5
-    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 2
-    aa.square.n_queries = 30
-    return aa
-
-
 def _half_masked(n=24):
-    model = HalfMasked().eval()
+    model = HalfMaskedLinear().eval()
     x, _ = random_batch(n, (3, 8, 8), seed=1)
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -98,9 +78,10 @@ def _half_masked(n=24):
 
 @pytest.fixture
 def small_standard(monkeypatch):
-    """AutoAttack standard whose backend runs ``_small``'s settings."""
+    """AutoAttack standard whose backend runs ``shrink_autoattack``'s settings."""
     build = AutoAttack.build
-    monkeypatch.setattr(AutoAttack, "build", lambda self, device: _small(build(self, device)))
+    monkeypatch.setattr(AutoAttack, "build",
+                        lambda self, device: shrink_autoattack(build(self, device)))
     model, x, y = _half_masked()
     return AutoAttack(model, eps=0.05), model, x, y
 

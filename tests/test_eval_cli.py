@@ -112,27 +112,15 @@ def test_out_really_read_only(tmp_path, factory, capsys, nothing_loads):
         out.chmod(0o700)
 
 
-def _failing_replace(monkeypatch, code, target, after=0):
-    real, seen = os.replace, []
-
-    def replace(src, dst, *a, **kw):
-        if os.path.basename(dst) == target:
-            seen.append(dst)
-            if len(seen) > after:
-                raise OSError(code, os.strerror(code))
-        return real(src, dst, *a, **kw)
-
-    monkeypatch.setattr(os, "replace", replace)
-
-
 def _records(path: Path) -> dict:
     return json.loads(path.read_text())["batches"]
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
-def test_full_disk_during_the_state_then_resume(tmp_path, factory, capsys, monkeypatch, code):
+def test_full_disk_during_the_state_then_resume(tmp_path, factory, capsys, monkeypatch,
+                                                failing_replace, code):
     out = tmp_path / "out"
-    _failing_replace(monkeypatch, code, "flags_pgd5.json", after=1)
+    failing_replace(code, "flags_pgd5.json", after=1)
     assert evaluate(out, factory) == 2
     line = one_line(capsys)
     assert "flags_pgd5.json" in line and os.strerror(code) in line and "rerun" in line
@@ -150,9 +138,10 @@ def test_full_disk_during_the_state_then_resume(tmp_path, factory, capsys, monke
 
 
 @pytest.mark.parametrize("target", ["results.json", "flags.json", "config.yaml", "net.json"])
-def test_full_disk_while_writing_results(tmp_path, factory, capsys, monkeypatch, target):
+def test_full_disk_while_writing_results(tmp_path, factory, capsys, monkeypatch, failing_replace,
+                                         target):
     out = tmp_path / "out"
-    _failing_replace(monkeypatch, errno.ENOSPC, target)
+    failing_replace(errno.ENOSPC, target)
     assert evaluate(out, factory) == 2
     line = one_line(capsys)
     assert target in line and "No space left on device" in line

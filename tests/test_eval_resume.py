@@ -7,13 +7,18 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from robustkit.attacks import AutoAttack
 from robustkit.attacks.pgd import PGD
 from robustkit.evaluation import StateMismatchError, evaluate_attacks
 from robustkit.evaluation.results import build_results, write_results
-from robustkit.testing import LinearModel, TinyCNN, random_batch
+from robustkit.testing import (
+    HalfMaskedLinear,
+    LinearModel,
+    TinyCNN,
+    random_batch,
+    shrink_autoattack,
+)
 
 
 def _tiny(n=32):
@@ -74,34 +79,12 @@ class Interrupted(Exception):
     """A crash inside an attack (not KeyboardInterrupt, which would stop pytest itself)."""
 
 
-class HalfMasked(nn.Module):
-    """Linear on the left half, quantised on the right, with a decoy gradient (as in
-    test_autoattack.py): every AutoAttack sub-attack breaks some points."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = LinearModel((3, 8, 8), 10)
-
-    def forward(self, x):
-        q = torch.cat([x[..., :4], torch.round(x[..., 4:] * 4) / 4], dim=-1)
-        return self.net(q) - 1e-3 * self.net.fc(x.flatten(1))
-
-
 @pytest.fixture
 def small_aa(monkeypatch):
     build = AutoAttack.build
-
-    def small(self, device):
-        aa = build(self, device)
-        for a in (aa.apgd, aa.apgd_targeted, aa.fab):
-            a.n_iter = 5  # speed; the protocol is unchanged
-        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 2
-        aa.square.n_queries = 30
-        return aa
-
-    monkeypatch.setattr(AutoAttack, "build", small)
-    model = HalfMasked().eval()
+    monkeypatch.setattr(AutoAttack, "build",
+                        lambda self, device: shrink_autoattack(build(self, device)))
+    model = HalfMaskedLinear().eval()
     x, _ = random_batch(24, (3, 8, 8), seed=1)
     with torch.no_grad():
         y = model(x).argmax(1)

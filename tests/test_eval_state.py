@@ -21,7 +21,12 @@ from robustkit.attacks.pgd import PGD
 from robustkit.data.dataset import ImageDataset
 from robustkit.errors import OutputError
 from robustkit.evaluation import StateMismatchError, evaluate_attacks
-from robustkit.testing import LinearModel, TinyCNN, random_batch
+from robustkit.testing import (
+    HalfMaskedLinear,
+    TinyCNN,
+    random_batch,
+    shrink_autoattack,
+)
 
 pyautoattack = pytest.importorskip("pyautoattack")
 from pyautoattack import AutoAttack as Backend  # noqa: E402  (after the importorskip)
@@ -41,34 +46,12 @@ class Counting(Attack):
         return self.inner.perturb(x, y)
 
 
-class HalfMasked(nn.Module):
-    """Linear on the left half, quantised on the right, with a decoy gradient (as in
-    test_autoattack.py): every AutoAttack sub-attack breaks some points."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = LinearModel((3, 8, 8), 10)
-
-    def forward(self, x):
-        q = torch.cat([x[..., :4], torch.round(x[..., 4:] * 4) / 4], dim=-1)
-        return self.net(q) - 1e-3 * self.net.fc(x.flatten(1))
-
-
-def _small(aa):
-    for a in (aa.apgd, aa.apgd_targeted, aa.fab):
-        a.n_iter = 5  # speed; the protocol is unchanged
-    aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 2
-    aa.square.n_queries = 30
-    return aa
-
-
 class Interrupted(Exception):
     """A crash inside an attack (not KeyboardInterrupt, which would stop pytest itself)."""
 
 
 def _setup():
-    model = HalfMasked().eval()
+    model = HalfMaskedLinear().eval()
     x, _ = random_batch(24, (3, 8, 8), seed=1)
     with torch.no_grad():
         y = model(x).argmax(1)
@@ -91,7 +74,7 @@ def interrupted(tmp_path_factory):
     third sub-attack (chunk 0 and the PGD pass finished)."""
     build, run = AutoAttack.build, Backend.run_standard_evaluation
     mp = pytest.MonkeyPatch()
-    mp.setattr(AutoAttack, "build", lambda self, device: _small(build(self, device)))
+    mp.setattr(AutoAttack, "build", lambda self, device: shrink_autoattack(build(self, device)))
     torch.set_num_threads(1)
     model, x, y = _setup()
     full = _flags(evaluate_attacks(model, (x, y), _attacks(model), batch_size=8))
@@ -120,7 +103,8 @@ def resume(interrupted, tmp_path, monkeypatch):
     state = tmp_path / "state"
     shutil.copytree(folder, state)
     build, run = AutoAttack.build, Backend.run_standard_evaluation
-    monkeypatch.setattr(AutoAttack, "build", lambda self, device: _small(build(self, device)))
+    monkeypatch.setattr(AutoAttack, "build",
+                        lambda self, device: shrink_autoattack(build(self, device)))
     ran = []
 
     def spy(self, *a, **kw):
@@ -325,24 +309,11 @@ def test_image_dataset_fast_path_hashes_the_stored_images(tmp_path):
 # ----------------------------------------------------------------------- failed writes
 
 
-def _failing_replace(monkeypatch, code, target, after=0):
-    """os.replace raising OSError(code) for files named ``target`` after ``after`` successes."""
-    real, seen = os.replace, []
-
-    def replace(src, dst, *a, **kw):
-        if os.path.basename(dst) == target:
-            seen.append(dst)
-            if len(seen) > after:
-                raise OSError(code, os.strerror(code))
-        return real(src, dst, *a, **kw)
-
-    monkeypatch.setattr(os, "replace", replace)
-
-
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES])
-def test_full_disk_while_writing_state_is_one_output_error(tmp_path, monkeypatch, code):
+def test_full_disk_while_writing_state_is_one_output_error(tmp_path, monkeypatch,
+                                                           failing_replace, code):
     model, x, y = _tiny()
-    _failing_replace(monkeypatch, code, "flags_pgd.json", after=1)
+    failing_replace(code, "flags_pgd.json", after=1)
     with pytest.raises(OutputError, match=rf"flags_pgd\.json: {os.strerror(code)}") as err:
         evaluate_attacks(model, (x, y), {"pgd": Counting(model)}, batch_size=4,
                          state_dir=tmp_path)
@@ -359,10 +330,10 @@ def test_full_disk_while_writing_state_is_one_output_error(tmp_path, monkeypatch
     assert torch.equal(res.correct["pgd"], fresh.correct["pgd"])
 
 
-def test_full_disk_while_writing_an_autoattack_chunk(tmp_path, monkeypatch):
+def test_full_disk_while_writing_an_autoattack_chunk(tmp_path, monkeypatch, failing_replace):
     model, x, y = _tiny()
     aa = {"aa": AutoAttack(model, eps=0.03, version="custom", attacks=["apgd-ce"])}
-    _failing_replace(monkeypatch, errno.ENOSPC, "aastate_aa_00001.json")
+    failing_replace(errno.ENOSPC, "aastate_aa_00001.json")
     with pytest.raises(OutputError, match=r"aastate_aa_00001\.json: No space left"):
         evaluate_attacks(model, (x, y), aa, batch_size=4, state_dir=tmp_path)
     monkeypatch.undo()
