@@ -369,6 +369,64 @@ def _holdout_attacks(cfg: DictConfig, info: Any, model: torch.nn.Module) -> dict
     return {f"pgd{t.eval_steps}": pgd}
 
 
+def _probe_perturb(cfg: DictConfig, info: Any, model: torch.nn.Module):
+    """The sensitivity probe's attack, ``perturb(model, x, y, generator) -> x_adv``.
+
+    PGD at the held-out ε and norm (``trainer.eval_eps``/``eval_norm``): ``sensitivity.steps``
+    steps of ε/4, uniform random start from the callback's generator, CE, the last iterate and
+    no early stop, so every probe pair is a full-budget x' (methods.md §4.1's pairs, PGD-10
+    instead of PGD-20 to keep the probe cheap). Built here because ``training/`` imports no
+    attack; checked once on ``model`` so a bad setting fails at wiring, not after an epoch.
+    """
+    from robustkit.attacks import PGD
+
+    t, s = cfg.trainer, cfg.sensitivity
+    eps = t.eval_eps if t.eval_eps is not None else info.eps[t.eval_norm]
+    if s.steps < 4:  # s.steps * eps/4 must reach eps: a weaker x' understates σ
+        raise ConfigError(f"config key 'sensitivity.steps' must be >= 4 (steps of eps/4 must "
+                          f"reach eps), got {s.steps}")
+    settings = dict(eps=eps, alpha=eps / 4, steps=s.steps, norm=t.eval_norm, random_start=True,
+                    loss="ce", stop_on_success=False, select="last")
+    with user_input(ConfigError, "sensitivity"):
+        PGD(model, **settings, generator=torch.Generator())
+
+    def perturb(bare: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                generator: torch.Generator) -> torch.Tensor:
+        return PGD(bare, **settings, generator=generator)(x, y)
+
+    return perturb
+
+
+def _sensitivity(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Module) -> list[Any]:
+    """``[SensitivityCallback]`` from the ``sensitivity`` section, or ``[]`` (disabled, no
+    held-out split). Rank 0 measures on the bare model (the callback skips other ranks)."""
+    from robustkit.sensitivity import resolve_layers
+    from robustkit.training.callbacks import SensitivityCallback
+
+    s, t = cfg.sensitivity, cfg.trainer
+    if not s.enabled:
+        return []
+    if loaders.holdout is None or len(loaders.holdout.dataset) == 0:
+        log.warning("sensitivity: no held-out split (data.holdout=0): no sensitivity/* logged")
+        return []
+    for key in ("every", "n"):
+        if s[key] is not None and s[key] < 1:
+            raise ConfigError(f"config key 'sensitivity.{key}' must be >= 1, got {s[key]}")
+    # None: with the held-out evaluation; eval_every 0 (never): after the last epoch only
+    every = s.every if s.every is not None else (t.eval_every if t.eval_every > 0 else t.epochs)
+    if not (isinstance(s.layers, str) or OmegaConf.is_list(s.layers)):
+        raise ConfigError(f"config key 'sensitivity.layers' must be 'auto' or a list of module "
+                          f"names, got {s.layers!r}")
+    layers = s.layers if isinstance(s.layers, str) else [str(n) for n in s.layers]
+    with user_input(ConfigError, "sensitivity.layers"):
+        layers = resolve_layers(model, layers)  # an unknown name lists the valid ones now
+    perturb = _probe_perturb(cfg, info, model)
+    # seed 0, not cfg.seed: runs with different seeds start their probe PGD at the same points
+    with user_input(ConfigError, "sensitivity"):
+        return [SensitivityCallback(loaders.holdout, perturb, layers=layers, n=s.n, every=every,
+                                    batch_size=loaders.holdout.batch_size, seed=0)]
+
+
 def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
                model: torch.nn.Module) -> list[Any]:
     from robustkit import distributed as dist
@@ -387,6 +445,8 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
             callbacks.append(EvalCallback(
                 loaders.holdout, _holdout_attacks(cfg, info, model), every=t.eval_every,
                 max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size), seed=cfg.seed))
+    # Also before the loggers: it adds sensitivity/* to the epoch's metrics and histograms.
+    callbacks.extend(_sensitivity(cfg, loaders, info, model))
     if cfg.log.jsonl:
         callbacks.append(JSONLCallback(out_dir / "metrics.jsonl", log_every=t.log_every))
     if cfg.log.tensorboard:

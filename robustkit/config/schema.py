@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["DataConfig", "ModelConfig", "AttackConfig", "ObjectiveConfig", "OptimConfig",
-           "TrainerConfig", "LogConfig", "TrainConfig", "EvalConfig"]
+           "TrainerConfig", "SensitivityConfig", "LogConfig", "TrainConfig", "EvalConfig"]
 
 
 @dataclass
@@ -48,7 +48,8 @@ class AttackConfig:
 class ObjectiveConfig:
     """Training objective (``robustkit.objectives.create_objective``)."""
 
-    name: str = "natural"  # natural pgd_at trades mart fat gairat awp srd_dat
+    name: str = "natural"  # natural pgd_at trades mart fat gairat awp srd_dat fast_at
+    # igr jr sagr sns
     params: dict[str, Any] = field(default_factory=dict)  # checked against the constructor
 
 
@@ -88,6 +89,22 @@ class TrainerConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    """Neuron sensitivity σ of a fixed probe set during training (methods.md §4, §7.3), logged
+    as ``sensitivity/<layer>`` (mean σ), ``sensitivity_rel/<layer>`` and TensorBoard histograms,
+    for any objective. Rank 0 only; nothing is added to checkpoints."""
+
+    enabled: bool = True  # on in every config: a probe costs about steps forward-backward
+    #                       passes plus 2 forwards per probe image
+    every: int | None = None  # epochs between probes; None: trainer.eval_every (0 there: after
+    #                           the last epoch only); always after the last epoch
+    n: int = 256  # the first n held-out images (data.holdout): the same probe set in every run
+    layers: Any = "auto"  # "auto": every conv and linear module; or a list of module names
+    steps: int = 10  # PGD steps at the held-out eps (trainer.eval_eps / eval_norm), alpha =
+    #                  eps/4 (>= 4 steps reach eps), uniform random start, last iterate
+
+
+@dataclass
 class LogConfig:
     """Writers of the run directory."""
 
@@ -108,6 +125,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -18,16 +18,21 @@ from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
 from robustkit.objectives.fast_at import FastAT
 from robustkit.objectives.fat import FAT
 from robustkit.objectives.gairat import GAIRAT
+from robustkit.objectives.igr import IGR
+from robustkit.objectives.jr import JR
 from robustkit.objectives.mart import MART
 from robustkit.objectives.memory import SampleMemory
 from robustkit.objectives.pgd_objective import PGDObjective
+from robustkit.objectives.sagr import SAGR
+from robustkit.objectives.sns import SNS
 from robustkit.objectives.srd_dat import SRDDAT
 from robustkit.objectives.standard import PGDAT, Natural
 from robustkit.objectives.trades import TRADES
 
 __all__ = ["OBJECTIVES", "create_objective", "accepted_hparams", "Objective", "ObjectiveOutput",
            "PGDObjective", "TrainContext", "SampleMemory", "Natural", "PGDAT", "TRADES", "MART",
-           "FAT", "GAIRAT", "AWP", "SRDDAT", "FastAT"]
+           "FAT", "GAIRAT", "AWP", "SRDDAT", "FastAT",
+           "IGR", "JR", "SAGR", "SNS"]
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "natural": Natural,
@@ -39,6 +44,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "awp": AWP,
     "srd_dat": SRDDAT,
     "fast_at": FastAT,
+    "igr": IGR,
+    "jr": JR,
+    "sagr": SAGR,
+    "sns": SNS,
 }
 
 

@@ -13,6 +13,7 @@ from robustkit.training.callbacks import (
     CheckpointCallback,
     EvalCallback,
     JSONLCallback,
+    SensitivityCallback,
     TensorBoardCallback,
 )
 from robustkit.training.checkpoint import check_plain, load_checkpoint, save_checkpoint
@@ -20,5 +21,6 @@ from robustkit.training.loggers import NullLogger, TensorBoardLogger
 from robustkit.training.trainer import NonFiniteLossError, Trainer, TrainerState
 
 __all__ = ["Trainer", "TrainerState", "NonFiniteLossError", "Callback", "EvalCallback",
-           "CheckpointCallback", "JSONLCallback", "TensorBoardCallback", "save_checkpoint",
+           "CheckpointCallback", "JSONLCallback", "SensitivityCallback", "TensorBoardCallback",
+           "save_checkpoint",
            "load_checkpoint", "check_plain", "NullLogger", "TensorBoardLogger"]

@@ -1,0 +1,315 @@
+"""SNS: sensitive-neuron stabilisation (methods.md §4.3).
+
+Zhang, Liu, Liu, Xu, Yu, Ma & Li, "Interpreting and Improving Adversarial Robustness of Deep
+Neural Networks With Neuron Sensitivity", IEEE TIP 30, 2021 (https://arxiv.org/abs/1909.06978).
+Only the idea is published ("constraining the similarities of sensitive neurons between benign
+and adversarial examples"); the exact form below is methods.md's reconstruction [R].
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from robustkit import distributed as dist
+from robustkit.attacks.base import Attack, AttackResult
+from robustkit.objectives.base import ObjectiveOutput, TrainContext, detach_metrics
+from robustkit.objectives.functional import (
+    accuracy,
+    attack_metrics,
+    check_hparam,
+    per_sample_kl,
+)
+from robustkit.objectives.pgd_objective import PGDObjective
+from robustkit.sensitivity import FeatureTap, resolve_layers, top_k_neurons
+
+__all__ = ["SNS", "default_layers", "neuron_distance", "batch_sensitivity"]
+
+log = logging.getLogger(__name__)
+
+Distance = Literal["l1", "l2", "cos"]
+_DISTANCES = ("l1", "l2", "cos")
+# Keeps 1 - cos finite for an all-zero map (a dead ReLU channel): cos is then 0.
+_COS_EPS = 1e-8
+# methods.md §4.3's default step sizes of the two bases: PGD-AT (§2.1) and TRADES (§2.2).
+_DEFAULT_ALPHA = {"pgd_at": 2 / 255, "trades": 0.007}
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The layers SNS regularises when none are named (methods.md §4.3's table).
+
+    In order: the last two of the sibling modules named ``layer<i>`` (ResNet-18 and
+    PreActResNet-18: ``layer3``, ``layer4``); else of those named ``block<i>`` (WRN: ``block2``,
+    ``block3``; ``cifar_cnn``: ``block3``, ``block4``, its last conv block); else the last two
+    convolutions in model order (``small_cnn``: ``conv3``, ``conv4``, its last conv block).
+
+    Raises:
+        ValueError: the model has none of these (name the layers instead).
+    """
+    bare = dist.unwrap(model)
+    names = [n for n, _ in bare.named_modules() if n]
+    for stem in ("layer", "block"):
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for name in names:
+            parent, _, leaf = name.rpartition(".")
+            match = re.fullmatch(rf"{stem}(\d+)", leaf)
+            if match:
+                groups.setdefault(parent, []).append((int(match.group(1)), name))
+        if groups:  # the shallowest such family (a ResNet's stages, not anything inside them)
+            parent = min(groups, key=lambda p: (p.count(".") if p else -1, p))
+            return [name for _, name in sorted(groups[parent])[-2:]]
+    convs = [n for n, m in bare.named_modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d)]
+    if not convs:
+        raise ValueError("layers=None: this model has no layer<i>/block<i> stages and no "
+                         "convolution; name the regularised modules in layers")
+    return convs[-2:]
+
+
+def _maps(feat: Tensor) -> Tensor:
+    """``(N, C, ...)`` -> ``(N, C, H·W)``; a linear layer's ``(N, C)`` gets H·W = 1."""
+    if feat.dtype in (torch.float16, torch.bfloat16):  # autocast: distances in float32 at least
+        feat = feat.float()
+    return feat.flatten(2) if feat.dim() > 2 else feat.unsqueeze(-1)
+
+
+def neuron_distance(a: Tensor, b: Tensor, distance: Distance = "l1") -> Tensor:
+    """Per-sample, per-neuron distance between two feature maps (methods.md §4.3).
+
+    Args:
+        a, b: features of the same layer on x and x', ``(N, C, H, W)`` or ``(N, C)``.
+        distance: ``"l1"``: ``1/(HW)·‖F(x) − F(x')‖₁`` (per element, the paper-style σ);
+            ``"l2"``: ``1/(HW)·‖F(x) − F(x')‖₂²`` (squared, per element); ``"cos"``:
+            ``1 − cos(F(x), F(x'))`` over the H·W positions (an all-zero map has cos 0).
+
+    Shape: ``(N, C, ...) x 2 -> (N, C)``; gradients flow through both arguments.
+    """
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    fa, fb = _maps(a), _maps(b)
+    if distance == "l1":
+        return (fa - fb).abs().mean(-1)
+    if distance == "l2":
+        return (fa - fb).pow(2).mean(-1)
+    if distance == "cos":
+        return 1 - F.cosine_similarity(fa, fb, dim=-1, eps=_COS_EPS)
+    raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+
+
+def batch_sensitivity(a: Tensor, b: Tensor) -> Tensor:
+    """σ of each neuron over one batch of pairs, detached: ``1/N Σ_n 1/(HW)‖F(x_n) − F(x'_n)‖₁``.
+
+    The quantity ``robustkit.sensitivity`` calls σ (``reduction="elementwise"``), here on the
+    features the training passes already computed (train mode), without a gradient.
+
+    Shape: ``(N, C, ...) x 2 -> (C,)`` (float32, or float64 for float64 features).
+    """
+    with torch.no_grad():
+        return (_maps(a.detach()) - _maps(b.detach())).abs().mean(-1).mean(0)
+
+
+class SNS(PGDObjective):
+    """Sensitive-neuron stabilisation: a base AT loss plus λ times the distance between the
+    clean and adversarial behaviour of each layer's most sensitive neurons (methods.md §4.3).
+
+    ``L = base + λ · mean_l (1/|S_l|) Σ_{m∈S_l} 1/N Σ_n d(F_l^m(x_n), F_l^m(x'_n))``, where
+    ``base`` is ``CE(f(x'), y)`` (PGD-AT) or TRADES' ``CE(f(x), y) + β·KL(p(x) ‖ p(x'))``, ``d``
+    one of :func:`neuron_distance`, and ``S_l`` the ``k = ceil(ratio · C_l)`` neurons of layer
+    ``l`` with the largest σ (:func:`batch_sensitivity`, always the paper's per-element L1,
+    whatever ``distance`` penalises). The layer terms are averaged, so λ does not grow with the
+    number of layers. The clean and adversarial passes are separate train-mode forwards (as in
+    TRADES: a joint ``[x; x']`` batch would mix their BatchNorm statistics); gradients flow
+    through both feature branches, while x' itself is the attack's detached output.
+
+    Choice of ``S_l`` (``topk``):
+
+    - ``"online"`` (default [R]): from the same batch's features, under no-grad; no extra pass.
+    - ``"epoch"``: fixed for a whole epoch. It is chosen at the epoch's first batch from σ
+      averaged over every training pair of the previous epoch (the same train-mode features the
+      loss computes, summed over ranks: no extra pass, unlike methods.md's 2,048-image probe
+      set), or from that first batch's σ when there is no previous epoch. The running sums are
+      in ``state_dict()``, so a resumed run picks the same sets.
+
+    With ``λ = 0`` and ``base="pgd_at"`` no clean pass runs and the objective is PGD-AT exactly
+    (loss, gradients, BatchNorm statistics, RNG use); with ``base="trades"`` it is TRADES.
+
+    Args:
+        model: the trained module (may be a DDP wrapper; the attack and the feature hooks use
+            the bare module).
+        attack: perturbation generator; ``None`` builds the base's PGD: ``loss="ce"``, uniform
+            start (PGD-AT) or ``loss="kl"``, start x + 0.001·N(0, I) (TRADES); last iterate.
+        lam: weight λ of the stabilisation term (default 1.0 [R]; sweep 0.1, 0.3, 1, 3).
+        layers: module names of the bare model (``"model.layer3"``); ``None``:
+            :func:`default_layers`. Unknown names raise, listing the conv/linear layers.
+        ratio: top-k ratio ρ, ``k = ceil(ρ·C_l)`` (default 0.1 [R]).
+        distance: ``"l1"`` (default), ``"l2"`` (squared) or ``"cos"`` (needs H·W > 1).
+        topk: ``"online"`` (default) or ``"epoch"`` (see above).
+        base: ``"pgd_at"`` (default) or ``"trades"``.
+        beta: TRADES' KL weight (default 6.0; used only with ``base="trades"``).
+        eps: L∞ budget in pixel units (default 8/255).
+        alpha: step size; ``None``: the base's default (2/255 for PGD-AT, 0.007 for TRADES).
+        steps: PGD steps (default 10).
+
+    Metrics: the base's (``loss/ce_adv`` or ``loss/ce`` and ``loss/kl``, ``acc_adv``, attack
+    metrics), ``acc_clean`` (PGD-AT base with a clean pass), ``loss/sns`` (the unweighted
+    term) and ``sigma/<layer>`` (the batch's mean σ over the layer's neurons).
+
+    Shape: ``x (N, C, H, W) in [0, 1]``, ``y (N,)``; returns the adversarial logits (PGD-AT base)
+    or the clean logits (TRADES base), ``(N, K)``.
+
+    Example:
+        >>> objective = SNS(model, lam=1.0, layers=["model.layer3", "model.layer4"])
+        >>> out = objective(x, y); out.loss.backward()
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        attack: Attack | None = None,
+        *,
+        lam: float = 1.0,
+        layers: Sequence[str] | None = None,
+        ratio: float = 0.1,
+        distance: Distance = "l1",
+        topk: Literal["online", "epoch"] = "online",
+        base: Literal["pgd_at", "trades"] = "pgd_at",
+        beta: float = 6.0,
+        eps: float = 8 / 255,
+        alpha: float | None = None,
+        steps: int = 10,
+    ) -> None:
+        self.lam = check_hparam("lam", lam, 0.0)
+        self.ratio = check_hparam("ratio", ratio, 0.0, 1.0, low_open=True)
+        self.beta = check_hparam("beta", beta, 0.0)
+        if distance not in _DISTANCES:
+            raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
+        if topk not in ("online", "epoch"):
+            raise ValueError(f"topk must be 'online' or 'epoch', got {topk!r}")
+        if base not in _DEFAULT_ALPHA:
+            raise ValueError(f"base must be 'pgd_at' or 'trades', got {base!r}")
+        if isinstance(layers, str):
+            raise ValueError(f"layers must be a list of module names or None, got {layers!r}")
+        self.distance, self.topk, self.base = distance, topk, base
+        if base == "trades":  # the TRADES inner maximisation (instance attributes: PGDObjective
+            self.inner_loss, self.random_start = "kl", "normal"  # reads them when building PGD)
+        alpha = _DEFAULT_ALPHA[base] if alpha is None else alpha
+        self.layers = resolve_layers(model, default_layers(model) if layers is None
+                                     else list(layers))
+        super().__init__(model, attack, eps=eps, alpha=alpha, steps=steps)
+        self._tap = FeatureTap(model, self.layers, detach=False)  # re-entered every batch
+        self.selected: dict[str, Tensor] = {}  # S_l of the last batch (indices, most sensitive
+        # first); in "epoch" mode also the fixed sets of the current epoch
+        self._epoch: int | None = None  # "epoch" mode: the epoch whose σ is being summed
+        self._sigma_sum: dict[str, Tensor] = {}  # float64 Σ over pairs of per-pair σ
+        self._pairs = 0
+        log.info("sns: layers %s, k = ceil(%g C_l), distance %s, top-k %s, base %s, lam %g",
+                 self.layers, self.ratio, distance, topk, base, self.lam)
+
+    # -- the loss ------------------------------------------------------------------------------
+    def loss(
+        self, x: Tensor, y: Tensor, adv: AttackResult | None, ctx: TrainContext
+    ) -> ObjectiveOutput:
+        if adv is None:
+            raise ValueError("SNS.loss needs the AttackResult of perturb()")
+        x_adv = adv.x_adv
+        metrics: dict[str, Tensor] = {}
+        if self.lam == 0 and self.base == "pgd_at":  # PGD-AT exactly: no clean pass at all
+            logits, logits_adv, reg = None, self.model(x_adv), None
+        else:
+            with self._tap as tap:  # two forwards: BN statistics of x and x' stay apart
+                logits = self.model(x)
+                clean = tap.take()
+                logits_adv = self.model(x_adv)
+                noisy = tap.take()
+            reg = self._stabilisation(clean, noisy, ctx, metrics)
+        if self.base == "pgd_at":
+            ce = F.cross_entropy(logits_adv, y)
+            loss, out_logits = ce, logits_adv
+            metrics["loss/ce_adv"] = ce
+            if logits is not None:
+                metrics["acc_clean"] = accuracy(logits, y)
+        else:
+            ce = F.cross_entropy(logits, y)
+            kl = per_sample_kl(logits, logits_adv).mean()
+            loss, out_logits = ce + self.beta * kl, logits
+            metrics.update({"loss/ce": ce, "loss/kl": kl})
+        if reg is not None:
+            metrics["loss/sns"] = reg
+            if self.lam > 0:  # λ = 0 adds nothing, not 0·reg (equal to the base bit for bit)
+                loss = loss + self.lam * reg
+        metrics.update({"acc_adv": accuracy(logits_adv, y), **attack_metrics(adv.info)})
+        return ObjectiveOutput(loss, out_logits, detach_metrics(metrics))
+
+    def _stabilisation(self, clean: dict[str, Tensor], noisy: dict[str, Tensor],
+                       ctx: TrainContext, metrics: dict[str, Tensor]) -> Tensor:
+        """``mean_l (1/|S_l|) Σ_{m∈S_l} mean_n d(F_l^m(x_n), F_l^m(x'_n))``; fills ``metrics``."""
+        if self.topk == "epoch" and ctx.epoch != self._epoch:
+            self._start_epoch(ctx.epoch, next(iter(clean.values())).device)
+        terms = []
+        for name in self.layers:
+            a, b = clean[name], noisy[name]
+            if self.distance == "cos" and a[0, 0].numel() == 1:
+                raise ValueError(f"distance='cos' needs feature maps with H·W > 1; layer {name} "
+                                 f"gives {tuple(a.shape[1:])} (use 'l1' or 'l2' there)")
+            sigma = batch_sensitivity(a, b)
+            metrics[f"sigma/{name}"] = sigma.mean()
+            if self.topk == "epoch":
+                self._sigma_sum[name] = (self._sigma_sum.get(name, 0)
+                                         + sigma.double() * a.shape[0])
+                idx = self.selected.get(name)
+                if idx is None:  # no previous epoch: this first batch decides (all ranks')
+                    idx = self.selected[name] = top_k_neurons(dist.all_reduce_mean(sigma),
+                                                              self.ratio)
+            else:
+                idx = self.selected[name] = top_k_neurons(sigma, self.ratio)
+            terms.append(neuron_distance(a[:, idx], b[:, idx], self.distance).mean())
+        if self.topk == "epoch":
+            self._pairs += next(iter(clean.values())).shape[0]
+        return torch.stack(terms).mean()
+
+    def _start_epoch(self, epoch: int, device: torch.device) -> None:
+        """``"epoch"`` mode: fix S_l from the previous epoch's σ (summed over ranks)."""
+        self.selected = {}
+        if self._pairs > 0 and self._sigma_sum:
+            pairs = dist.all_reduce_sum(torch.tensor(float(self._pairs), device=device))
+            for name in self.layers:  # on the device: NCCL reduces CUDA tensors only
+                sigma = dist.all_reduce_sum(self._sigma_sum[name].to(device)) / pairs
+                self.selected[name] = top_k_neurons(sigma, self.ratio)
+        self._epoch, self._sigma_sum, self._pairs = epoch, {}, 0
+
+    # -- resume --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Tensor]:
+        """``"epoch"`` mode: the epoch being summed, its pair count and σ sums (CPU tensors)."""
+        if self.topk != "epoch" or self._epoch is None:
+            return {}
+        state = {"epoch": torch.tensor(self._epoch), "pairs": torch.tensor(self._pairs)}
+        state.update({f"sigma_sum/{k}": v.detach().cpu().clone()
+                      for k, v in self._sigma_sum.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if not state:
+            return
+        if self.topk != "epoch":
+            raise ValueError(f"SNS(topk={self.topk!r}) has no state, got keys {sorted(state)}")
+        want = {"epoch", "pairs", *(f"sigma_sum/{k}" for k in self.layers)}
+        if set(state) != want:
+            raise ValueError(f"SNS state: expected keys {sorted(want)}, got {sorted(state)}")
+        sums = {k: state[f"sigma_sum/{k}"].double() for k in self.layers}
+        bad = [k for k, v in sums.items() if v.dim() != 1 or v.numel() == 0]
+        if bad:
+            raise ValueError(f"SNS state: sigma_sum of {bad} must be (C,) tensors")
+        self._epoch, self._pairs = int(state["epoch"]), int(state["pairs"])
+        self._sigma_sum, self.selected = sums, {}
+
+    def __repr__(self) -> str:
+        return (f"SNS(lam={self.lam}, layers={self.layers}, ratio={self.ratio}, k=ceil(ratio*C), "
+                f"distance={self.distance!r}, topk={self.topk!r}, base={self.base!r}, "
+                f"attack={self.attack!r})")
+
