@@ -10,9 +10,11 @@ from robustkit.sensitivity.measure import (
     SensitivityMeter,
     jaccard,
     neuron_sensitivity,
+    per_sample_sensitivity,
     top_k_neurons,
 )
 from robustkit.sensitivity.tap import FeatureTap, resolve_layers
 
 __all__ = ["FeatureTap", "resolve_layers", "SensitivityMeter", "neuron_sensitivity",
-           "top_k_neurons", "jaccard", "patched_logits", "intervention_test"]
+           "per_sample_sensitivity", "top_k_neurons", "jaccard", "patched_logits",
+           "intervention_test"]

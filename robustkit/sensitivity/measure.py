@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from robustkit.sensitivity.tap import FeatureTap, resolve_layers
 from robustkit.utils import eval_mode
 
-__all__ = ["SensitivityMeter", "neuron_sensitivity", "top_k_neurons", "jaccard"]
+__all__ = ["SensitivityMeter", "neuron_sensitivity", "per_sample_sensitivity", "top_k_neurons",
+           "jaccard"]
 
 Reduction = Literal["elementwise", "spatial_mean"]
 _REL_EPS = 1e-8  # keeps the relative form finite for dead neurons (methods.md §4.1)
@@ -155,3 +156,51 @@ def jaccard(a: Tensor, b: Tensor) -> float:
     sa, sb = set(a.tolist()), set(b.tolist())
     union = sa | sb
     return len(sa & sb) / len(union) if union else 1.0
+
+
+@torch.no_grad()
+def per_sample_sensitivity(model: nn.Module, x: Tensor, x_adv: Tensor,
+                           layers: Sequence[str] | Literal["auto"] = "auto",
+                           reduction: Reduction = "elementwise",
+                           batch_size: int = 256) -> dict[str, Tensor]:
+    """Each pair's own term of σ: ``{layer: (N, C) float64}``, for statistics over images.
+
+    Row n holds what pair ``(x_n, x'_n)`` adds to every neuron's σ, so ``σ = out.mean(0)`` for
+    ``"elementwise"`` and ``σ = out.sum(0)`` for ``"spatial_mean"`` (it sums over pairs), and a
+    layer's mean σ is the mean (or the sum) over images of ``out.mean(1)``: a bootstrap over
+    images resamples the rows.
+
+    Args:
+        model: maps ``(N, C, H, W)`` in [0, 1] to logits (run in eval mode, mode restored).
+        x, x_adv: benign and adversarial inputs, same shape.
+        layers: module names or ``"auto"``.
+        reduction: ``"elementwise"`` (default) or ``"spatial_mean"`` (MindArmour).
+        batch_size: pairs per forward pass (the result does not depend on it).
+
+    Shape: returns ``{layer: (N, C)}`` on the CPU.
+
+    Example:
+        >>> rows = per_sample_sensitivity(model, x, x_adv, ["model.conv2"])["model.conv2"]
+        >>> per_image_mean = rows.mean(1)          # (N,): bootstrap these
+    """
+    if x.shape != x_adv.shape:
+        raise ValueError(f"x and x_adv must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(x_adv.shape)}")
+    if reduction not in ("elementwise", "spatial_mean"):
+        raise ValueError(f"reduction must be 'elementwise' or 'spatial_mean', got {reduction!r}")
+    names = resolve_layers(model, layers)
+    rows: dict[str, list[Tensor]] = {name: [] for name in names}
+    with eval_mode(model), FeatureTap(model, names) as tap:
+        for i in range(0, x.shape[0], batch_size):
+            model(x[i:i + batch_size])
+            clean = tap.take()
+            model(x_adv[i:i + batch_size])
+            adv = tap.take()
+            for name in names:
+                a, b = clean[name].double(), adv[name].double()
+                if reduction == "elementwise":
+                    diff = _per_neuron(a - b, "elementwise")
+                else:  # spatial means first, then |·| (MindArmour), as SensitivityMeter does
+                    diff = (_per_neuron(a, "spatial_mean") - _per_neuron(b, "spatial_mean")).abs()
+                rows[name].append(diff.cpu())
+    return {name: torch.cat(parts) for name, parts in rows.items()}

@@ -1,0 +1,252 @@
+"""Figures and TensorBoard logs of a neuron-sensitivity comparison (methods.md §4.2 outputs).
+
+Renders the report ``robustkit sensitivity`` writes as ``sensitivity.json`` (plus the per-neuron σ
+it measured); computes nothing beyond what a plot needs (bin edges, axis scales).
+
+Three PNG figures, every one titled with the attack, ε and n:
+
+- ``sigma_mean.png``: each layer's mean σ, models side by side, 95 % bootstrap CI whiskers, a log
+  axis when the means span more than ``LOG_RANGE``;
+- ``sigma_hist.png``: one panel per layer, the per-neuron σ histogram of each model overlaid;
+- ``intervention.png``: one panel per model; per layer the accuracy on x', on x' with k random
+  neurons restored, on x' with the top-k neurons restored, and on x.
+
+Example:
+    >>> paths = write_figures(report, {"natural": {"model.conv1": sigma}}, "runs/sens")
+    >>> write_tensorboard(sigmas, relative, "runs/sens/tb")
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_figures", "layer_means_figure", "histograms_figure", "intervention_figure",
+           "write_tensorboard", "FIGURES", "LOG_RANGE"]
+
+# File names of the three figures, in the order write_figures returns them.
+FIGURES = ("sigma_mean.png", "sigma_hist.png", "intervention.png")
+# Max / min ratio beyond which an axis of positive values is drawn in log scale: one decade and a
+# half already squashes the smaller bars into the baseline.
+LOG_RANGE = 30.0
+_DPI = 100
+# Intervention bars, in reading order: from the attacked accuracy up to the clean one.
+_INTERVENTION = (("adv_accuracy", "x' (adversarial)", "#d62728"),
+                 ("random", "x', k random neurons restored", "#7f7f7f"),
+                 ("topk", "x', top-k sensitive neurons restored", "#1f77b4"),
+                 ("clean_accuracy", "x (clean)", "#2ca02c"))
+
+
+def _figure(width: float, height: float):
+    """A ``Figure`` on its own Agg canvas: no pyplot, no global figure registry."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(min(width, 40.0), min(height, 60.0)), dpi=_DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _short(layers: Sequence[str]) -> list[str]:
+    """Layer names without their shared dotted prefix (``model.``), for axis labels."""
+    if len(layers) < 2:
+        return list(layers)
+    parts = [name.split(".") for name in layers]
+    shared = 0
+    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
+        shared += 1
+    return [".".join(p[shared:]) for p in parts]
+
+
+def _subtitle(report: Mapping[str, Any]) -> str:
+    s = report["settings"]
+    how = (f"transferred from {s['source_model']}" if s.get("source_model")
+           else "white-box on each model")
+    return (f"{s['attack']} ({how}), L∞ ε = {s['eps_text']}, n = {s['n']}\n"
+            f"first {s['n']} {s['dataset']} test images, {s['reduction']} σ")
+
+
+def _wide(values: np.ndarray) -> bool:
+    values = values[np.isfinite(values)]
+    return values.size > 0 and bool((values > 0).all()) and values.max() / values.min() > LOG_RANGE
+
+
+def layer_means_figure(report: Mapping[str, Any]):
+    """Grouped bars: mean σ per common layer, one bar per model, 95 % CI whiskers."""
+    layers = list(report["common_layers"])
+    models = list(report["models"])
+    fig = _figure(max(8.0, 2.5 + 0.3 * len(layers) * (len(models) + 1)), 5.2)
+    ax = fig.add_subplot()
+    width = 0.8 / len(models)
+    x = np.arange(len(layers))
+    means = np.array([[report["models"][m]["layers"][ly]["mean"] for ly in layers]
+                      for m in models], dtype=float)
+    for i, m in enumerate(models):
+        ci = np.array([report["models"][m]["layers"][ly]["ci95"] for ly in layers], dtype=float)
+        err = np.clip(np.stack([means[i] - ci[:, 0], ci[:, 1] - means[i]]), 0, None)
+        ax.bar(x + (i - (len(models) - 1) / 2) * width, means[i], width, yerr=err, capsize=3,
+               label=m, error_kw={"linewidth": 1})
+    if _wide(means):
+        ax.set_yscale("log")
+    ax.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0, ha="right"
+                  if len(layers) > 4 else "center")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean neuron sensitivity σ" + (" (log scale)" if _wide(means) else ""))
+    ax.set_title(f"Mean neuron sensitivity σ per layer (95 % bootstrap CI over images)\n"
+                 f"{_subtitle(report)}", fontsize=10)
+    ax.legend(title="model", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def histograms_figure(report: Mapping[str, Any],
+                      sigmas: Mapping[str, Mapping[str, Any]]):
+    """One panel per common layer: per-neuron σ histograms of every model, overlaid."""
+    from matplotlib.ticker import MaxNLocator
+
+    layers = list(report["common_layers"])
+    models = list(report["models"])
+    cols = min(4, len(layers))
+    rows = math.ceil(len(layers) / cols)
+    fig = _figure(max(8.0, 4.0 * cols), 3.0 * rows + 1.0)
+    for j, layer in enumerate(layers):
+        ax = fig.add_subplot(rows, cols, j + 1)
+        values = {m: np.asarray(sigmas[m][layer], dtype=float) for m in models}
+        pooled = np.concatenate(list(values.values()))
+        pooled = pooled[np.isfinite(pooled)]
+        positive = pooled[pooled > 0]
+        log = positive.size > 0 and positive.max() / positive.min() > LOG_RANGE
+        if log:  # zeros go into the first bin: log axes cannot show them
+            edges = np.geomspace(positive.min(), positive.max(), 21)
+        else:
+            lo, hi = (float(pooled.min()), float(pooled.max())) if pooled.size else (0.0, 1.0)
+            edges = np.linspace(lo, hi if hi > lo else lo + 1e-12, 21)
+        for m in models:
+            v = values[m][np.isfinite(values[m])]
+            ax.hist(np.clip(v, edges[0], edges[-1]), bins=edges, histtype="step",
+                    linewidth=1.5, label=m)
+        if log:
+            ax.set_xscale("log")
+        ax.set_title(_short(layers)[j], fontsize=9)
+        ax.set_xlabel("σ per neuron" + (" (log scale)" if log else ""), fontsize=8)
+        ax.set_ylabel("neurons", fontsize=8)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of neurons
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.legend(title="model", fontsize=7, title_fontsize=7)
+    fig.suptitle(f"Distribution of neuron sensitivity σ per layer\n{_subtitle(report)}",
+                 fontsize=10)
+    return fig
+
+
+def intervention_figure(report: Mapping[str, Any]):
+    """Per model, per layer: accuracy on x', x' with k random / top-k neurons restored, and x."""
+    layers = list(report["common_layers"])
+    models = list(report["models"])
+    ratio = report["settings"]["ratio"]
+    fig = _figure(max(8.0, 2.0 + 0.25 * len(layers) * len(_INTERVENTION)),
+                  2.6 * len(models) + 1.6)
+    axes = fig.subplots(len(models), 1, squeeze=False, sharey=True)[:, 0]
+    x = np.arange(len(layers))
+    width = 0.8 / len(_INTERVENTION)
+    for ax, m in zip(axes, models, strict=True):
+        entry = report["models"][m]
+        for i, (key, label, color) in enumerate(_INTERVENTION):
+            if key in ("adv_accuracy", "clean_accuracy"):
+                heights = [entry[key]] * len(layers)  # one value per model, repeated per layer
+            else:
+                heights = [entry["layers"][ly]["intervention"][key] for ly in layers]
+            ax.bar(x + (i - (len(_INTERVENTION) - 1) / 2) * width, heights, width,
+                   label=label, color=color)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel("accuracy")
+        ax.set_title(m, fontsize=9)
+        ax.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0,
+                      ha="right" if len(layers) > 4 else "center", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xlabel("layer whose neurons are restored")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize=8)
+    fig.suptitle(f"Intervention test: accuracy after restoring k = ⌈{ratio:g}·C⌉ neurons of "
+                 f"one layer to their clean values\n{_subtitle(report)}", fontsize=10)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    from robustkit.utils import atomic_write, output_errors
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    with output_errors(path):
+        atomic_write(path, buf.getvalue())
+    return path
+
+
+def write_figures(report: Mapping[str, Any], sigmas: Mapping[str, Mapping[str, Any]],
+                  out_dir: str | os.PathLike) -> list[Path]:
+    """Write the three PNG figures (``FIGURES``) into ``out_dir``; returns their paths.
+
+    Args:
+        report: the ``sensitivity.json`` content (``models``, ``common_layers``, ``settings``).
+        sigmas: ``{model label: {layer: (C,) σ per neuron}}`` (tensors or arrays).
+        out_dir: existing folder; each file is written atomically.
+    """
+    out = Path(out_dir)
+    figures = (layer_means_figure(report), histograms_figure(report, sigmas),
+               intervention_figure(report))
+    return [_save(fig, out / name) for fig, name in zip(figures, FIGURES, strict=True)]
+
+
+def _folder(label: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
+
+
+def write_tensorboard(sigmas: Mapping[str, Mapping[str, Any]],
+                      relative: Mapping[str, Mapping[str, Any]],
+                      log_dir: str | os.PathLike) -> list[Path]:
+    """Histograms ``sigma/<layer>`` and ``relative_sigma/<layer>``, one run folder per model.
+
+    One folder per model (``<log_dir>/<label>``) makes TensorBoard draw the models of one layer
+    on one chart. Earlier event files in those folders are removed first: a rerun replaces the
+    previous measurement instead of stacking a second histogram on it.
+
+    Returns:
+        The run folders, in model order.
+    """
+    from robustkit.training.loggers import TensorBoardLogger
+    from robustkit.utils import output_errors
+
+    folders: list[Path] = []
+    for label, layers in sigmas.items():
+        name = _folder(label)
+        if Path(log_dir) / name in folders:  # "a b" and "a_b" would share a run folder
+            name = f"{name}_{len(folders) + 1}"
+        folder = Path(log_dir) / name
+        with output_errors(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            for old in folder.glob("events.out.tfevents.*"):
+                old.unlink()
+            tb = TensorBoardLogger(folder)
+            try:
+                for layer, sigma in layers.items():
+                    tb.add_histogram(f"sigma/{layer}", _tensor(sigma), step=0)
+                    tb.add_histogram(f"relative_sigma/{layer}", _tensor(relative[label][layer]),
+                                     step=0)
+            finally:
+                tb.close()
+        folders.append(folder)
+    return folders
+
+
+def _tensor(values: Any):
+    import torch
+
+    return torch.as_tensor(np.asarray(values, dtype=np.float64))
