@@ -34,6 +34,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attacks.py
 	$(PY) benchmarks/bench_training.py
+	$(PY) benchmarks/bench_regularisers.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check robustkit tests benchmarks train evaluate
