@@ -29,9 +29,12 @@ from robustkit.models.registry import create_model
 __all__ = ["PRETRAINED", "load_pretrained", "model_card", "available_pretrained"]
 
 # Shipped name -> file stem in robustkit/assets/models/ (a dict literal: greppable, testable).
-# Empty until the reference pair (mnist_smallcnn_standard, mnist_smallcnn_robust) is trained and
-# shipped by experiments/mnist_reference_models.sh; an entry is added with its files.
-PRETRAINED: dict[str, str] = {}
+# Trained, evaluated and shipped by experiments/mnist_reference_models.sh (train/ship_model.py);
+# a new entry is added together with its two files and its checksum.
+PRETRAINED: dict[str, str] = {
+    "mnist_smallcnn_standard": "mnist_smallcnn_standard",  # natural training, full MNIST
+    "mnist_smallcnn_robust": "mnist_smallcnn_robust",  # PGD-AT, L-inf eps 0.3, full MNIST
+}
 
 _PACKAGE = "robustkit.assets"
 _FOLDER = "models"
