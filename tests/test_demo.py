@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from robustkit.cli.demo import MODELS, resources_used
+from robustkit.cli.demo import MODELS, PAIR, resources_used
 
 ROOT = Path(__file__).resolve().parents[1]
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -71,6 +71,9 @@ def test_wheel_carries_what_the_demo_reads(wheel):
             (ROOT / "robustkit" / "cli" / "demo_configs" / f"{model}.yaml").read_bytes()
     assert "robustkit/testing.py" in names  # the ResNet-18 factory
     assert {"robustkit/assets/mnist_sample.npz", "robustkit/assets/cifar10_sample.npz"} <= names
+    # the shipped reference pair (robustkit:NAME): weights, cards and their checksums
+    assert {f"robustkit/assets/models/{n}.{ext}" for n in PAIR for ext in ("pt", "json")} <= names
+    assert "robustkit/assets/checksums.json" in names
     assert not any(n.startswith(("configs/", "evaluate/", "tests/")) for n in names)
 
 
@@ -91,6 +94,10 @@ with resources_used() as (configs, factory):
     rc = main(["evaluate", "--model", factory, "--dataset", "sample-cifar10", "--n-examples",
                "2", "--batch-size", "2", "--attacks", "clean", "--device", "cpu",
                "--no-progress", "--out", "out"])
+from robustkit.models import load_pretrained, pretrained
+for name in {PAIR!r}:
+    load_pretrained(name)  # from the installed wheel, sha256 checked
+    assert str(pretrained._asset(name + ".pt")).startswith({str(installed)!r})
 sys.exit(rc)
 """
     proc = _run_installed(installed, tmp_path, code)
@@ -103,11 +110,15 @@ sys.exit(rc)
 def test_demo_end_to_end_from_the_wheel(installed, tmp_path):
     code = ("import sys\nfrom robustkit.cli import main\n"
             "sys.exit(main(['demo', '--epochs', '1', '--cifar-n', '8', '--mnist-n', '16', "
-            "'--out', 'demo']))\n")
+            "'--sensitivity-n', '16', '--out', 'demo']))\n")
     proc = _run_installed(installed, tmp_path, code, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for model in MODELS:
         assert (tmp_path / "demo" / model / "last.pt").is_file()
-        res = json.loads((tmp_path / "demo" / f"eval_mnist_{model}" / "results.json").read_text())
+    for label in (*MODELS, *PAIR):
+        res = json.loads((tmp_path / "demo" / f"eval_mnist_{label}" / "results.json").read_text())
         assert res["n_examples"] == 16 and "autoattack" in res["accuracy"]
+    sens = json.loads((tmp_path / "demo" / "sensitivity" / "sensitivity.json").read_text())
+    assert set(sens["models"]) == set(PAIR)
+    assert (tmp_path / "demo" / "sensitivity" / "sigma_mean.png").is_file()
     assert "SmallCNN on MNIST" in proc.stdout

@@ -3,11 +3,14 @@
 1. Evaluate a real pretrained model, the standard CIFAR-10 ResNet-18 that ships inside
    ``pyautoattack``, on the first ``--cifar-n`` images of the embedded CIFAR-10 test sample
    (clean, PGD-20, AutoAttack ``custom`` = APGD-CE + APGD-T).
-2. Train a natural and an SRD-DAT SmallCNN on the embedded MNIST sample
+2. Evaluate the shipped reference pair ``robustkit:mnist_smallcnn_standard`` and
+   ``robustkit:mnist_smallcnn_robust`` (clean, PGD-40, the cheap AutoAttack on the first
+   ``--mnist-n`` test images of the embedded MNIST sample).
+3. Train a natural and an SRD-DAT SmallCNN on the embedded MNIST sample
    (``robustkit/cli/demo_configs/*.yaml``, package data), with TensorBoard logs under
-   ``runs/demo/``.
-3. Evaluate both (clean, PGD-40 and the cheap AutoAttack on the first ``--mnist-n`` test images)
-   and print one comparison table.
+   ``runs/demo/``, and evaluate both the same way.
+4. Compare the neuron sensitivity of the shipped pair (``robustkit sensitivity``: table, JSON,
+   PNG figures) and print one comparison table of every MNIST model.
 
 Everything is a call of the ``train`` and ``evaluate`` subcommands, so the demo exercises
 exactly what a user runs. It needs only the installed package (its configs are package data,
@@ -27,6 +30,7 @@ from pathlib import Path
 from robustkit.cli import CLIError
 
 MODELS = ("natural", "srd_dat")  # robustkit/cli/demo_configs/<name>.yaml, trained in this order
+PAIR = ("mnist_smallcnn_standard", "mnist_smallcnn_robust")  # shipped: robustkit:<name>
 
 
 def add_parser(sub) -> None:
@@ -35,13 +39,16 @@ def add_parser(sub) -> None:
         help="end-to-end demo on the shipped samples (make demo)",
         description=(
             "Evaluate the standard ResNet-18 shipped in pyautoattack on the embedded CIFAR-10 "
-            "sample, train a natural and an SRD-DAT SmallCNN on the embedded MNIST sample, "
-            "evaluate both and print a comparison."
+            "sample and robustkit's shipped standard/robust MNIST SmallCNN pair on the embedded "
+            "MNIST sample, train a natural and an SRD-DAT SmallCNN live, evaluate them, compare "
+            "the neuron sensitivity of the shipped pair and print a comparison."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--cifar-n", type=int, default=100, help="CIFAR-10 images evaluated (100)")
     p.add_argument("--mnist-n", type=int, default=200, help="MNIST test images evaluated (200)")
+    p.add_argument("--sensitivity-n", type=int, default=200,
+                   help="MNIST test images of the sensitivity comparison (200)")
     p.add_argument("--epochs", type=int, default=None, help="override trainer.epochs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(run=run)
@@ -86,16 +93,27 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
     # is given, so skipping points PGD already broke is what keeps the demo within minutes on CPU.
     aa = ["--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t", "--protocol", "cascade"]
 
-    total = 1 + 2 * len(MODELS)  # the CIFAR-10 evaluation, then train + evaluate per model
+    total = 3 + 2 * len(MODELS)  # CIFAR-10, the pair, train + evaluate per model, sensitivity
     print(f"\n== step 1/{total}  standard ResNet-18 (pyautoattack) on the first {args.cifar_n} "
           "embedded CIFAR-10 test images, Linf eps 8/255 ==")
     _call(["evaluate", "--model", factory, "--dataset", "sample-cifar10",
            "--n-examples", str(args.cifar_n), "--attacks", "clean,pgd20,autoattack", *aa,
            "--out", str(out / "eval_cifar10_resnet18"), "--device", args.device])
 
+    def evaluate_mnist(model: list[str], label: str) -> dict:
+        eval_dir = out / f"eval_mnist_{label}"
+        _call(["evaluate", *model, "--dataset", "sample-mnist", "--n-examples",
+               str(args.mnist_n), "--attacks", "clean,pgd40,autoattack", *aa, "--out",
+               str(eval_dir), "--device", args.device])
+        return json.loads((eval_dir / "results.json").read_text())
+
     rows = {}
+    print(f"\n== step 2/{total}  the shipped reference pair (robustkit:{PAIR[0]}, "
+          f"robustkit:{PAIR[1]}) on the first {args.mnist_n} MNIST test images, Linf eps 0.3 ==")
+    for name in PAIR:
+        rows[name] = evaluate_mnist(["--model", f"robustkit:{name}"], name)
     for i, name in enumerate(MODELS):
-        print(f"\n== step {2 + 2 * i}/{total}  train {name} SmallCNN on the embedded MNIST "
+        print(f"\n== step {3 + 2 * i}/{total}  train {name} SmallCNN on the embedded MNIST "
               "sample ==")
         run_dir = out / name
         # auto: a second `make demo` resumes its finished runs (nothing to train) instead of
@@ -105,22 +123,28 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
         if args.epochs is not None:
             overrides.append(f"trainer.epochs={args.epochs}")
         _call(["train", "-c", str(configs[name]), *overrides])
-        print(f"\n== step {3 + 2 * i}/{total}  evaluate {name} on the first {args.mnist_n} "
+        print(f"\n== step {4 + 2 * i}/{total}  evaluate {name} on the first {args.mnist_n} "
               "MNIST test images, Linf eps 0.3 ==")
-        eval_dir = out / f"eval_mnist_{name}"
-        _call(["evaluate", "--model", "small_cnn", "--checkpoint", str(run_dir / "last.pt"),
-               "--dataset", "sample-mnist", "--n-examples", str(args.mnist_n),
-               "--attacks", "clean,pgd40,autoattack", *aa, "--name", f"demo_{name}",
-               "--out", str(eval_dir), "--device", args.device])
-        rows[name] = json.loads((eval_dir / "results.json").read_text())
+        rows[f"demo_{name}"] = evaluate_mnist(
+            ["--model", "small_cnn", "--checkpoint", str(run_dir / "last.pt"), "--name",
+             f"demo_{name}"], name)
+
+    print(f"\n== step {total}/{total}  neuron sensitivity of the shipped pair on the first "
+          f"{args.sensitivity_n} MNIST test images (white-box PGD-20 on each, last iterate) ==")
+    sens_dir = out / "sensitivity"
+    _call(["sensitivity", *[a for n in PAIR for a in ("--model", f"robustkit:{n}")],
+           "--dataset", "sample-mnist", "--n-examples", str(args.sensitivity_n), "--out",
+           str(sens_dir), "--device", args.device])
 
     print(f"\nSmallCNN on MNIST (first {args.mnist_n} test images of the shipped sample, "
           "Linf eps 0.3; AutoAttack = custom APGD-CE + APGD-T, not the standard version; "
           "cascade: each column is accuracy under that attack and all before it)")
     keys = list(next(iter(rows.values()))["accuracy"])
-    print(f"{'model':<10}" + "".join(f"{k:>12}" for k in keys))
+    width = max(len(n) for n in rows) + 2
+    print(f"{'model':<{width}}" + "".join(f"{k:>12}" for k in keys))
     for name, res in rows.items():
-        print(f"{name:<10}" + "".join(f"{100 * res['accuracy'][k]:>11.1f}%" for k in keys))
-    print(f"\nTensorBoard: tensorboard --logdir {out}    "
-          f"(total {time.perf_counter() - start:.0f} s)")
+        print(f"{name:<{width}}" + "".join(f"{100 * res['accuracy'][k]:>11.1f}%" for k in keys))
+    print(f"\nLook at:\n  neuron sensitivity  {sens_dir}/sigma_mean.png, sigma_hist.png, "
+          f"intervention.png, sensitivity.json\n  TensorBoard         tensorboard --logdir {out}"
+          f"\n(total {time.perf_counter() - start:.0f} s)")
     return 0

@@ -81,6 +81,8 @@ def _wide(values: np.ndarray) -> bool:
 
 def layer_means_figure(report: Mapping[str, Any]):
     """Grouped bars: mean σ per common layer, one bar per model, 95 % CI whiskers."""
+    from matplotlib.ticker import NullFormatter
+
     layers = list(report["common_layers"])
     models = list(report["models"])
     fig = _figure(max(8.0, 2.5 + 0.3 * len(layers) * (len(models) + 1)), 5.2)
@@ -96,6 +98,7 @@ def layer_means_figure(report: Mapping[str, Any]):
                label=m, error_kw={"linewidth": 1})
     if _wide(means):
         ax.set_yscale("log")
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0, ha="right"
                   if len(layers) > 4 else "center")
     ax.set_xlabel("layer")
@@ -110,7 +113,7 @@ def layer_means_figure(report: Mapping[str, Any]):
 def histograms_figure(report: Mapping[str, Any],
                       sigmas: Mapping[str, Mapping[str, Any]]):
     """One panel per common layer: per-neuron σ histograms of every model, overlaid."""
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     layers = list(report["common_layers"])
     models = list(report["models"])
@@ -135,6 +138,7 @@ def histograms_figure(report: Mapping[str, Any],
                     linewidth=1.5, label=m)
         if log:
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on small panels
         ax.set_title(_short(layers)[j], fontsize=9)
         ax.set_xlabel("σ per neuron" + (" (log scale)" if log else ""), fontsize=8)
         ax.set_ylabel("neurons", fontsize=8)
