@@ -369,10 +369,12 @@ def _holdout_attacks(cfg: DictConfig, info: Any, model: torch.nn.Module) -> dict
     return {f"pgd{t.eval_steps}": pgd}
 
 
-def _probe_perturb(cfg: DictConfig, info: Any, model: torch.nn.Module):
-    """The sensitivity probe's attack, ``perturb(model, x, y, generator) -> x_adv``.
+def _probe_perturb(cfg: DictConfig, info: Any, model: torch.nn.Module,
+                   section: str = "sensitivity"):
+    """The sensitivity probe's (or saliency panel's) attack, ``perturb(model, x, y, generator)
+    -> x_adv``.
 
-    PGD at the held-out ε and norm (``trainer.eval_eps``/``eval_norm``): ``sensitivity.steps``
+    PGD at the held-out ε and norm (``trainer.eval_eps``/``eval_norm``): ``<section>.steps``
     steps of ε/4, uniform random start from the callback's generator, CE, the last iterate and
     no early stop, so every probe pair is a full-budget x' (methods.md §4.1's pairs, PGD-10
     instead of PGD-20 to keep the probe cheap). Built here because ``training/`` imports no
@@ -380,14 +382,14 @@ def _probe_perturb(cfg: DictConfig, info: Any, model: torch.nn.Module):
     """
     from robustkit.attacks import PGD
 
-    t, s = cfg.trainer, cfg.sensitivity
+    t, s = cfg.trainer, cfg[section]
     eps = t.eval_eps if t.eval_eps is not None else info.eps[t.eval_norm]
     if s.steps < 4:  # s.steps * eps/4 must reach eps: a weaker x' understates σ
-        raise ConfigError(f"config key 'sensitivity.steps' must be >= 4 (steps of eps/4 must "
+        raise ConfigError(f"config key '{section}.steps' must be >= 4 (steps of eps/4 must "
                           f"reach eps), got {s.steps}")
     settings = dict(eps=eps, alpha=eps / 4, steps=s.steps, norm=t.eval_norm, random_start=True,
                     loss="ce", stop_on_success=False, select="last")
-    with user_input(ConfigError, "sensitivity"):
+    with user_input(ConfigError, section):
         PGD(model, **settings, generator=torch.Generator())
 
     def perturb(bare: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -427,6 +429,35 @@ def _sensitivity(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Modul
                                     batch_size=loaders.holdout.batch_size, seed=0)]
 
 
+def _saliency(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Module) -> list[Any]:
+    """``[SaliencyCallback]`` from the ``saliency`` section, or ``[]`` (disabled, no held-out
+    split). Rank 0 explains on the bare model (the callback skips other ranks); its grids reach
+    TensorBoard through ``TensorBoardCallback(image_fn=cb.images)``."""
+    from robustkit.saliency import EXPLAINERS
+    from robustkit.training.callbacks import SaliencyCallback
+
+    s, t = cfg.saliency, cfg.trainer
+    if not s.enabled:
+        return []
+    if loaders.holdout is None or len(loaders.holdout.dataset) == 0:
+        log.warning("saliency: no held-out split (data.holdout=0): no saliency panel logged")
+        return []
+    for key in ("every", "n", "n_samples"):
+        if s[key] is not None and s[key] < 1:
+            raise ConfigError(f"config key 'saliency.{key}' must be >= 1, got {s[key]}")
+    every = s.every if s.every is not None else (t.eval_every if t.eval_every > 0 else t.epochs)
+    names = [s.explainers] if isinstance(s.explainers, str) else list(s.explainers or [])
+    bad = [str(n) for n in names if n not in EXPLAINERS]
+    if not names or bad:
+        raise ConfigError(f"config key 'saliency.explainers' must be a non-empty list of "
+                          f"{sorted(EXPLAINERS)}, got unknown {bad or names}")
+    perturb = _probe_perturb(cfg, info, model, section="saliency")
+    # seed 0, not cfg.seed: runs with different seeds see the same x' and the same noise
+    with user_input(ConfigError, "saliency"):
+        return [SaliencyCallback(loaders.holdout, perturb, explainers=[str(n) for n in names],
+                                 n=s.n, every=every, n_samples=s.n_samples, seed=0)]
+
+
 def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
                model: torch.nn.Module) -> list[Any]:
     from robustkit import distributed as dist
@@ -447,6 +478,9 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
                 max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size), seed=cfg.seed))
     # Also before the loggers: it adds sensitivity/* to the epoch's metrics and histograms.
     callbacks.extend(_sensitivity(cfg, loaders, info, model))
+    # Also before the loggers: saliency/* scalars; its grids go through TensorBoard's image_fn.
+    saliency = _saliency(cfg, loaders, info, model)
+    callbacks.extend(saliency)
     if cfg.log.jsonl:
         callbacks.append(JSONLCallback(out_dir / "metrics.jsonl", log_every=t.log_every))
     if cfg.log.tensorboard:
@@ -454,8 +488,10 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
                    "objective": {"name": cfg.objective.name, **_plain(cfg.objective.params)},
                    "optim": {k: cfg.optim[k] for k in ("name", "lr", "weight_decay", "schedule")},
                    "epochs": t.epochs, "batch_size": cfg.data.batch_size}
+        # image_every=1: the saliency callback's images() is empty when it did not explain
         callbacks.append(TensorBoardCallback(out_dir / "tb", config_text=OmegaConf.to_yaml(cfg),
-                                             log_every=t.log_every, hparams=hparams))
+                                             log_every=t.log_every, hparams=hparams,
+                                             image_fn=saliency[0].images if saliency else None))
     if cfg.log.progress and dist.is_main():
         from robustkit.cli.progress import ProgressCallback
 

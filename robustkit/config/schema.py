@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["DataConfig", "ModelConfig", "AttackConfig", "ObjectiveConfig", "OptimConfig",
-           "TrainerConfig", "SensitivityConfig", "LogConfig", "TrainConfig", "EvalConfig"]
+           "TrainerConfig", "SensitivityConfig", "SaliencyConfig", "LogConfig", "TrainConfig",
+           "EvalConfig"]
 
 
 @dataclass
@@ -105,6 +106,24 @@ class SensitivityConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    """Saliency maps of a fixed probe panel during training (methods.md §7.3, §8.2): one
+    TensorBoard image grid per explainer (rows: images; columns x, map(x), x', map(x')) and
+    ``saliency/<explainer>/<clean|adv>/<sparseness|total_variation>`` scalars. Rank 0 only;
+    nothing is added to checkpoints."""
+
+    enabled: bool = True  # on in every config: cheap (a few hundred input gradients per panel)
+    every: int | None = None  # epochs between panels; None: trainer.eval_every (0 there: after
+    #                           the last epoch only); always after the last epoch
+    n: int = 8  # the first n held-out images (data.holdout): the same panel in every run
+    explainers: list[str] = field(default_factory=lambda: ["gradient", "smoothgrad",
+                                                           "adaptgrad"])  # saliency.EXPLAINERS
+    n_samples: int = 16  # SmoothGrad / AdaptGrad noisy samples (seed 0: the same noise always)
+    steps: int = 10  # x': PGD steps at the held-out eps, alpha = eps/4, last iterate (as
+    #                  sensitivity.steps)
+
+
+@dataclass
 class LogConfig:
     """Writers of the run directory."""
 
@@ -126,6 +145,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 

@@ -13,6 +13,7 @@ from robustkit.training.callbacks import (
     CheckpointCallback,
     EvalCallback,
     JSONLCallback,
+    SaliencyCallback,
     SensitivityCallback,
     TensorBoardCallback,
 )
@@ -21,6 +22,7 @@ from robustkit.training.loggers import NullLogger, TensorBoardLogger
 from robustkit.training.trainer import NonFiniteLossError, Trainer, TrainerState
 
 __all__ = ["Trainer", "TrainerState", "NonFiniteLossError", "Callback", "EvalCallback",
-           "CheckpointCallback", "JSONLCallback", "SensitivityCallback", "TensorBoardCallback",
+           "CheckpointCallback", "JSONLCallback", "SaliencyCallback",
+           "SensitivityCallback", "TensorBoardCallback",
            "save_checkpoint",
            "load_checkpoint", "check_plain", "NullLogger", "TensorBoardLogger"]

@@ -1,5 +1,5 @@
-"""Trainer callbacks: held-out evaluation, neuron sensitivity, checkpoints, ``metrics.jsonl`` and
-TensorBoard.
+"""Trainer callbacks: held-out evaluation, neuron sensitivity, saliency panels, checkpoints,
+``metrics.jsonl`` and TensorBoard.
 
 A callback is any object with some of the methods of :class:`Callback` (minGPT style); the
 trainer calls them in the order given, so put ``EvalCallback`` before the callbacks that read
@@ -19,6 +19,7 @@ from robustkit.training.callbacks.base import Callback
 from robustkit.training.callbacks.checkpoint import CheckpointCallback
 from robustkit.training.callbacks.evaluation import EvalCallback
 from robustkit.training.callbacks.jsonl import JSONLCallback, MetricsLogger
+from robustkit.training.callbacks.saliency import SaliencyCallback
 from robustkit.training.callbacks.sensitivity import SensitivityCallback
 from robustkit.training.callbacks.tensorboard import TensorBoardCallback
 
@@ -28,6 +29,7 @@ __all__ = [
     "CheckpointCallback",
     "JSONLCallback",
     "MetricsLogger",
+    "SaliencyCallback",
     "SensitivityCallback",
     "TensorBoardCallback",
 ]

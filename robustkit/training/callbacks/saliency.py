@@ -1,0 +1,203 @@
+"""Saliency maps of a fixed probe panel during training: TensorBoard image grids and
+``saliency/<explainer>/<clean|adv>/<metric>`` scalars (methods.md §7.3, §8.2)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from robustkit import distributed as dist
+from robustkit.saliency import EXPLAINERS, create_explainer, percentile_scale, signed_map
+from robustkit.saliency.base import Explainer
+from robustkit.saliency.metrics import sparseness, total_variation
+from robustkit.training.callbacks.base import Callback
+from robustkit.training.callbacks.sensitivity import Perturb
+from robustkit.utils import eval_mode
+
+__all__ = ["SaliencyCallback"]
+
+log = logging.getLogger(__name__)
+
+#: The panel's metrics: name -> ``(N, C, H, W)`` map -> ``(N,)`` score (methods.md §8.2).
+METRICS = {"sparseness": sparseness, "total_variation": total_variation}
+_PAD = 2  # grey pixels between the panel's cells
+
+
+class SaliencyCallback(Callback):
+    """Saliency maps of a fixed probe panel, clean and adversarial, during training.
+
+    Every ``every`` epochs and after the last, rank 0 takes the first ``n`` images of ``data``
+    (the same panel in every run), builds their adversarial versions x' with ``perturb`` and
+    explains the **true label**'s logit at x and at x' with each of ``explainers`` (names of
+    :data:`robustkit.saliency.EXPLAINERS`; the noise explainers get ``n_samples`` and the fixed
+    ``seed``, so x and x' see the same noise draws). It adds to ``trainer.state.metrics``, for
+    every explainer ``e`` and input ``clean`` / ``adv``:
+
+    - ``saliency/<e>/<input>/sparseness``: the panel's mean Gini index (higher: sparser);
+    - ``saliency/<e>/<input>/total_variation``: the panel's mean normalised TV (lower: smoother;
+      an all-zero map's NaN is left out of the mean);
+
+    (``metrics.jsonl``; TensorBoard scalars under the same tags) and keeps one image grid per
+    explainer, ``saliency/<e>``: one row per image, columns x, map(x), x', map(x'), each map
+    summed over channels with signs, divided by its 99th percentile of |map| (clipped to
+    [-1, 1]) and drawn red (positive) / white (0) / blue (negative). :meth:`images` hands the
+    grids over once: pass it as ``TensorBoardCallback(image_fn=cb.images)``.
+
+    Put it before the loggers (they read the state at ``on_epoch_end``), like ``EvalCallback``.
+    Training is exactly the same with or without it: x' comes from a CPU generator seeded
+    ``seed``, the explainers' noise from fresh generators seeded ``seed``, the global RNGs are
+    forked around it all, every submodule's mode is restored, autocast is off, no hook
+    outlives it and no parameter's ``.grad`` or BatchNorm statistic changes (eval mode; input
+    gradients only). Nothing is added to checkpoints. Under DDP only rank 0 explains, on the
+    bare module.
+
+    Args:
+        data: the held-out set (a ``Dataset`` of ``(x, y[, idx])`` with x in [0, 1], or a
+            ``DataLoader`` whose ``dataset`` is used); its first ``n`` items are the panel.
+        perturb: ``perturb(bare_model, x, y, generator) -> x_adv`` built by the caller
+            (``robustkit.training`` imports no attack), as for ``SensitivityCallback``.
+        explainers: explainer names (default gradient, smoothgrad, adaptgrad).
+        n: panel images (default 8; fewer when ``data`` is smaller).
+        every: explain every ``every`` epochs and after the last one (default 1).
+        n_samples: noisy samples of SmoothGrad / AdaptGrad (default 16: a cheap, noisier map
+            than methods.md §8's 50).
+        seed: seed of the attack's generator and of the explainers' noise (default 0).
+        internal_batch_size: most rows per explainer forward-backward (default 256).
+
+    Example:
+        >>> cb = SaliencyCallback(loaders.holdout, pgd, n=8, every=1)
+        >>> tb = TensorBoardCallback("runs/x/tb", image_fn=cb.images)
+    """
+
+    def __init__(
+        self,
+        data: Dataset | DataLoader,
+        perturb: Perturb,
+        *,
+        explainers: Sequence[str] = ("gradient", "smoothgrad", "adaptgrad"),
+        n: int = 8,
+        every: int = 1,
+        n_samples: int = 16,
+        seed: int = 0,
+        internal_batch_size: int = 256,
+    ) -> None:
+        dataset = data.dataset if isinstance(data, DataLoader) else data
+        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+            raise ValueError("data must be a non-empty Dataset or a DataLoader over one")
+        if not callable(perturb):
+            raise ValueError(f"perturb must be a function (model, x, y, generator) -> x_adv, "
+                             f"got {type(perturb).__name__}")
+        for name, value in (("n", n), ("every", every), ("n_samples", n_samples),
+                            ("internal_batch_size", internal_batch_size)):
+            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(explainers, str) or not explainers:
+            raise ValueError(f"explainers must be a non-empty list of names, got {explainers!r}")
+        bad = [e for e in explainers if e not in EXPLAINERS]
+        if bad:
+            raise ValueError(f"explainers: unknown {bad}; known: {sorted(EXPLAINERS)}")
+        self.dataset, self.perturb = dataset, perturb
+        self.explainers = list(dict.fromkeys(explainers))  # order kept, duplicates dropped
+        self.n, self.every, self.n_samples = min(n, len(dataset)), every, n_samples
+        self.seed, self.internal_batch_size = int(seed), internal_batch_size
+        self._probe: tuple[Tensor, Tensor] | None = None
+        self._pending: dict[str, Tensor] = {}
+
+    def on_epoch_end(self, trainer) -> None:
+        done = trainer.state.epoch
+        if not (done % self.every == 0 or done == trainer.epochs) or not dist.is_main():
+            return
+        start = time.perf_counter()
+        metrics, self._pending = self.measure(trainer.model, trainer.device)
+        trainer.state.metrics.update(metrics)
+        log.info("saliency panel (%d images, %d explainers) took %.2f s", self.n,
+                 len(self.explainers), time.perf_counter() - start)
+
+    def images(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        """The grids of the last measurement, ``{"saliency/<e>": (3, H, W) in [0, 1]}``, once.
+
+        ``TensorBoardCallback``'s ``image_fn`` (its ``model`` argument is not needed): an epoch
+        without a measurement returns ``{}``, so the grids follow this callback's schedule.
+        """
+        pending, self._pending = self._pending, {}
+        return pending
+
+    def probe(self) -> tuple[Tensor, Tensor]:
+        """The panel's images ``(n, C, H, W)`` and labels ``(n,)`` (CPU; built once)."""
+        if self._probe is None:
+            items = [self.dataset[i] for i in range(self.n)]
+            x = torch.stack([torch.as_tensor(item[0]) for item in items])
+            y = torch.stack([torch.as_tensor(item[1]) for item in items]).long()
+            self._probe = (x, y)
+        return self._probe
+
+    def explainer(self, name: str, model: nn.Module) -> Explainer:
+        """Explainer ``name`` on ``model`` with this callback's settings."""
+        factory = EXPLAINERS[name]
+        accepted = inspect.signature(factory.__init__ if isinstance(factory, type)
+                                     else factory).parameters
+        settings = {"n_samples": self.n_samples, "seed": self.seed,
+                    "internal_batch_size": self.internal_batch_size}
+        return create_explainer(name, model, **{k: v for k, v in settings.items()
+                                                if k in accepted})
+
+    def measure(
+        self, model: nn.Module, device: torch.device | str | None = None
+    ) -> tuple[dict[str, float], dict[str, Tensor]]:
+        """``(metrics, grids)``: the scalars and the image grid of every explainer."""
+        bare = dist.unwrap(model)
+        if device is None:
+            device = next(iter(list(bare.parameters()) + list(bare.buffers())),
+                          torch.empty(0)).device
+        device = torch.device(device)
+        x_cpu, y_cpu = self.probe()
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+            if device.type == "cuda" else []
+        metrics: dict[str, float] = {}
+        grids: dict[str, Tensor] = {}
+        # fork_rng: whatever perturb or an explainer draws, the training RNG streams are as before
+        with torch.random.fork_rng(devices=cuda), eval_mode(bare), \
+                torch.autocast(device.type, enabled=False):
+            x, y = x_cpu.to(device), y_cpu.to(device)
+            x_adv = self.perturb(bare, x, y, torch.Generator().manual_seed(self.seed)).detach()
+            for name in self.explainers:
+                explainer = self.explainer(name, bare)
+                maps = {"clean": explainer.attribute(x, target=y),
+                        "adv": explainer.attribute(x_adv, target=y)}
+                for kind, a in maps.items():
+                    for metric, fn in METRICS.items():
+                        metrics[f"saliency/{name}/{kind}/{metric}"] = \
+                            float(torch.nanmean(fn(a).double()))
+                grids[f"saliency/{name}"] = _panel(x, maps["clean"], x_adv, maps["adv"])
+        return metrics, grids
+
+
+def _panel(x: Tensor, a: Tensor, x_adv: Tensor, a_adv: Tensor) -> Tensor:
+    """The ``(3, H', W')`` grid in [0, 1]: rows images; columns x, map(x), x', map(x')."""
+    cells = torch.stack([_rgb(x), _diverging(a), _rgb(x_adv), _diverging(a_adv)], dim=1)
+    rows, cols, _, h, w = cells.shape
+    grid = torch.full((3, rows * (h + _PAD) + _PAD, cols * (w + _PAD) + _PAD), 0.5)
+    for i in range(rows):
+        for j in range(cols):
+            top, left = _PAD + i * (h + _PAD), _PAD + j * (w + _PAD)
+            grid[:, top:top + h, left:left + w] = cells[i, j].float().cpu()
+    return grid
+
+
+def _rgb(x: Tensor) -> Tensor:
+    """``(N, C, H, W)`` images in [0, 1] as RGB: grey for any channel count but 3."""
+    x = x.detach().float().clamp(0, 1)
+    return x if x.shape[1] == 3 else x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
+
+
+def _diverging(a: Tensor) -> Tensor:
+    """Signed maps, percentile-scaled to [-1, 1], as RGB: red positive, white 0, blue negative."""
+    v = percentile_scale(signed_map(a.detach().float()))  # (N, H, W) in [-1, 1]
+    pos, neg = v.clamp(min=0), (-v).clamp(min=0)
+    return torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=1)

@@ -1,0 +1,299 @@
+"""SaliencyCallback: a fixed panel's saliency maps during training (methods.md §7.3, §8.2). Its
+scalars reach the state, metrics.jsonl and TensorBoard, its grids TensorBoard's images; the
+values equal the explainers run by hand on the same pairs; training is bitwise the same with or
+without it; no hook, mode, gradient, BN statistic or RNG state changes; the schedule; the config
+section and the CLI wiring."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import robustkit.attacks
+from robustkit import distributed as dist
+from robustkit.attacks import PGD
+from robustkit.cli.train import build
+from robustkit.config import load_config
+from robustkit.errors import ConfigError
+from robustkit.objectives import PGDAT
+from robustkit.saliency import AdaptGrad, Gradient, SmoothGrad
+from robustkit.saliency.metrics import sparseness, total_variation
+from robustkit.testing import TinyCNN, random_batch
+from robustkit.training import (
+    JSONLCallback,
+    SaliencyCallback,
+    TensorBoardCallback,
+    Trainer,
+    TrainerState,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+SHAPE, K, N = (3, 8, 8), 10, 4
+NAMES = ("gradient", "smoothgrad", "adaptgrad")
+
+
+def _data(n: int, seed: int) -> TensorDataset:
+    x, y = random_batch(n, SHAPE, K, seed=seed)
+    return TensorDataset(x, y, torch.arange(n))
+
+
+def _perturb(model, x, y, generator):
+    return PGD(model, eps=0.1, alpha=0.025, steps=4, select="last", generator=generator)(x, y)
+
+
+def _rogue_perturb(model, x, y, generator):
+    """Ignores its generator: the random start comes from the global RNG."""
+    return PGD(model, eps=0.1, alpha=0.025, steps=4, select="last")(x, y)
+
+
+def _callback(perturb=_perturb, **kw) -> SaliencyCallback:
+    kw = {"n": N, "every": 1, "n_samples": 3, **kw}
+    return SaliencyCallback(_data(6, seed=3), perturb, **kw)
+
+
+def _fit(callbacks, epochs: int = 2):
+    """PGD-AT whose random starts and shuffling both draw from the global RNG."""
+    torch.manual_seed(0)
+    model = TinyCNN(3, K, size=8).train()
+    objective = PGDAT(model, eps=0.1, alpha=0.05, steps=2)
+    loader = DataLoader(_data(16, seed=1), batch_size=8, shuffle=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer(model, objective, opt, epochs=epochs, callbacks=callbacks, device="cpu")
+    trainer.fit(loader)
+    return model, trainer
+
+
+def _fake_trainer(model, epoch: int, epochs: int = 3):
+    return SimpleNamespace(model=model, device=torch.device("cpu"), epochs=epochs,
+                           state=TrainerState(epoch=epoch))
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+               for m in model.modules())
+
+
+def _keys(names=NAMES) -> set[str]:
+    return {f"saliency/{e}/{kind}/{m}" for e in names for kind in ("clean", "adv")
+            for m in ("sparseness", "total_variation")}
+
+
+def test_logs_scalars_and_grids_and_equals_the_explainers_run_by_hand(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = _callback()
+    model, trainer = _fit([cb, JSONLCallback(tmp_path / "m.jsonl"),
+                           TensorBoardCallback(tmp_path / "tb", log_every=1, image_fn=cb.images)])
+    s = trainer.state
+    assert _keys() <= set(s.metrics)
+    lines = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if r["type"] == "epoch"]
+    assert len(epochs) == 2 and all(_keys() <= set(r) for r in epochs)
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert _keys() <= set(events.Tags()["scalars"])
+    assert {f"saliency/{e}" for e in NAMES} <= set(events.Tags()["images"])
+    shots = events.Images("saliency/adaptgrad")
+    assert len(shots) == 2  # both epochs
+    # 4 rows of 8 px + 5 pads of 2, 4 columns likewise
+    assert (shots[-1].height, shots[-1].width) == (4 * 8 + 5 * 2, 4 * 8 + 5 * 2)
+    # the same pairs by hand: the first 4 held-out images, one attack seeded 0, true labels
+    x, y, _ = _data(6, seed=3)[:N]
+    x_adv = _perturb(model.eval(), x, y, torch.Generator().manual_seed(0))
+    explainers = {"gradient": Gradient(model, internal_batch_size=256),
+                  "smoothgrad": SmoothGrad(Gradient(model), n_samples=3, seed=0,
+                                           internal_batch_size=256),
+                  "adaptgrad": AdaptGrad(Gradient(model), n_samples=3, seed=0,
+                                         internal_batch_size=256)}
+    for name, explainer in explainers.items():
+        for kind, inputs in (("clean", x), ("adv", x_adv)):
+            a = explainer.attribute(inputs, target=y)
+            assert s.metrics[f"saliency/{name}/{kind}/sparseness"] == \
+                sparseness(a).double().mean().item()
+            assert s.metrics[f"saliency/{name}/{kind}/total_variation"] == \
+                total_variation(a).double().mean().item()
+    # the adversarial maps differ from the clean ones; Gini in [0, 1), TV > 0
+    m = s.metrics
+    assert m["saliency/gradient/adv/sparseness"] != m["saliency/gradient/clean/sparseness"]
+    assert all(0 < m[k] < (1 if k.endswith("sparseness") else 10) for k in _keys())
+
+
+def test_grid_layout_and_colours():
+    torch.manual_seed(0)
+    model = TinyCNN(3, K, size=8).eval()
+    cb = _callback(explainers=["gradient"])
+    metrics, grids = cb.measure(model)
+    (tag, grid), = grids.items()
+    assert tag == "saliency/gradient" and grid.shape == (3, 42, 42)
+    assert 0 <= grid.min() and grid.max() <= 1
+    x, _ = cb.probe()
+    # column 0 is x itself, row by row; column 1 a map: red/white/blue, never darker than both
+    for i in range(N):
+        top = 2 + i * 10
+        assert torch.equal(grid[:, top:top + 8, 2:10], x[i])
+        cell = grid[:, top:top + 8, 12:20]
+        assert ((cell[0] == 1) | (cell[2] == 1)).all()  # white to red, or white to blue
+    assert cb.images() == {}  # measure() alone leaves nothing pending
+
+
+@pytest.mark.parametrize("perturb", [_perturb, _rogue_perturb], ids=["generator", "rogue"])
+def test_training_is_bitwise_the_same_with_and_without_it(perturb):
+    with_cb, trainer = _fit([_callback(perturb)])
+    assert _keys() <= set(trainer.state.metrics)  # it did explain
+    without, _ = _fit([])
+    for key, value in without.state_dict().items():
+        assert torch.equal(with_cb.state_dict()[key], value), key
+
+
+def test_no_side_effects_on_the_model_or_the_rng():
+    torch.manual_seed(0)
+    model = TinyCNN(3, K, size=8).train()
+    model.features[1].eval()  # a frozen BN must stay frozen
+    modes = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    trainer = _fake_trainer(model, epoch=1)
+    _callback(_rogue_perturb, explainers=["smoothgrad"]).on_epoch_end(trainer)
+    assert _keys(["smoothgrad"]) <= set(trainer.state.metrics)
+    assert [m.training for m in model.modules()] == modes
+    assert _hooks(model) == 0
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():  # weights and BN statistics
+        assert torch.equal(value, before[key]), key
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_perturb_sees_an_eval_mode_model_and_modes_come_back():
+    """Any perturb, not only PGD (which sets eval mode itself): BN statistics stay frozen."""
+    seen = []
+
+    def recorder(model, x, y, generator):
+        seen.append(any(m.training for m in model.modules()))
+        return (x + 0.01).clamp(0, 1)
+
+    model = TinyCNN(3, K, size=8).train()
+    _callback(recorder, explainers=["gradient"]).on_epoch_end(_fake_trainer(model, 3, 3))
+    assert seen == [False] and all(m.training for m in model.modules())
+
+
+def test_fixed_panel_gives_the_same_numbers_in_a_fresh_callback():
+    torch.manual_seed(0)
+    model = TinyCNN(3, K, size=8).eval()
+    a, grids_a = _callback().measure(model)
+    torch.manual_seed(123)  # whatever the global RNG holds
+    b, grids_b = _callback().measure(model)
+    assert a == b and all(torch.equal(grids_a[k], grids_b[k]) for k in grids_a)
+    assert _callback(n=1000).n == 6  # more than the held-out set: all of it
+
+
+def test_schedule_every_and_after_the_last_epoch():
+    model = TinyCNN(3, K, size=8)
+    cb = _callback(every=2, explainers=["gradient"])
+    measured, imaged = [], []
+    for epoch in range(1, 6):
+        trainer = _fake_trainer(model, epoch, epochs=5)
+        cb.on_epoch_end(trainer)
+        if "saliency/gradient/clean/sparseness" in trainer.state.metrics:
+            measured.append(epoch)
+        if cb.images(model):
+            imaged.append(epoch)
+    assert measured == imaged == [2, 4, 5]
+
+
+def test_only_rank_0_explains(monkeypatch):
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    trainer = _fake_trainer(TinyCNN(3, K, size=8), epoch=3, epochs=3)
+    cb = _callback()
+    cb.on_epoch_end(trainer)
+    assert not trainer.state.metrics and cb.images() == {}
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"n": 0}, "n must"), ({"every": 0}, "every must"), ({"n_samples": 1.5}, "n_samples"),
+    ({"explainers": ["gradient", "smoothgrad2"]}, r"unknown \['smoothgrad2'\]; known: .*adaptgrad"),
+    ({"explainers": "gradient"}, "non-empty list"), ({"explainers": []}, "non-empty list"),
+])
+def test_bad_arguments_raise_naming_them(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _callback(**kw)
+    with pytest.raises(ValueError, match="perturb"):
+        SaliencyCallback(_data(4, 0), perturb="pgd")
+
+
+# ---------------------------------------------------------------------------- config and CLI
+def _build(tmp_path, *overrides):
+    return build(load_config(SMOKE, [f"trainer.out_dir={tmp_path}", "trainer.device=cpu",
+                                     "log.progress=false", *overrides]))
+
+
+def test_config_defaults():
+    cfg = load_config(SMOKE, [])
+    s = cfg.saliency
+    assert (s.enabled, s.every, s.n, list(s.explainers), s.n_samples, s.steps) == (
+        True, None, 8, list(NAMES), 16, 10)
+
+
+def test_cli_wires_it_before_the_loggers_and_into_tensorboard(tmp_path, monkeypatch):
+    seen = []
+
+    class Recorder(PGD):  # the real PGD, its settings recorded
+        def __init__(self, model, **kwargs):
+            super().__init__(model, **kwargs)
+            seen.append(kwargs)
+
+    monkeypatch.setattr(robustkit.attacks, "PGD", Recorder)
+    r = _build(tmp_path, "saliency.n_samples=4", "saliency.explainers=[gradient,adaptgrad]")
+    cbs = r.trainer.callbacks
+    kinds = [type(cb) for cb in cbs]
+    i = kinds.index(SaliencyCallback)
+    assert i < min(kinds.index(JSONLCallback), kinds.index(TensorBoardCallback))
+    cb = cbs[i]
+    assert (cb.n, cb.every, cb.n_samples, cb.seed) == (8, 1, 4, 0)
+    assert cb.explainers == ["gradient", "adaptgrad"]
+    assert cbs[kinds.index(TensorBoardCallback)].image_fn == cb.images
+    seen.clear()
+    x, y = cb.probe()
+    cb.perturb(r.model, x[:2], y[:2], torch.Generator().manual_seed(0))
+    (s,) = seen
+    assert (s["eps"], s["alpha"], s["steps"], s["select"], s["stop_on_success"]) == (
+        pytest.approx(0.3), pytest.approx(0.075), 10, "last", False)
+
+
+@pytest.mark.parametrize("overrides, every", [
+    (["trainer.epochs=3", "trainer.eval_every=0"], 3),
+    (["trainer.eval_every=2"], 2),
+    (["trainer.eval_every=2", "saliency.every=5"], 5),
+])
+def test_cli_interval_defaults_to_eval_every(tmp_path, overrides, every):
+    r = _build(tmp_path, *overrides)
+    (cb,) = [c for c in r.trainer.callbacks if isinstance(c, SaliencyCallback)]
+    assert cb.every == every
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["saliency.explainers=[gradient,gradcam]"],
+     r"saliency\.explainers.*'adaptgrad'.*'smoothgrad'.*unknown \['gradcam'\]"),
+    (["saliency.explainers=[]"], r"saliency\.explainers.*non-empty"),
+    (["saliency.steps=3"], r"saliency\.steps.*>= 4"),
+    (["saliency.n=0"], r"saliency\.n"),
+    (["saliency.n_samples=0"], r"saliency\.n_samples"),
+    (["saliency.colour=red"], r"saliency"),
+])
+def test_cli_rejects_bad_settings(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        _build(tmp_path, *overrides)
+
+
+def test_cli_can_switch_it_off(tmp_path):
+    r = _build(tmp_path, "saliency.enabled=false")
+    assert not any(isinstance(c, SaliencyCallback) for c in r.trainer.callbacks)
+    assert all(c.image_fn is None for c in r.trainer.callbacks
+               if isinstance(c, TensorBoardCallback))
+    r = _build(tmp_path, "data.holdout=0", "trainer.eval_every=0")
+    assert not any(isinstance(c, SaliencyCallback) for c in r.trainer.callbacks)
