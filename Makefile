@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_attacks.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_regularisers.py
+	$(PY) benchmarks/bench_saliency.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check robustkit tests benchmarks train evaluate
