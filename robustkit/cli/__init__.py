@@ -1,4 +1,4 @@
-"""``robustkit`` command line: ``train``, ``evaluate``, ``sensitivity`` and ``demo``.
+"""``robustkit`` command line: ``train``, ``evaluate``, ``sensitivity``, ``inspect`` and ``demo``.
 
 The CLI is the only place where configs and flags become objects, and the only place that
 prints (tables, progress bars). Each subcommand lives in its own module with ``add_parser`` and
@@ -61,7 +61,7 @@ def user_input(
 
 def _build_parser() -> argparse.ArgumentParser:
     from robustkit import __version__
-    from robustkit.cli import demo, evaluate, sensitivity, train
+    from robustkit.cli import demo, evaluate, inspect, sensitivity, train
 
     parser = argparse.ArgumentParser(
         prog="robustkit",
@@ -71,7 +71,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging; user errors also show their traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, evaluate, sensitivity, demo):
+    for module in (train, evaluate, sensitivity, inspect, demo):
         module.add_parser(sub)
     return parser
 

@@ -1,7 +1,9 @@
-"""Statistics for reports, from scipy (never hand-written): bootstrap confidence intervals.
+"""Statistics for reports, from scipy (never hand-written): bootstrap confidence intervals and the
+Wilcoxon signed-rank test of paired per-image values.
 
 Example:
     >>> lo, hi = bootstrap_ci(per_image_values, seed=0)   # 95 % BCa CI of the mean
+    >>> p = wilcoxon_p(robust_values, standard_values)     # None when every difference is 0
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "N_RESAMPLES", "CONFIDENCE"]
+__all__ = ["bootstrap_ci", "wilcoxon_p", "N_RESAMPLES", "CONFIDENCE"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +53,29 @@ def bootstrap_ci(values, seed: int, n_resamples: int = N_RESAMPLES,
             return lo, hi
         logger.debug("BCa interval undefined for these values; using the percentile interval")
     raise AssertionError("unreachable: a percentile interval of finite values is finite")
+
+
+def wilcoxon_p(a, b) -> float | None:
+    """Two-sided p-value of the Wilcoxon signed-rank test of paired values, via
+    ``scipy.stats.wilcoxon(a, b)`` (its defaults: zero differences dropped, ``"wilcox"``).
+
+    Returns ``None`` when every difference is zero (the test is undefined there; scipy would
+    raise or return NaN).
+
+    Args:
+        a, b: paired values of one length (e.g. one number per image and model).
+
+    Raises:
+        ValueError: ``a`` and ``b`` differ in length.
+    """
+    from scipy.stats import wilcoxon
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must be paired: lengths {a.size} and {b.size}")
+    if a.size == 0 or np.all(a == b):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # small-sample warnings; the p-value stands as scipy's
+        p = float(wilcoxon(a, b).pvalue)
+    return p if math.isfinite(p) else None

@@ -1,0 +1,222 @@
+"""Saliency grids, ``index.html`` and TensorBoard images of a robust-vs-standard comparison
+(methods.md §8.1; written by ``robustkit inspect``).
+
+Renders what the command computed; computes nothing beyond display: the maps arrive as signed
+``(N, H, W)`` maps already scaled to [−1, 1] (``saliency.display.percentile_scale``).
+
+- ``grid_figure``: one PNG per explainer; rows are images, columns the image and, per model, its
+  map of x and of x' (diverging colormap, 0 at white), captioned with the prediction and its
+  softmax confidence;
+- ``write_html``: ``index.html`` showing the grids (relative ``src``, so the folder is
+  self-contained) and the summary tables; labels are HTML-escaped. An inline script writes the
+  number of images that loaded into ``document.title`` (``"loaded K/M"``) and into
+  ``<body data-loaded>``, so a headless browser can check the page.
+
+Example:
+    >>> fig = grid_figure(x, {"std": {"clean": m, "adv": m_adv}}, captions, "gradient")
+    >>> save_png(fig, "runs/inspect/grid_gradient.png")
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import os
+import re
+import textwrap
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["grid_figure", "save_png", "write_html", "write_tensorboard", "grid_filename",
+           "CMAP"]
+
+# Diverging: positive evidence red, negative blue, zero white (maps are in [-1, 1]).
+CMAP = "RdBu_r"
+_DPI = 100
+_CELL = 1.55  # inches per grid cell
+_INPUTS = (("clean", "x"), ("adv", "x'"))
+
+
+def _figure(width: float, height: float):
+    """A ``Figure`` on its own Agg canvas: no pyplot, no global figure registry."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(min(width, 40.0), min(height, 60.0)), dpi=_DPI,
+                 layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def grid_filename(explainer: str) -> str:
+    """``grid_<explainer>.png`` with anything but letters, digits, ``.`` and ``-`` as ``_``."""
+    return "grid_" + (re.sub(r"[^\w.-]+", "_", explainer).strip("_") or "explainer") + ".png"
+
+
+def grid_figure(images, maps: Mapping[str, Mapping[str, Any]],
+                captions: Mapping[str, Mapping[str, Sequence[str]]], title: str,
+                row_labels: Sequence[str] | None = None):
+    """Rows = images; columns = the image, then per model its map of x and of x'.
+
+    Args:
+        images: ``(N, C, H, W)`` in [0, 1] (tensor or array).
+        maps: ``{model label: {"clean": (N, H, W), "adv": (N, H, W)}}`` in [−1, 1].
+        captions: ``{model label: {"clean": [N str], "adv": [N str]}}`` under each map.
+        title: the figure's title.
+        row_labels: one caption per image row (default ``#i``).
+    """
+    images = np.asarray(images, dtype=np.float64)
+    n, c = images.shape[:2]
+    labels = list(maps)
+    cols = 1 + 2 * len(labels)
+    fig = _figure(_CELL * cols, _CELL * n + 0.8)
+    axes = fig.subplots(n, cols, squeeze=False)
+    im = None
+    for i in range(n):
+        ax = axes[i, 0]
+        img = images[i].transpose(1, 2, 0)
+        ax.imshow(img[..., 0] if c == 1 else img, cmap="gray" if c == 1 else None,
+                  vmin=0, vmax=1)
+        ax.set_xlabel(row_labels[i] if row_labels else f"#{i}", fontsize=7)
+        if i == 0:
+            ax.set_title("image", fontsize=8)
+        for j, label in enumerate(labels):
+            for k, (key, name) in enumerate(_INPUTS):
+                ax = axes[i, 1 + 2 * j + k]
+                im = ax.imshow(np.asarray(maps[label][key][i], dtype=np.float64), cmap=CMAP,
+                               vmin=-1, vmax=1)
+                ax.set_xlabel(captions[label][key][i], fontsize=7)
+                if i == 0:
+                    ax.set_title(textwrap.fill(label, 24) + f"\nmap of {name}", fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if im is not None:
+        fig.colorbar(im, ax=axes[:, 1:].ravel().tolist(), shrink=0.3, pad=0.01,
+                     label="signed map / 99th percentile of |map|")
+    fig.suptitle(textwrap.fill(title, max(40, int(11 * _CELL * cols))), fontsize=10)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=_DPI)
+    return buf.getvalue()
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """Write ``fig`` as a PNG, atomically; returns the path."""
+    from robustkit.utils import atomic_write, output_errors
+
+    path = Path(path)
+    data = _png(fig)
+    with output_errors(path):
+        atomic_write(path, data)
+    return path
+
+
+def write_tensorboard(figures: Mapping[str, Any], log_dir: str | os.PathLike) -> Path:
+    """Each grid as TensorBoard image ``saliency/<explainer>`` in ``log_dir`` (earlier event
+    files there are removed first, so a rerun replaces the images instead of stacking them)."""
+    import torch
+    from matplotlib.image import imread
+
+    from robustkit.training.loggers import TensorBoardLogger
+    from robustkit.utils import output_errors
+
+    folder = Path(log_dir)
+    with output_errors(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("events.out.tfevents.*"):
+            old.unlink()
+        tb = TensorBoardLogger(folder)
+        try:
+            for name, fig in figures.items():
+                rgba = imread(io.BytesIO(_png(fig)), format="png")  # (H, W, 4) in [0, 1]
+                tb.add_image(f"saliency/{name}",
+                             torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1),
+                             step=0)
+        finally:
+            tb.close()
+    return folder
+
+
+def _num(v: Any) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def _ci(ci: Sequence[float] | None) -> str:
+    return "–" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
+
+
+_SCRIPT = """<script>
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.title = "loaded " + ok + "/" + imgs.length;
+  document.body.setAttribute("data-loaded", ok + "/" + imgs.length);
+});
+</script>"""
+
+
+def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
+               path: str | os.PathLike, csv_name: str = "metrics.csv") -> Path:
+    """``index.html``: the settings, the accuracy table, the grids and the metric tables.
+
+    Args:
+        summary: the ``summary.json`` content.
+        grids: ``{explainer: PNG file name}``, files in the same folder as ``path``.
+        path: where to write (atomically).
+        csv_name: the per-image CSV's file name, linked from the page.
+    """
+    from robustkit.utils import atomic_write, output_errors
+
+    e = html.escape
+    s = summary.get("settings", {})
+    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+             "<title>robustkit inspect</title>",
+             "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;"
+             "margin:.5em 0 1.5em}td,th{border:1px solid #bbb;padding:2px 6px;font-size:13px}"
+             "td.n{text-align:right}img{max-width:100%}</style>", "</head><body>",
+             "<h1>Saliency of robust and standard models</h1>",
+             f"<p>first {e(str(summary['n']))} {e(str(s.get('dataset', '')))} test images; "
+             f"target: the true label; x' = {e(str(s.get('attack', '')))} white-box on each "
+             f"model (L∞ ε = {e(str(s.get('eps_text', '')))}, last iterate); reference model: "
+             f"{e(str(s.get('reference', '')))}. Per-image values: "
+             f'<a href="{e(csv_name)}">{e(csv_name)}</a>; summary: '
+             '<a href="summary.json">summary.json</a>.</p>',
+             "<h2>Models</h2><table><tr><th>model</th><th>clean accuracy</th>"
+             "<th>adversarial accuracy</th><th>kind</th></tr>"]
+    for label, m in summary["models"].items():
+        parts.append(f"<tr><td>{e(label)}</td><td class=n>{100 * m['clean_accuracy']:.1f}%</td>"
+                     f"<td class=n>{100 * m['adv_accuracy']:.1f}%</td>"
+                     f"<td>{e(str(m['kind']))} ({e(str(m.get('kind_source', '')))})</td></tr>")
+    parts.append("</table>")
+    for explainer, name in grids.items():
+        parts += [f"<h2>{e(explainer)}</h2>",
+                  f'<img src="{e(name)}" alt="{e(explainer)} saliency grid">']
+    parts += ["<h2>Metrics (mean over images, 95% bootstrap CI)</h2>",
+              "<table><tr><th>explainer</th><th>metric</th><th>input</th><th>model</th>"
+              "<th>n</th><th>mean</th><th>95% CI</th></tr>"]
+    for r in summary["metrics"]:
+        parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
+                     f"<td>{e(r['input'])}</td><td>{e(r['model'])}</td>"
+                     f"<td class=n>{r['n']}</td><td class=n>{_num(r['mean'])}</td>"
+                     f"<td class=n>{_ci(r['ci95'])}</td></tr>")
+    parts += ["</table>", "<h2>Paired differences (b − a per image; Wilcoxon signed-rank)</h2>",
+              "<table><tr><th>explainer</th><th>metric</th><th>input</th><th>a</th><th>b</th>"
+              "<th>n</th><th>mean diff</th><th>95% CI</th><th>Wilcoxon p</th></tr>"]
+    for r in summary["pairs"]:
+        parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
+                     f"<td>{e(r['input'])}</td><td>{e(r['a'])}</td><td>{e(r['b'])}</td>"
+                     f"<td class=n>{r['n']}</td><td class=n>{_num(r['diff_mean'])}</td>"
+                     f"<td class=n>{_ci(r['ci95'])}</td>"
+                     f"<td class=n>{_num(r['wilcoxon_p'])}</td></tr>")
+    parts += ["</table>", _SCRIPT, "</body></html>", ""]
+    path = Path(path)
+    with output_errors(path):
+        atomic_write(path, "\n".join(parts).encode())
+    return path
