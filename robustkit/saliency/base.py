@@ -137,34 +137,6 @@ class Explainer:
         return t.long()
 
 
-class _Wrapper(Explainer):
-    """An explainer built on an inner one; a bare ``nn.Module`` inner means ``Gradient(inner)``."""
-
-    def __init__(self, inner: Explainer | nn.Module,
-                 internal_batch_size: int | None = None) -> None:
-        if isinstance(inner, nn.Module):
-            from robustkit.saliency.gradient import Gradient  # gradient.py imports this module
-
-            inner = Gradient(inner, internal_batch_size=internal_batch_size)
-        if not isinstance(inner, Explainer):
-            raise ValueError(f"inner must be an Explainer or an nn.Module, got "
-                             f"{type(inner).__name__}")
-        super().__init__(inner.model, internal_batch_size=internal_batch_size)
-        self.inner = inner
-
-    @property
-    def stochastic(self) -> bool:  # type: ignore[override]
-        return self.inner.stochastic
-
-    @contextmanager
-    def _random_scope(self, device: torch.device) -> Iterator[None]:
-        with self.inner._random_scope(device):
-            yield
-
-    def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "inner": self.inner.settings()}
-
-
 def _accumulate(inner: Explainer, target: Tensor, blocks: Iterable[tuple[Tensor, float]],
                 rows: int, drop_nan: bool) -> tuple[Tensor, Tensor]:
     """``Σ_j w_j · inner(x_j)`` per image over blocks ``(x_j (N, ...), w_j)``, in block order.

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from robustkit.saliency.base import Explainer, _Wrapper
+from robustkit.saliency.base import Explainer
+from robustkit.saliency.wrapper import _Wrapper
 
 __all__ = ["GradientXInput"]
 

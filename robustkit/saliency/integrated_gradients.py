@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from robustkit.saliency.base import Explainer, _accumulate, _Wrapper
+from robustkit.saliency.base import Explainer, _accumulate
 from robustkit.saliency.gradient import Gradient
+from robustkit.saliency.wrapper import _Wrapper
 
 __all__ = ["IntegratedGradients"]
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robustkit.saliency.base import Explainer, _accumulate, _Wrapper
+from robustkit.saliency.base import Explainer, _accumulate
+from robustkit.saliency.wrapper import _Wrapper
 
 __all__: list[str] = []  # private plumbing: SmoothGrad and AdaptGrad are the public names
 
