@@ -20,6 +20,7 @@ from robustkit.cli.sensitivity import (
     _attack_all,
     _attack_kwargs,
     _attack_spec,
+    _dataset_and_eps,
     _entries,
     _integer,
     _labels,
@@ -129,23 +130,11 @@ def _explainers(text: str) -> list[str]:
 
 
 def run(args) -> int:
-    from robustkit.data import DATASETS
-    from robustkit.utils import check_writable, parse_number, resolve_device
+    from robustkit.utils import check_writable, resolve_device
 
     entries = _entries(args.entries)
     labels = _labels(entries)
-    if args.dataset is None:
-        raise CLIError("--dataset is required")
-    if args.dataset not in DATASETS:
-        raise CLIError(f"--dataset {args.dataset!r}: unknown; valid: {', '.join(DATASETS)}")
-    info = DATASETS[args.dataset]
-    if args.eps is None:
-        eps = float(info.eps["Linf"])
-    else:
-        with user_input(ConfigError, "--eps"):
-            eps = parse_number(args.eps)
-        if not 0 < eps <= 1:
-            raise CLIError(f"--eps {args.eps!r}: must lie in (0, 1] (pixel units)")
+    info, eps = _dataset_and_eps(args)
     spec = _attack_spec(args.attack)
     explainers = _explainers(args.explainers)
     n = _integer(args.n_examples, "--n-examples", 2)  # a bootstrap needs two images

@@ -214,13 +214,11 @@ def _build_attack(spec, model, eps: float, seed: int):
     return PGD(model, generator=torch.Generator().manual_seed(seed), **_attack_kwargs(spec, eps))
 
 
-# ------------------------------------------------------------------------------ the command
-def run(args) -> int:
+def _dataset_and_eps(args):
+    """``--dataset`` (its ``DATASETS`` entry) and ``--eps`` (default: the dataset's L-inf eps)."""
     from robustkit.data import DATASETS
-    from robustkit.utils import check_writable, parse_number, resolve_device
+    from robustkit.utils import parse_number
 
-    entries = _entries(args.entries)
-    labels = _labels(entries)
     if args.dataset is None:
         raise CLIError("--dataset is required")
     if args.dataset not in DATASETS:
@@ -233,6 +231,16 @@ def run(args) -> int:
             eps = parse_number(args.eps)
         if not 0 < eps <= 1:
             raise CLIError(f"--eps {args.eps!r}: must lie in (0, 1] (pixel units)")
+    return info, eps
+
+
+# ------------------------------------------------------------------------------ the command
+def run(args) -> int:
+    from robustkit.utils import check_writable, resolve_device
+
+    entries = _entries(args.entries)
+    labels = _labels(entries)
+    info, eps = _dataset_and_eps(args)
     spec = _attack_spec(args.attack)
     layers = "auto" if args.layers.strip() == "auto" else [
         s.strip() for s in args.layers.split(",") if s.strip()]

@@ -124,23 +124,15 @@ def write_tensorboard(figures: Mapping[str, Any], log_dir: str | os.PathLike) ->
     import torch
     from matplotlib.image import imread
 
-    from robustkit.training.loggers import TensorBoardLogger
-    from robustkit.utils import output_errors
+    from robustkit.reports.tensorboard import fresh_tensorboard
 
     folder = Path(log_dir)
-    with output_errors(folder):
-        folder.mkdir(parents=True, exist_ok=True)
-        for old in folder.glob("events.out.tfevents.*"):
-            old.unlink()
-        tb = TensorBoardLogger(folder)
-        try:
-            for name, fig in figures.items():
-                rgba = imread(io.BytesIO(_png(fig)), format="png")  # (H, W, 4) in [0, 1]
-                tb.add_image(f"saliency/{name}",
-                             torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1),
-                             step=0)
-        finally:
-            tb.close()
+    with fresh_tensorboard(folder) as tb:
+        for name, fig in figures.items():
+            rgba = imread(io.BytesIO(_png(fig)), format="png")  # (H, W, 4) in [0, 1]
+            tb.add_image(f"saliency/{name}",
+                         torch.from_numpy(np.ascontiguousarray(rgba[..., :3])).permute(2, 0, 1),
+                         step=0)
     return folder
 
 

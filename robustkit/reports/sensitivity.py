@@ -225,8 +225,7 @@ def write_tensorboard(sigmas: Mapping[str, Mapping[str, Any]],
     Returns:
         The run folders, in model order.
     """
-    from robustkit.training.loggers import TensorBoardLogger
-    from robustkit.utils import output_errors
+    from robustkit.reports.tensorboard import fresh_tensorboard
 
     folders: list[Path] = []
     for label, layers in sigmas.items():
@@ -234,18 +233,11 @@ def write_tensorboard(sigmas: Mapping[str, Mapping[str, Any]],
         if Path(log_dir) / name in folders:  # "a b" and "a_b" would share a run folder
             name = f"{name}_{len(folders) + 1}"
         folder = Path(log_dir) / name
-        with output_errors(folder):
-            folder.mkdir(parents=True, exist_ok=True)
-            for old in folder.glob("events.out.tfevents.*"):
-                old.unlink()
-            tb = TensorBoardLogger(folder)
-            try:
-                for layer, sigma in layers.items():
-                    tb.add_histogram(f"sigma/{layer}", _tensor(sigma), step=0)
-                    tb.add_histogram(f"relative_sigma/{layer}", _tensor(relative[label][layer]),
-                                     step=0)
-            finally:
-                tb.close()
+        with fresh_tensorboard(folder) as tb:
+            for layer, sigma in layers.items():
+                tb.add_histogram(f"sigma/{layer}", _tensor(sigma), step=0)
+                tb.add_histogram(f"relative_sigma/{layer}", _tensor(relative[label][layer]),
+                                 step=0)
         folders.append(folder)
     return folders
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Callback"]
+__all__ = ["Callback", "first_items"]
 
 
 class Callback:
@@ -17,3 +17,14 @@ class Callback:
     def on_fit_end(self, trainer) -> None: ...
 
     def on_exception(self, trainer, error: BaseException) -> None: ...
+
+
+def first_items(dataset, n: int):
+    """The first ``n`` items of ``dataset`` stacked: images ``(n, C, H, W)`` and labels ``(n,)``
+    (a callback's fixed probe set, the same in every run)."""
+    import torch
+
+    items = [dataset[i] for i in range(n)]
+    x = torch.stack([torch.as_tensor(item[0]) for item in items])
+    y = torch.stack([torch.as_tensor(item[1]) for item in items]).long()
+    return x, y

@@ -16,7 +16,7 @@ from robustkit import distributed as dist
 from robustkit.saliency import EXPLAINERS, create_explainer, percentile_scale, signed_map
 from robustkit.saliency.base import Explainer
 from robustkit.saliency.metrics import sparseness, total_variation
-from robustkit.training.callbacks.base import Callback
+from robustkit.training.callbacks.base import Callback, first_items
 from robustkit.training.callbacks.sensitivity import Perturb
 from robustkit.utils import eval_mode
 
@@ -131,10 +131,7 @@ class SaliencyCallback(Callback):
     def probe(self) -> tuple[Tensor, Tensor]:
         """The panel's images ``(n, C, H, W)`` and labels ``(n,)`` (CPU; built once)."""
         if self._probe is None:
-            items = [self.dataset[i] for i in range(self.n)]
-            x = torch.stack([torch.as_tensor(item[0]) for item in items])
-            y = torch.stack([torch.as_tensor(item[1]) for item in items]).long()
-            self._probe = (x, y)
+            self._probe = first_items(self.dataset, self.n)
         return self._probe
 
     def explainer(self, name: str, model: nn.Module) -> Explainer:

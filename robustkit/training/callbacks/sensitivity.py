@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from robustkit import distributed as dist
 from robustkit.sensitivity import SensitivityMeter, resolve_layers
-from robustkit.training.callbacks.base import Callback
+from robustkit.training.callbacks.base import Callback, first_items
 from robustkit.utils import eval_mode
 
 __all__ = ["SensitivityCallback", "Perturb"]
@@ -125,10 +125,7 @@ class SensitivityCallback(Callback):
     def probe(self) -> tuple[Tensor, Tensor]:
         """The probe images ``(n, C, H, W)`` and labels ``(n,)`` (CPU; built once)."""
         if self._probe is None:
-            items = [self.dataset[i] for i in range(self.n)]
-            x = torch.stack([torch.as_tensor(item[0]) for item in items])
-            y = torch.stack([torch.as_tensor(item[1]) for item in items]).long()
-            self._probe = (x, y)
+            self._probe = first_items(self.dataset, self.n)
         return self._probe
 
     def measure(
