@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -97,3 +100,66 @@ def print_table(rows: list[dict]) -> None:
         result = "" if r.get("target") is None else ("PASS" if r["ok"] else "FAIL")
         print(f"{r['name']:<{width}} {r['value']:>8.3f}  {target:>8}  {result:4}  "
               f"{r.get('note', '')}".rstrip())
+
+
+def summary(t: dict[str, list[float]]) -> dict[str, dict]:
+    """min / median / all of each contender's times."""
+    return {k: {"min": min(v), "median": median(v), "all": v} for k, v in t.items()}
+
+
+# ------------------------------------------------------------------ memory
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def rss_growth(fn: Callable[[], object]) -> int | None:
+    """Growth of the resident set during ``fn()`` (Linux): freed heap pages are handed back
+    (``malloc_trim``) and the high-water mark reset to the current RSS first. ``None`` where
+    /proc or glibc is missing."""
+    clear = Path("/proc/self/clear_refs")
+    if not clear.exists():
+        return None
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    gc.collect()
+    trim(0)
+    try:
+        clear.write_text("5")  # VmHWM := VmRSS
+        before = _status_bytes("VmRSS")
+    except (OSError, KeyError):
+        return None
+    fn()
+    return _status_bytes("VmHWM") - before
+
+
+def cpu_tensor_peak(fn: Callable[[], object]) -> int:
+    """Peak of CPU tensor bytes allocated during ``fn()`` above the level at its start, from the
+    profiler's allocator events in start order (each operator's own net allocation at its start;
+    frees outside operators as ``[memory]`` events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
+                    key=lambda e: e.time_range.start)
+    level = peak = 0
+    for e in events:
+        level += e.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base

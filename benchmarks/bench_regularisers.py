@@ -40,14 +40,11 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the CPU profiler's start-up chatter (memory)
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
-import gc  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import warnings  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -57,12 +54,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS,
+    cpu_tensor_peak,
+    cuda_peak,
     device_info,
     median,
     paired_ratio,
     print_table,
     ratio,
-    sync,
+    rss_growth,
+    summary,
     time_paired,
     write_json,
 )
@@ -128,64 +128,6 @@ class Step:
         self.objective(self.x, self.y, self.ctx).loss.detach()
 
 
-# ------------------------------------------------------------------ memory
-def _status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def rss_growth(fn: Callable[[], object]) -> int | None:
-    """Growth of the resident set during ``fn()`` (Linux): freed heap pages are handed back
-    (``malloc_trim``) and the high-water mark reset to the current RSS first. ``None`` where
-    /proc or glibc is missing."""
-    clear = Path("/proc/self/clear_refs")
-    if not clear.exists():
-        return None
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):
-        return None
-    gc.collect()
-    trim(0)
-    try:
-        clear.write_text("5")  # VmHWM := VmRSS
-        before = _status_bytes("VmRSS")
-    except (OSError, KeyError):
-        return None
-    fn()
-    return _status_bytes("VmHWM") - before
-
-
-def cpu_tensor_peak(fn: Callable[[], object]) -> int:
-    """Peak of CPU tensor bytes allocated during ``fn()`` above the level at its start, from the
-    profiler's allocator events in start order (each operator's own net allocation at its start;
-    frees outside operators as ``[memory]`` events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage),
-                    key=lambda e: e.time_range.start)
-    level = peak = 0
-    for e in events:
-        level += e.self_cpu_memory_usage
-        peak = max(peak, level)
-    return peak
-
-
-def cuda_peak(fn: Callable[[], object], device: torch.device) -> int:
-    sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    sync(device)
-    return torch.cuda.max_memory_allocated(device) - base
-
-
 def memory(steps: dict[str, Step], extra: dict[str, Callable[[], object]],
            device: torch.device, repeats: int) -> dict[str, dict]:
     """``{name: {"tensor_bytes": .., "rss_bytes": .. (CPU, Linux)}}``, medians over ``repeats``;
@@ -214,10 +156,6 @@ def memory(steps: dict[str, Step], extra: dict[str, Callable[[], object]],
 
 
 # ------------------------------------------------------------------ sections
-def _summary(t: dict[str, list[float]]) -> dict[str, dict]:
-    return {k: {"min": min(v), "median": median(v), "all": v} for k, v in t.items()}
-
-
 def _paired(times: dict[str, list[float]], fn: Callable[[dict[str, float]], float]) -> float:
     """Median over repeats of ``fn`` applied to one repeat's times (a difference of two
     medians taken over different repeats would mix unrelated load)."""
@@ -281,7 +219,7 @@ def run_section(label: str, steps: dict[str, Step], extra: dict[str, Callable[[]
     mem = memory(steps, {k: v for k, v in extra.items() if k.endswith(":loss")}, device,
                  mem_repeats)
     log.info("%s measured in %.0f s", label, time.perf_counter() - t0)
-    return times, mem, _summary(times)
+    return times, mem, summary(times)
 
 
 def regularisers(label: str, specs: dict, pgd: dict[str, dict], make_model, x, y,
@@ -297,8 +235,8 @@ def regularisers(label: str, specs: dict, pgd: dict[str, dict], make_model, x, y
     extra: dict[str, Callable[[], object]] = {"sagr:loss": steps["sagr"].loss_only}
     if probe is not None:
         extra["probe"] = lambda: probe.measure(steps["natural"].model, device)
-    times, mem, summary = run_section(label, steps, extra, device, repeats, mem_repeats)
-    out: dict = {"batch": len(y), "repeats": repeats, "seconds": summary, "memory": mem,
+    times, mem, seconds = run_section(label, steps, extra, device, repeats, mem_repeats)
+    out: dict = {"batch": len(y), "repeats": repeats, "seconds": seconds, "memory": mem,
                  "hparams": {k: {"objective": o, **h} for k, (o, h) in specs.items()},
                  "attacks": pgd, "time_ratio": {}, "time_ratio_of_minima": {},
                  "memory_ratio": {}, "rss_ratio": {}}

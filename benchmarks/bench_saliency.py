@@ -51,16 +51,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     RESULTS,
+    cpu_tensor_peak,
+    cuda_peak,
     device_info,
     median,
     paired_ratio,
     print_table,
     ratio,
+    summary,
     sync,
     time_paired,
     write_json,
 )
-from bench_regularisers import cpu_tensor_peak, cuda_peak  # noqa: E402
 
 from robustkit.saliency import AdaptGrad, Gradient, SmoothGrad  # noqa: E402
 from robustkit.utils import resolve_device  # noqa: E402
@@ -164,10 +166,6 @@ def chunk_sizes(n_img: int, rows: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ sections
-def _summary(t: dict[str, list[float]]) -> dict[str, dict]:
-    return {k: {"min": min(v), "median": median(v), "all": v} for k, v in t.items()}
-
-
 def adaptgrad_section(label: str, model: nn.Module, x: Tensor, n: int, device: torch.device,
                       repeats: int, rows_out: list[dict]) -> dict:
     t0 = time.perf_counter()
@@ -194,8 +192,8 @@ def adaptgrad_section(label: str, model: nn.Module, x: Tensor, n: int, device: t
     ref = ideal(model, x, t, n, best)
     diff = {"robustkit": (rk_best.attribute(x, t) - ref).abs().max().item(),
             "scale": ref.abs().max().item()}
-    out = {"images": n_img, "n_samples": n, "rows": total_rows, "chunk_sweep": _summary(sweep),
-           "best_chunk": best, "seconds": _summary(times), "max_abs_diff_vs_ideal": diff,
+    out = {"images": n_img, "n_samples": n, "rows": total_rows, "chunk_sweep": summary(sweep),
+           "best_chunk": best, "seconds": summary(times), "max_abs_diff_vs_ideal": diff,
            "time_ratio": {}, "time_ratio_of_minima": {}}
     for key, num, den, target in [
             ("robustkit/ideal", "robustkit", "ideal", TARGETS["adaptgrad_vs_ideal"]),
@@ -239,7 +237,7 @@ def smoothgrad_section(label: str, model: nn.Module, x: Tensor, n: int, device: 
            "robustkit_default": lambda: rk_default.attribute(x, t), "captum": captum}
     times = time_paired(fns, device, repeats)
     out = {"images": n_img, "n_samples": n, "stdev": STDEV,
-           "captum_nt_samples_batch_size": None, "seconds": _summary(times),
+           "captum_nt_samples_batch_size": None, "seconds": summary(times),
            "time_ratio": {}, "time_ratio_of_minima": {}}
     for key, num, target in [("robustkit/captum", "robustkit", TARGETS["smoothgrad_vs_captum"]),
                              ("robustkit_default/captum", "robustkit_default", None)]:
