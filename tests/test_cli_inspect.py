@@ -250,3 +250,71 @@ def test_statistics_pair_only_images_finite_for_both():
     assert p["wilcoxon_p"] == pytest.approx(wilcoxon(np.array(b)[ok], np.array(a)[ok]).pvalue)
     same = next(r for r in pairs if r["metric"] == "topk_intersection")
     assert same["wilcoxon_p"] is None and same["diff_mean"] == 0 and same["ci95"] == [0, 0]
+
+
+@pytest.fixture(scope="module")
+def boxed_run(tmp_path_factory):
+    """sample-mnist with made-up boxes (as Tiny-ImageNet's val split carries them), with
+    --faithfulness and gradient + adaptgrad (so adaptgrad_residual is written)."""
+    import robustkit.data as data_module
+
+    real = data_module.load_dataset
+    boxes = torch.stack([torch.tensor([i % 5, 2 * (i % 4), 14 + i % 7, 20 + i % 6])
+                         for i in range(N)])
+
+    def with_boxes(name, split, root=None, **kw):
+        ds = real(name, split, root, **kw)
+        ds = first_n(ds, N)
+        return type(ds)(ds.x, ds.y, None, boxes, ds.class_names)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(data_module, "load_dataset", with_boxes)
+    out = tmp_path_factory.mktemp("inspect_boxes")
+    try:
+        code = main(["inspect", "--dataset", "sample-mnist",
+                     "--model", "robustkit:mnist_smallcnn_standard", "--name", STD,
+                     "--n-examples", str(N), "--n-samples", "4", "--attack", f"pgd{STEPS}",
+                     "--explainers", "gradient,adaptgrad", "--faithfulness", "--seed", str(SEED),
+                     "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", str(out)])
+    finally:
+        mp.undo()
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "metrics.csv", newline="")))
+    values: dict[tuple, np.ndarray] = {}
+    for r in rows:
+        key = (r["explainer"], r["metric"], r["input"])
+        values.setdefault(key, np.full(N, np.nan))[int(r["index"])] = float(r["value"])
+    return json.loads((out / "summary.json").read_text()), values, boxes
+
+
+def test_boxes_faithfulness_and_residual_recomputed(boxed_run):
+    summary, values, boxes = boxed_run
+    data = first_n(load_dataset("sample-mnist", "test"), N)
+    x = torch.stack([data[i][0] for i in range(N)])
+    y = torch.stack([torch.as_tensor(data[i][1]) for i in range(N)]).long()
+    model = load_pretrained("mnist_smallcnn_standard")
+    g = Gradient(model).attribute(x, target=y).double()
+    np.testing.assert_allclose(values[("gradient", "mass_in_box", "clean")],
+                               M.mass_in_box(g, boxes).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(values[("gradient", "pointing_game", "clean")],
+                               M.pointing_game(g, boxes).numpy())
+    assert summary["box_chance"] == pytest.approx(
+        float(M.box_area_fraction(boxes, 28, 28).mean()))
+    np.testing.assert_allclose(values[("gradient", "deletion_auc", "clean")],
+                               M.deletion_auc(model, x, g.float(), y, steps=32).numpy(),
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(values[("gradient", "insertion_auc", "clean")],
+                               M.insertion_auc(model, x, g.float(), y, steps=32).numpy(),
+                               rtol=1e-5, atol=1e-7)
+    # faithfulness only on x; boxes on x and x'; the residual under adaptgrad, on x and x'
+    assert ("gradient", "deletion_auc", "adv") not in values
+    assert ("adaptgrad", "mass_in_box", "adv") in values
+    assert ("gradient", "adaptgrad_residual", "clean") not in values
+    from robustkit.saliency import create_explainer
+
+    ag = create_explainer("adaptgrad", model, n_samples=4, seed=SEED).attribute(x, target=y)
+    np.testing.assert_allclose(values[("adaptgrad", "adaptgrad_residual", "clean")],
+                               M.adaptgrad_residual(g, ag.double()).numpy(), rtol=1e-5)
+    seen = {(r["explainer"], r["metric"], r["input"]) for r in summary["metrics"]}
+    assert seen == set(values)
+    assert summary["settings"]["faithfulness_steps"] == 32

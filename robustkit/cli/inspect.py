@@ -35,10 +35,10 @@ logger = logging.getLogger(__name__)
 # The explainers this command offers (keys of robustkit.saliency.EXPLAINERS).
 CHOICES = ("gradient", "gradient_x_input", "smoothgrad", "adaptgrad", "ig", "ig-adaptgrad")
 DEFAULT_EXPLAINERS = "gradient,smoothgrad,adaptgrad"
-# Metrics of one map (methods.md §8.2 items 1-4) and of the pair (map of x, map of x') (item 6).
-MAP_METRICS = ("sparseness", "complexity", "total_variation", "hfer", "alignment_cos",
-               "edge_spearman")
-PAIR_METRICS = ("stability_spearman", "topk_intersection", "stability_cos")
+# Metrics (methods.md §8.2), listed in EPILOG: of one map (items 1-4), with boxes (item 5), of
+# the pair (map of x, map of x') (item 6), with --faithfulness (item 7, on x).
+FAITHFULNESS_STEPS = 32
+INPUTS = ("clean", "adv", "pair")
 # Without a model card, a model is called robust when it keeps this much accuracy under the
 # attack: standard models fall to ~0 under PGD at the usual budgets, adversarially trained ones
 # keep 40-95 % (methods.md §7 tables); 0.2 sits well between the two.
@@ -59,6 +59,10 @@ protocol (methods.md section 8.1): the first N test images; target = the true la
 metrics per image (CSV rows index,model,explainer,input,metric,value):
   input clean / adv: sparseness complexity total_variation hfer alignment_cos edge_spearman
   input pair (map of x vs map of x'): stability_spearman topk_intersection stability_cos
+  datasets with object boxes (tinyimagenet), clean / adv: mass_in_box pointing_game (the
+    mean box area fraction, their chance level, is summary.json's "box_chance")
+  --faithfulness, clean: deletion_auc insertion_auc (32 steps, black baseline)
+  gradient and adaptgrad both selected: adaptgrad_residual (explainer adaptgrad, clean / adv)
   Means and 95% BCa bootstrap CIs over the images with a finite value; paired differences
   (b - a, a = the first model) over the images finite for both, Wilcoxon signed-rank p
   (null when every difference is zero).
@@ -113,6 +117,9 @@ def add_parser(sub) -> None:
     a("--seed", default="0", help="seed of the random starts, explainer noise and bootstrap "
                                   "(default 0)")
     a("--out", metavar="DIR", required=True, help="output folder (created)")
+    a("--faithfulness", action="store_true",
+      help="also score the clean maps by deletion and insertion AUC (RISE; 32 steps, black "
+           "baseline: 66 forward passes per image, model and explainer)")
     a("--no-tensorboard", action="store_true", help="skip DIR/tb")
     a("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run, entries=None)
@@ -143,7 +150,8 @@ def run(args) -> int:
                 "n_samples": _integer(args.n_samples, "--n-samples", 1),
                 "ig_steps": _integer(args.ig_steps, "--ig-steps", 1),
                 "batch_size": _integer(args.batch_size, "--batch-size", 1),
-                "seed": _integer(args.seed, "--seed", 0), "reference": labels[0]}
+                "seed": _integer(args.seed, "--seed", 0), "reference": labels[0],
+                "faithfulness_steps": FAITHFULNESS_STEPS if args.faithfulness else None}
     with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
         device = resolve_device(args.device)
     settings["device"] = str(device)
@@ -194,6 +202,7 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
     data = first_n(test, n)
     x = torch.stack([data[i][0] for i in range(n)])
     y = torch.stack([torch.as_tensor(data[i][1]) for i in range(n)]).long()
+    boxes = getattr(data, "boxes", None)
 
     seed_everything(seed)
     models = {lb: _load(e["spec"], e["checkpoint"], info, settings["dataset"], device)
@@ -209,6 +218,10 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
                 settings["eps_text"], ", ".join(settings["explainers"]))
     progress = tqdm_factory(False if args.no_progress else None)
     summary: dict[str, Any] = {"n": n, "models": {}}
+    if boxes is not None:
+        from robustkit.saliency.metrics import box_area_fraction
+
+        summary["box_chance"] = float(box_area_fraction(boxes, *x.shape[-2:]).mean())
     rows: list[tuple[int, str, str, str, str, float]] = []
     maps: dict[str, dict[str, dict[str, Any]]] = {e: {} for e in settings["explainers"]}
     captions: dict[str, dict[str, list[str]]] = {}
@@ -233,10 +246,17 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
                                      "clean_accuracy": acc["clean"], "adv_accuracy": acc["adv"],
                                      "kind": kind, "kind_source": source}
             bar = progress(f"{where} explain", 2 * n * len(settings["explainers"]))
+            raw = {}
             with bar:
                 for name in settings["explainers"]:
-                    maps[name][lb] = _explain_and_score(
-                        name, model, inputs, y, settings, device, lb, rows, bar)
+                    maps[name][lb], raw[name] = _explain_and_score(
+                        name, model, inputs, y, boxes, settings, device, lb, rows, bar)
+            if "gradient" in raw and "adaptgrad" in raw:
+                from robustkit.saliency.metrics import adaptgrad_residual
+
+                for key in ("clean", "adv"):
+                    _append(rows, lb, "adaptgrad", key, {"adaptgrad_residual": adaptgrad_residual(
+                        raw["gradient"][key], raw["adaptgrad"][key])})
     summary["metrics"], summary["pairs"] = _statistics(rows, labels, settings)
     summary["settings"] = settings
     return _write(summary, rows, x, maps, captions, y, out, not args.no_tensorboard)
@@ -257,9 +277,9 @@ def _predict(model, x, bs: int, device):
     return torch.cat(preds), torch.cat(confs)
 
 
-def _explain_and_score(name, model, inputs, y, settings, device, label, rows, bar):
-    """Both maps of one model and explainer (display-scaled, for the grid); appends the CSV
-    rows of every metric to ``rows``."""
+def _explain_and_score(name, model, inputs, y, boxes, settings, device, label, rows, bar):
+    """Both maps of one model and explainer, display-scaled (for the grid) and raw; appends the
+    CSV rows of every metric to ``rows``."""
     import torch
 
     from robustkit.saliency import create_explainer, percentile_scale, signed_map
@@ -280,12 +300,31 @@ def _explain_and_score(name, model, inputs, y, settings, device, label, rows, ba
         values = {"sparseness": M.sparseness(a), "complexity": M.complexity(a),
                   "total_variation": M.total_variation(a), "hfer": M.hfer(a),
                   "alignment_cos": M.alignment_cos(a, xc), "edge_spearman": M.edge_spearman(a, xc)}
+        if boxes is not None:
+            values.update(mass_in_box=M.mass_in_box(a, boxes), pointing_game=M.pointing_game(a, boxes))
+        if key == "clean" and settings["faithfulness_steps"]:
+            values.update(_faithfulness(model, xi, raw[key], y, settings, device))
         _append(rows, label, name, key, values)
     a, b = raw["clean"].double(), raw["adv"].double()
     _append(rows, label, name, "pair", {"stability_spearman": M.stability_spearman(a, b),
                                         "topk_intersection": M.topk_intersection(a, b),
                                         "stability_cos": M.stability_cos(a, b)})
-    return {key: percentile_scale(signed_map(r.float())) for key, r in raw.items()}
+    return {key: percentile_scale(signed_map(r.float())) for key, r in raw.items()}, raw
+
+
+def _faithfulness(model, x, a, y, settings, device) -> dict[str, Any]:
+    """Deletion and insertion AUC of the true label, batch by batch on ``device``."""
+    import torch
+
+    from robustkit.saliency import metrics as M
+
+    bs, steps = settings["batch_size"], settings["faithfulness_steps"]
+    out: dict[str, list] = {"deletion_auc": [], "insertion_auc": []}
+    for j in range(0, x.shape[0], bs):
+        xb, ab, yb = (t[j:j + bs].to(device) for t in (x, a, y))
+        out["deletion_auc"].append(M.deletion_auc(model, xb, ab, yb, steps=steps).cpu())
+        out["insertion_auc"].append(M.insertion_auc(model, xb, ab, yb, steps=steps).cpu())
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def _append(rows, label: str, explainer: str, key: str, values: dict[str, Any]) -> None:
@@ -304,30 +343,34 @@ def _statistics(rows, labels: list[str], settings: dict[str, Any]):
     table: dict[tuple[str, str, str, str], np.ndarray] = {}
     for idx, lb, ex, key, metric, val in rows:
         table.setdefault((ex, metric, key, lb), np.full(n, np.nan))[idx] = val
-    inputs = [("clean", MAP_METRICS), ("adv", MAP_METRICS), ("pair", PAIR_METRICS)]
     metrics, pairs = [], []
-    for ex in settings["explainers"]:
-        for key, names in inputs:
-            for metric in names:
-                for lb in labels:
-                    v = table[(ex, metric, key, lb)]
-                    v = v[np.isfinite(v)]
-                    metrics.append({"explainer": ex, "metric": metric, "input": key,
-                                    "model": lb, "n": int(v.size),
-                                    "mean": float(v.mean()) if v.size else None,
-                                    "ci95": list(bootstrap_ci(v, seed)) if v.size > 1 else None})
-                a_all = table[(ex, metric, key, labels[0])]
-                for other in labels[1:]:
-                    b_all = table[(ex, metric, key, other)]
-                    ok = np.isfinite(a_all) & np.isfinite(b_all)
-                    a, b = a_all[ok], b_all[ok]
-                    d = b - a
-                    pairs.append({"explainer": ex, "metric": metric, "input": key,
-                                  "a": labels[0], "b": other, "n": int(d.size),
-                                  "diff_mean": float(d.mean()) if d.size else None,
-                                  "ci95": list(bootstrap_ci(d, seed)) if d.size > 1 else None,
-                                  "wilcoxon_p": wilcoxon_p(b, a)})
+    for ex, key, metric in metric_order(rows, settings["explainers"]):
+        for lb in labels:
+            v = table[(ex, metric, key, lb)]
+            v = v[np.isfinite(v)]
+            metrics.append({"explainer": ex, "metric": metric, "input": key,
+                            "model": lb, "n": int(v.size),
+                            "mean": float(v.mean()) if v.size else None,
+                            "ci95": list(bootstrap_ci(v, seed)) if v.size > 1 else None})
+        a_all = table[(ex, metric, key, labels[0])]
+        for other in labels[1:]:
+            b_all = table[(ex, metric, key, other)]
+            ok = np.isfinite(a_all) & np.isfinite(b_all)
+            a, b = a_all[ok], b_all[ok]
+            d = b - a
+            pairs.append({"explainer": ex, "metric": metric, "input": key,
+                          "a": labels[0], "b": other, "n": int(d.size),
+                          "diff_mean": float(d.mean()) if d.size else None,
+                          "ci95": list(bootstrap_ci(d, seed)) if d.size > 1 else None,
+                          "wilcoxon_p": wilcoxon_p(b, a)})
     return metrics, pairs
+
+
+def metric_order(rows, explainers: list[str]) -> list[tuple[str, str, str]]:
+    """The ``(explainer, input, metric)`` triples present in ``rows``: explainers as given, then
+    clean, adv, pair, then metrics in the order they were computed."""
+    seen = dict.fromkeys((ex, key, metric) for _, _, ex, key, metric, _ in rows)
+    return sorted(seen, key=lambda t: (explainers.index(t[0]), INPUTS.index(t[1])))
 
 
 def _write(summary, rows, x, maps, captions, y, out: Path, tensorboard: bool) -> int:
@@ -395,14 +438,13 @@ def _print_table(summary: dict[str, Any]) -> None:
     pair_heads = "".join(f"{(b + ' - ' + labels[0])[:cw - 2]:<{cw}}{'p':>8}  "
                          for b in labels[1:])
     print(f"\n  {'explainer':<14}{'metric':<20}{'input':<7}{head}{pair_heads}")
-    for ex in s["explainers"]:
-        for key, names in (("clean", MAP_METRICS), ("adv", MAP_METRICS), ("pair", PAIR_METRICS)):
-            for metric in names:
-                rs = [means[(ex, metric, key, lb)] for lb in labels]
-                cells = "".join(f"{_fmt(r['mean'], r['ci95']):<{cw}}" for r in rs)
-                diffs = ""
-                for p in summary["pairs"]:
-                    if (p["explainer"], p["metric"], p["input"]) == (ex, metric, key):
-                        pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3g}"
-                        diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{pv:>8}  "
-                print(f"  {ex:<14}{metric:<20}{key:<7}{cells}{diffs}")
+    for ex, metric, key in dict.fromkeys((r["explainer"], r["metric"], r["input"])
+                                         for r in summary["metrics"]):
+        rs = [means[(ex, metric, key, lb)] for lb in labels]
+        cells = "".join(f"{_fmt(r['mean'], r['ci95']):<{cw}}" for r in rs)
+        diffs = ""
+        for p in summary["pairs"]:
+            if (p["explainer"], p["metric"], p["input"]) == (ex, metric, key):
+                pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3g}"
+                diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{pv:>8}  "
+        print(f"  {ex:<14}{metric:<20}{key:<7}{cells}{diffs}")
