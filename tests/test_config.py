@@ -56,7 +56,7 @@ def test_the_configs_exist():
         assert {f"mnist_{objective}", f"cifar10_{objective}"} <= names
     for ds in ("cifar100", "tinyimagenet"):
         assert {f"{ds}_pgd_at", f"{ds}_trades", f"{ds}_srd_dat"} <= names
-    assert {"natural", "srd_dat", "smoke"} <= names
+    assert {"srd_dat", "smoke"} <= names
 
 
 @pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -110,15 +110,22 @@ sys.exit(rc)
 def test_demo_end_to_end_from_the_wheel(installed, tmp_path):
     code = ("import sys\nfrom robustkit.cli import main\n"
             "sys.exit(main(['demo', '--epochs', '1', '--cifar-n', '8', '--mnist-n', '16', "
-            "'--sensitivity-n', '16', '--out', 'demo']))\n")
+            "'--sensitivity-n', '16', '--inspect-n', '4', '--out', 'demo']))\n")
     proc = _run_installed(installed, tmp_path, code, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for model in MODELS:
         assert (tmp_path / "demo" / model / "last.pt").is_file()
-    for label in (*MODELS, *PAIR):
-        res = json.loads((tmp_path / "demo" / f"eval_mnist_{label}" / "results.json").read_text())
+    for label in (*(f"demo_{m}" for m in MODELS), *PAIR):
+        res = json.loads((tmp_path / "demo" / f"eval_{label}" / "results.json").read_text())
         assert res["n_examples"] == 16 and "autoattack" in res["accuracy"]
+    labels = {*PAIR, *(f"demo_{m}" for m in MODELS)}
     sens = json.loads((tmp_path / "demo" / "sensitivity" / "sensitivity.json").read_text())
-    assert set(sens["models"]) == set(PAIR)
+    assert set(sens["models"]) == labels
     assert (tmp_path / "demo" / "sensitivity" / "sigma_mean.png").is_file()
-    assert "SmallCNN on MNIST" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "inspect" / "summary.json").read_text())
+    assert set(summary["models"]) == labels and summary["n"] == 4
+    assert summary["models"][PAIR[0]]["kind"] == "standard"
+    assert summary["models"][PAIR[1]]["kind"] == "robust"
+    page = (tmp_path / "demo" / "index.html").read_text()
+    assert "inspect/grid_adaptgrad.png" in page and "sensitivity/sigma_mean.png" in page
+    assert "SmallCNN on MNIST" in proc.stdout and "index.html" in proc.stdout

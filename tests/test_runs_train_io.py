@@ -290,8 +290,9 @@ def test_a_diverged_run_is_one_line_not_a_traceback(tmp_path, capsys, monkeypatc
         return out
 
     monkeypatch.setattr(Natural, "loss", nan_loss)
-    config = Path(__file__).resolve().parents[1] / "robustkit/cli/demo_configs/natural.yaml"
+    config = Path(__file__).resolve().parents[1] / "configs/train/mnist_natural.yaml"
     code = main(["train", "-c", str(config), f"trainer.out_dir={tmp_path / 'run'}",
-                 "trainer.epochs=1", "data.limit=128", "log.progress=false"])
+                 "data.name=sample-mnist", "data.holdout=64", "trainer.epochs=1",
+                 "data.limit=128", "log.progress=false"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and "non-finite loss" in err[-1] and "Traceback" not in "\n".join(err)

@@ -2,19 +2,21 @@
 
 1. Evaluate a real pretrained model, the standard CIFAR-10 ResNet-18 that ships inside
    ``pyautoattack``, on the first ``--cifar-n`` images of the embedded CIFAR-10 test sample
-   (clean, PGD-20, AutoAttack ``custom`` = APGD-CE + APGD-T).
+   (clean, PGD-20, AutoAttack ``custom`` = APGD-CE + APGD-T); ``--cifar-n 0`` skips it.
 2. Evaluate the shipped reference pair ``robustkit:mnist_smallcnn_standard`` and
    ``robustkit:mnist_smallcnn_robust`` (clean, PGD-40, the cheap AutoAttack on the first
    ``--mnist-n`` test images of the embedded MNIST sample).
-3. Train a natural and an SRD-DAT SmallCNN on the embedded MNIST sample
-   (``robustkit/cli/demo_configs/*.yaml``, package data), with TensorBoard logs under
-   ``runs/demo/``, and evaluate both the same way.
-4. Compare the neuron sensitivity of the shipped pair (``robustkit sensitivity``: table, JSON,
-   PNG figures) and print one comparison table of every MNIST model.
+3. Train a small robust SmallCNN live with SRD-DAT on the embedded MNIST sample
+   (``robustkit/cli/demo_configs/srd_dat.yaml``, package data; TensorBoard logs with loss,
+   sensitivity and saliency panels under ``runs/demo/``), and evaluate it the same way.
+4. Compare the neuron sensitivity of the pair and the live model (``robustkit sensitivity``).
+5. Inspect their saliency with Gradient, SmoothGrad and AdaptGrad (``robustkit inspect``).
+6. Write ``runs/demo/index.html`` (``reports.demo``) and print a table and where to look.
 
-Everything is a call of the ``train`` and ``evaluate`` subcommands, so the demo exercises
-exactly what a user runs. It needs only the installed package (its configs are package data,
-the ResNet-18 factory is ``robustkit.testing.pyautoattack_resnet18``), not a source checkout.
+Everything is a call of the ``train``, ``evaluate``, ``sensitivity`` and ``inspect`` subcommands,
+so the demo exercises exactly what a user runs. It needs only the installed package (its config
+is package data, the ResNet-18 factory is ``robustkit.testing.pyautoattack_resnet18``), not a
+source checkout.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from robustkit.cli import CLIError
 
-MODELS = ("natural", "srd_dat")  # robustkit/cli/demo_configs/<name>.yaml, trained in this order
+MODELS = ("srd_dat",)  # robustkit/cli/demo_configs/<name>.yaml, trained live in this order
 PAIR = ("mnist_smallcnn_standard", "mnist_smallcnn_robust")  # shipped: robustkit:<name>
 
 
@@ -40,15 +42,19 @@ def add_parser(sub) -> None:
         description=(
             "Evaluate the standard ResNet-18 shipped in pyautoattack on the embedded CIFAR-10 "
             "sample and robustkit's shipped standard/robust MNIST SmallCNN pair on the embedded "
-            "MNIST sample, train a natural and an SRD-DAT SmallCNN live, evaluate them, compare "
-            "the neuron sensitivity of the shipped pair and print a comparison."
+            "MNIST sample, train a small robust SmallCNN live (SRD-DAT) and evaluate it, compare "
+            "the neuron sensitivity and the saliency (AdaptGrad) of the three MNIST models, and "
+            "write OUT/index.html with everything."
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--cifar-n", type=int, default=100, help="CIFAR-10 images evaluated (100)")
+    p.add_argument("--cifar-n", type=int, default=100,
+                   help="CIFAR-10 images evaluated (100; 0 skips the step)")
     p.add_argument("--mnist-n", type=int, default=200, help="MNIST test images evaluated (200)")
     p.add_argument("--sensitivity-n", type=int, default=200,
                    help="MNIST test images of the sensitivity comparison (200)")
+    p.add_argument("--inspect-n", type=int, default=12,
+                   help="MNIST test images of the saliency comparison (12)")
     p.add_argument("--epochs", type=int, default=None, help="override trainer.epochs")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(run=run)
@@ -84,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> int:
+    from robustkit.reports.demo import write_demo_page
+
     out = Path(args.out)
     start = time.perf_counter()
     # Cheap AutoAttack (the official APGD-CE + APGD-T, not the standard four-attack version),
@@ -92,29 +100,35 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
     # the per-attack columns become cumulative. APGD runs all its 100 iterations on every point it
     # is given, so skipping points PGD already broke is what keeps the demo within minutes on CPU.
     aa = ["--aa-version", "custom", "--aa-attacks", "apgd-ce,apgd-t", "--protocol", "cascade"]
+    steps = iter(range(1, 100))
+    total = 4 + 2 * len(MODELS) + (args.cifar_n > 0)  # pair, per model, sensitivity, inspect, page
 
-    total = 3 + 2 * len(MODELS)  # CIFAR-10, the pair, train + evaluate per model, sensitivity
-    print(f"\n== step 1/{total}  standard ResNet-18 (pyautoattack) on the first {args.cifar_n} "
-          "embedded CIFAR-10 test images, Linf eps 8/255 ==")
-    _call(["evaluate", "--model", factory, "--dataset", "sample-cifar10",
-           "--n-examples", str(args.cifar_n), "--attacks", "clean,pgd20,autoattack", *aa,
-           "--out", str(out / "eval_cifar10_resnet18"), "--device", args.device])
+    def step(text: str) -> None:
+        print(f"\n== step {next(steps)}/{total}  {text} ==")
 
-    def evaluate_mnist(model: list[str], label: str) -> dict:
-        eval_dir = out / f"eval_mnist_{label}"
-        _call(["evaluate", *model, "--dataset", "sample-mnist", "--n-examples",
-               str(args.mnist_n), "--attacks", "clean,pgd40,autoattack", *aa, "--out",
-               str(eval_dir), "--device", args.device])
-        return json.loads((eval_dir / "results.json").read_text())
+    evaluations: dict[str, dict] = {}
+    links: dict[str, str] = {}
 
-    rows = {}
-    print(f"\n== step 2/{total}  the shipped reference pair (robustkit:{PAIR[0]}, "
-          f"robustkit:{PAIR[1]}) on the first {args.mnist_n} MNIST test images, Linf eps 0.3 ==")
+    def evaluate(model: list[str], label: str, dataset: str, n: int, attacks: str) -> None:
+        eval_dir = out / f"eval_{label}"
+        _call(["evaluate", *model, "--dataset", dataset, "--n-examples", str(n), "--attacks",
+               attacks, *aa, "--out", str(eval_dir), "--device", args.device])
+        evaluations[label] = json.loads((eval_dir / "results.json").read_text())
+        links[label] = f"eval_{label}/results.json"
+
+    if args.cifar_n > 0:
+        step(f"standard ResNet-18 (pyautoattack) on the first {args.cifar_n} embedded CIFAR-10 "
+             "test images, Linf eps 8/255")
+        evaluate(["--model", factory], "cifar10_resnet18", "sample-cifar10", args.cifar_n,
+                 "clean,pgd20,autoattack")
+    step(f"the shipped reference pair (robustkit:{PAIR[0]}, robustkit:{PAIR[1]}) on the first "
+         f"{args.mnist_n} MNIST test images, Linf eps 0.3")
+    mnist: dict[str, list[str]] = {}  # label -> its --model arguments
     for name in PAIR:
-        rows[name] = evaluate_mnist(["--model", f"robustkit:{name}"], name)
-    for i, name in enumerate(MODELS):
-        print(f"\n== step {3 + 2 * i}/{total}  train {name} SmallCNN on the embedded MNIST "
-              "sample ==")
+        mnist[name] = ["--model", f"robustkit:{name}"]
+        evaluate(mnist[name], name, "sample-mnist", args.mnist_n, "clean,pgd40,autoattack")
+    for name in MODELS:
+        step(f"train a small robust model live: {name} SmallCNN on the embedded MNIST sample")
         run_dir = out / name
         # auto: a second `make demo` resumes its finished runs (nothing to train) instead of
         # being refused for overwriting them
@@ -123,19 +137,35 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
         if args.epochs is not None:
             overrides.append(f"trainer.epochs={args.epochs}")
         _call(["train", "-c", str(configs[name]), *overrides])
-        print(f"\n== step {4 + 2 * i}/{total}  evaluate {name} on the first {args.mnist_n} "
-              "MNIST test images, Linf eps 0.3 ==")
-        rows[f"demo_{name}"] = evaluate_mnist(
-            ["--model", "small_cnn", "--checkpoint", str(run_dir / "last.pt"), "--name",
-             f"demo_{name}"], name)
+        label = f"demo_{name}"
+        step(f"evaluate {label} on the first {args.mnist_n} MNIST test images, Linf eps 0.3")
+        mnist[label] = ["--model", "small_cnn", "--checkpoint", str(run_dir / "last.pt"),
+                        "--name", label]
+        evaluate(mnist[label], label, "sample-mnist", args.mnist_n, "clean,pgd40,autoattack")
+    models = [a for spec in mnist.values() for a in spec]
 
-    print(f"\n== step {total}/{total}  neuron sensitivity of the shipped pair on the first "
-          f"{args.sensitivity_n} MNIST test images (white-box PGD-20 on each, last iterate) ==")
+    step(f"neuron sensitivity of the MNIST models on the first {args.sensitivity_n} test images "
+         "(white-box PGD-20 on each, last iterate)")
     sens_dir = out / "sensitivity"
-    _call(["sensitivity", *[a for n in PAIR for a in ("--model", f"robustkit:{n}")],
-           "--dataset", "sample-mnist", "--n-examples", str(args.sensitivity_n), "--out",
-           str(sens_dir), "--device", args.device])
+    _call(["sensitivity", *models, "--dataset", "sample-mnist", "--n-examples",
+           str(args.sensitivity_n), "--out", str(sens_dir), "--device", args.device])
 
+    step(f"saliency of the MNIST models (Gradient, SmoothGrad, AdaptGrad) on the first "
+         f"{args.inspect_n} test images and their PGD-20 counterparts")
+    inspect_dir = out / "inspect"
+    _call(["inspect", *models, "--dataset", "sample-mnist", "--n-examples", str(args.inspect_n),
+           "--explainers", "gradient,smoothgrad,adaptgrad", "--out", str(inspect_dir),
+           "--device", args.device])
+
+    step(f"write {out / 'index.html'}")
+    seconds = time.perf_counter() - start
+    page = write_demo_page(
+        out / "index.html", evaluations=evaluations, evaluation_links=links,
+        sensitivity=json.loads((sens_dir / "sensitivity.json").read_text()),
+        inspect=json.loads((inspect_dir / "summary.json").read_text()),
+        runs=list(MODELS), seconds=seconds)
+
+    rows = {k: v for k, v in evaluations.items() if v["dataset"] == "sample-mnist"}
     print(f"\nSmallCNN on MNIST (first {args.mnist_n} test images of the shipped sample, "
           "Linf eps 0.3; AutoAttack = custom APGD-CE + APGD-T, not the standard version; "
           "cascade: each column is accuracy under that attack and all before it)")
@@ -144,7 +174,11 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
     print(f"{'model':<{width}}" + "".join(f"{k:>12}" for k in keys))
     for name, res in rows.items():
         print(f"{name:<{width}}" + "".join(f"{100 * res['accuracy'][k]:>11.1f}%" for k in keys))
-    print(f"\nLook at:\n  neuron sensitivity  {sens_dir}/sigma_mean.png, sigma_hist.png, "
-          f"intervention.png, sensitivity.json\n  TensorBoard         tensorboard --logdir {out}"
-          f"\n(total {time.perf_counter() - start:.0f} s)")
+    print(f"\nLook at:\n  everything          {page}  (open in a browser)"
+          f"\n  saliency            {inspect_dir}/index.html, grid_adaptgrad.png"
+          f"\n  neuron sensitivity  {sens_dir}/sigma_mean.png, sigma_hist.png, "
+          f"intervention.png, sensitivity.json"
+          f"\n  training            tensorboard --logdir {out}  (scalars, sigma histograms, "
+          "saliency panels)"
+          f"\n(total {seconds:.0f} s)")
     return 0

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from robustkit.reports.html import ci, head, num, tail
+
 __all__ = ["grid_figure", "save_png", "write_html", "write_tensorboard", "grid_filename",
            "CMAP"]
 
@@ -136,24 +138,6 @@ def write_tensorboard(figures: Mapping[str, Any], log_dir: str | os.PathLike) ->
     return folder
 
 
-def _num(v: Any) -> str:
-    return "–" if v is None else f"{v:.4g}"
-
-
-def _ci(ci: Sequence[float] | None) -> str:
-    return "–" if ci is None else f"[{ci[0]:.4g}, {ci[1]:.4g}]"
-
-
-_SCRIPT = """<script>
-window.addEventListener("load", function () {
-  var imgs = Array.prototype.slice.call(document.images);
-  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
-  document.title = "loaded " + ok + "/" + imgs.length;
-  document.body.setAttribute("data-loaded", ok + "/" + imgs.length);
-});
-</script>"""
-
-
 def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
                path: str | os.PathLike, csv_name: str = "metrics.csv") -> Path:
     """``index.html``: the settings, the accuracy table, the grids and the metric tables.
@@ -168,11 +152,7 @@ def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
 
     e = html.escape
     s = summary.get("settings", {})
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             "<title>robustkit inspect</title>",
-             "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;"
-             "margin:.5em 0 1.5em}td,th{border:1px solid #bbb;padding:2px 6px;font-size:13px}"
-             "td.n{text-align:right}img{max-width:100%}</style>", "</head><body>",
+    parts = [head("robustkit inspect"),
              "<h1>Saliency of robust and standard models</h1>",
              f"<p>first {e(str(summary['n']))} {e(str(s.get('dataset', '')))} test images; "
              f"target: the true label; x' = {e(str(s.get('attack', '')))} white-box on each "
@@ -196,18 +176,18 @@ def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
     for r in summary["metrics"]:
         parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
                      f"<td>{e(r['input'])}</td><td>{e(r['model'])}</td>"
-                     f"<td class=n>{r['n']}</td><td class=n>{_num(r['mean'])}</td>"
-                     f"<td class=n>{_ci(r['ci95'])}</td></tr>")
+                     f"<td class=n>{r['n']}</td><td class=n>{num(r['mean'])}</td>"
+                     f"<td class=n>{ci(r['ci95'])}</td></tr>")
     parts += ["</table>", "<h2>Paired differences (b − a per image; Wilcoxon signed-rank)</h2>",
               "<table><tr><th>explainer</th><th>metric</th><th>input</th><th>a</th><th>b</th>"
               "<th>n</th><th>mean diff</th><th>95% CI</th><th>Wilcoxon p</th></tr>"]
     for r in summary["pairs"]:
         parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
                      f"<td>{e(r['input'])}</td><td>{e(r['a'])}</td><td>{e(r['b'])}</td>"
-                     f"<td class=n>{r['n']}</td><td class=n>{_num(r['diff_mean'])}</td>"
-                     f"<td class=n>{_ci(r['ci95'])}</td>"
-                     f"<td class=n>{_num(r['wilcoxon_p'])}</td></tr>")
-    parts += ["</table>", _SCRIPT, "</body></html>", ""]
+                     f"<td class=n>{r['n']}</td><td class=n>{num(r['diff_mean'])}</td>"
+                     f"<td class=n>{ci(r['ci95'])}</td>"
+                     f"<td class=n>{num(r['wilcoxon_p'])}</td></tr>")
+    parts += ["</table>", tail()]
     path = Path(path)
     with output_errors(path):
         atomic_write(path, "\n".join(parts).encode())

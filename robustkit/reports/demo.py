@@ -1,0 +1,141 @@
+"""``runs/demo/index.html``: one page with everything ``robustkit demo`` produced.
+
+Sections: the evaluations (accuracy per attack, n, ε, sanity checks), the neuron-sensitivity
+figures and per-layer table, the AdaptGrad saliency grid with its metric table, and the training
+runs (files and the TensorBoard command). Every link and image is relative to the page's folder,
+so the folder is self-contained; the page carries the image-check script of
+``robustkit.reports.html``.
+
+Example:
+    >>> write_demo_page("runs/demo/index.html", evaluations={"std": results}, seconds=240.0)
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from robustkit.reports.html import ci, head, num, table, tail
+
+__all__ = ["write_demo_page", "SALIENCY_METRICS"]
+
+# The saliency metrics the page tabulates (all of them are in inspect/index.html).
+SALIENCY_METRICS = ("sparseness", "total_variation", "alignment_cos", "edge_spearman",
+                    "stability_cos")
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None else f"{100 * v:.1f}%"
+
+
+def _evaluations(evaluations: Mapping[str, Mapping[str, Any]],
+                 links: Mapping[str, str]) -> list[str]:
+    e = html.escape
+    keys = list(dict.fromkeys(k for r in evaluations.values() for k in r["accuracy"]))
+    keys.sort(key=lambda k: (k != "clean", k == "robust"))  # clean first, worst case last
+    out = ["<table><tr><th>model</th><th>dataset</th><th>n</th><th>L∞ ε</th>"
+           + "".join(f"<th>{e(k)}</th>" for k in keys) + "<th>checks</th><th>file</th></tr>"]
+    for label, r in evaluations.items():
+        failed = [c["name"] for c in r.get("checks", []) if not c.get("passed", True)]
+        checks = "all passed" if not failed else "failed: " + ", ".join(failed)
+        out.append(f"<tr><td>{e(label)}</td><td>{e(str(r.get('dataset', '')))}</td>"
+                   f"<td class=n>{r.get('n_examples', '')}</td>"
+                   f"<td class=n>{e(str(r.get('eps_text', r.get('eps', ''))))}</td>"
+                   + "".join(f"<td class=n>{_pct(r['accuracy'].get(k))}</td>" for k in keys)
+                   + f"<td>{e(checks)}</td>"
+                   f'<td><a href="{e(links[label])}">results.json</a></td></tr>')
+    out.append("</table>")
+    return out
+
+
+def _sensitivity(report: Mapping[str, Any], folder: str) -> list[str]:
+    e = html.escape
+    models = report["models"]
+    layers = list(dict.fromkeys(layer for m in models.values() for layer in m["layers"]))
+    rows = [[layer, *(num(m["layers"].get(layer, {}).get("mean")) for m in models.values())]
+            for layer in layers]
+    first = next(iter(models.values()))
+    return [f"<p>Mean neuron sensitivity σ per layer (methods.md §4.1: how far a neuron's "
+            f"activation moves from x to x'; x' = {e(str(first.get('attack', '')))} white-box "
+            f"on each model, n = {first.get('n', '')}). Lower means the layer is more stable "
+            f"under attack. Details: <a href=\"{e(folder)}/sensitivity.json\">sensitivity.json"
+            "</a>.</p>",
+            f'<img src="{e(folder)}/sigma_mean.png" alt="mean sensitivity per layer">',
+            f'<img src="{e(folder)}/intervention.png" alt="intervention test">',
+            *table(["layer", *models], rows, [False, *([True] * len(models))])]
+
+
+def _saliency(summary: Mapping[str, Any], folder: str) -> list[str]:
+    e = html.escape
+    explainers = list(summary.get("grids", {}))
+    explainer = "adaptgrad" if "adaptgrad" in explainers else explainers[0]
+    labels = list(summary["models"])
+    by_key = {(r["explainer"], r["metric"], r["input"], r["model"]): r
+              for r in summary["metrics"]}
+    rows = []
+    for metric in SALIENCY_METRICS:
+        key = "pair" if metric.startswith("stability") else "clean"
+        if (explainer, metric, key, labels[0]) in by_key:
+            rows.append([metric, key, *(f"{num(by_key[(explainer, metric, key, lb)]['mean'])} "
+                                        f"{ci(by_key[(explainer, metric, key, lb)]['ci95'])}"
+                                        for lb in labels)])
+    kinds = [f"{lb} ({summary['models'][lb].get('kind', '?')})" for lb in labels]
+    return [f"<p>{e(explainer)} maps of the true label on x and on x' for the first "
+            f"{summary['n']} test images (mean [95% bootstrap CI] over the images). Every "
+            f"explainer, metric and paired test: <a href=\"{e(folder)}/index.html\">the inspect "
+            "report</a>.</p>",
+            f'<img src="{e(folder)}/{e(summary["grids"][explainer])}" '
+            f'alt="{e(explainer)} saliency grid">',
+            *table(["metric", "input", *kinds], rows, [False, False, *([True] * len(labels))])]
+
+
+def write_demo_page(path: str | os.PathLike, *,
+                    evaluations: Mapping[str, Mapping[str, Any]],
+                    evaluation_links: Mapping[str, str],
+                    sensitivity: Mapping[str, Any] | None = None,
+                    sensitivity_dir: str = "sensitivity",
+                    inspect: Mapping[str, Any] | None = None,
+                    inspect_dir: str = "inspect",
+                    runs: Sequence[str] = (),
+                    seconds: float | None = None) -> Path:
+    """Write the demo's ``index.html``.
+
+    Args:
+        path: the page (its folder holds everything it links).
+        evaluations: ``{label: results.json content}``.
+        evaluation_links: ``{label: path of that results.json}``, relative to the page.
+        sensitivity: the ``sensitivity.json`` content, its figures in ``sensitivity_dir``.
+        inspect: the inspect ``summary.json`` content, its grids and page in ``inspect_dir``.
+        runs: training run folders (relative): their ``config.yaml`` and ``metrics.jsonl``
+            are linked, and ``tb/`` is what TensorBoard shows.
+        seconds: the demo's wall time, stated in the page.
+    """
+    from robustkit.utils import atomic_write, output_errors
+
+    e = html.escape
+    path = Path(path)
+    took = "" if seconds is None else f" in {seconds:.0f} s"
+    parts = [head("robustkit demo"), "<h1>robustkit demo</h1>",
+             f"<p>Everything on this page was computed by <code>make demo</code>{took} on this "
+             "machine. All numbers are on small subsets of the test sets (n per row): they show "
+             "the pipeline and the direction of the effects, they are not RobustBench "
+             "numbers.</p>",
+             "<h2>1. Robustness</h2>", *_evaluations(evaluations, evaluation_links)]
+    if sensitivity is not None:
+        parts += ["<h2>2. Neuron sensitivity</h2>", *_sensitivity(sensitivity, sensitivity_dir)]
+    if inspect is not None:
+        parts += ["<h2>3. Saliency</h2>", *_saliency(inspect, inspect_dir)]
+    if runs:
+        items = "".join(f'<li>{e(r)}: <a href="{e(r)}/config.yaml">config.yaml</a>, '
+                        f'<a href="{e(r)}/metrics.jsonl">metrics.jsonl</a></li>' for r in runs)
+        parts += ["<h2>4. Training</h2>", f"<ul>{items}</ul>",
+                  "<p>Loss, accuracy, per-layer sensitivity σ (scalars and histograms) and "
+                  "saliency panels of x and x' over the epochs: <code>tensorboard --logdir "
+                  f"{e(str(path.parent))}</code></p>"]
+    parts.append(tail())
+    with output_errors(path):
+        atomic_write(path, "\n".join(parts).encode())
+    return path
