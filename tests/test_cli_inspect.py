@@ -318,3 +318,40 @@ def test_boxes_faithfulness_and_residual_recomputed(boxed_run):
     seen = {(r["explainer"], r["metric"], r["input"]) for r in summary["metrics"]}
     assert seen == set(values)
     assert summary["settings"]["faithfulness_steps"] == 32
+
+
+@pytest.mark.slow
+def test_tinyimagenet_boxes_from_the_real_val_split(shared_data, tmp_path):
+    """The real Tiny-ImageNet val boxes reach mass_in_box and pointing_game with the right
+    orientation: the CSV equals the metrics of the same model's gradient and val.boxes."""
+    from robustkit.data import DATASETS
+    from robustkit.models import load_model
+
+    info = DATASETS["tinyimagenet"]
+    n = 6
+    torch.manual_seed(0)
+    model = load_model("cifar_cnn", num_classes=200, in_channels=3, input_size=64,
+                       mean=info.mean, std=info.std)
+    ckpt = tmp_path / "model.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "out"
+    assert main(["inspect", "--dataset", "tinyimagenet", "--data-root", str(shared_data),
+                 "--model", "cifar_cnn", "--checkpoint", str(ckpt), "--model", "cifar_cnn",
+                 "--checkpoint", str(ckpt), "--name", "copy", "--n-examples", str(n),
+                 "--explainers", "gradient", "--attack", "pgd4", "--device", "cpu",
+                 "--no-progress", "--no-tensorboard", "--out", str(out)]) == 0
+    val = first_n(load_dataset("tinyimagenet", "test", shared_data), n)
+    x = torch.stack([val[i][0] for i in range(n)])
+    y = torch.stack([torch.as_tensor(val[i][1]) for i in range(n)]).long()
+    g = Gradient(model.eval()).attribute(x, target=y).double()
+    rows = [r for r in csv.DictReader(open(out / "metrics.csv", newline=""))
+            if r["input"] == "clean" and r["model"] == "copy"]
+    for metric, fn in (("mass_in_box", M.mass_in_box), ("pointing_game", M.pointing_game)):
+        got = np.array([float(r["value"]) for r in sorted(
+            (r for r in rows if r["metric"] == metric), key=lambda r: int(r["index"]))])
+        np.testing.assert_allclose(got, fn(g, val.boxes).numpy(), rtol=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["box_chance"] == pytest.approx(
+        float(M.box_area_fraction(val.boxes, 64, 64).mean()))
+    # the boxes are not all the full image, so the metric is informative here
+    assert summary["box_chance"] < 0.9
