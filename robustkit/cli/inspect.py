@@ -301,7 +301,8 @@ def _explain_and_score(name, model, inputs, y, boxes, settings, device, label, r
                   "total_variation": M.total_variation(a), "hfer": M.hfer(a),
                   "alignment_cos": M.alignment_cos(a, xc), "edge_spearman": M.edge_spearman(a, xc)}
         if boxes is not None:
-            values.update(mass_in_box=M.mass_in_box(a, boxes), pointing_game=M.pointing_game(a, boxes))
+            values.update(mass_in_box=M.mass_in_box(a, boxes),
+                          pointing_game=M.pointing_game(a, boxes))
         if key == "clean" and settings["faithfulness_steps"]:
             values.update(_faithfulness(model, xi, raw[key], y, settings, device))
         _append(rows, label, name, key, values)
