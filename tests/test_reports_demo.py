@@ -73,7 +73,8 @@ def page(tmp_path):
                for m in SALIENCY_METRICS for i, lb in enumerate(LABELS)]
     inspect = {"n": 4, "grids": {"gradient": "grid_gradient.png",
                                  "adaptgrad": "grid_adaptgrad.png"},
-               "models": {lb: {"kind": k} for lb, k in zip(LABELS, ("standard", "robust"), strict=True)},
+               "models": {lb: {"kind": k}
+                          for lb, k in zip(LABELS, ("standard", "robust"), strict=True)},
                "metrics": metrics}
     path = write_demo_page(
         tmp_path / "index.html",
