@@ -21,7 +21,7 @@ from scipy.stats import bootstrap
 
 from robustkit.attacks import PGD
 from robustkit.cli import main
-from robustkit.cli.sensitivity import _labels
+from robustkit.cli.compare import model_labels
 from robustkit.data import first_n, load_dataset
 from robustkit.sensitivity import intervention_test, jaccard, neuron_sensitivity, top_k_neurons
 from robustkit.sensitivity.measure import per_sample_sensitivity
@@ -281,11 +281,11 @@ def test_model_that_does_not_fit_the_dataset_is_one_line(tmp_path, archs, capsys
 def test_checkpoint_and_name_bind_to_the_model_before_them(tmp_path, capsys):
     assert _run(tmp_path / "o", "--checkpoint", "a.pt", "--model", "small_cnn")[0] == 2
     assert "before any --model" in _one_line(capsys)
-    assert _labels([{"spec": "small_cnn", "checkpoint": "runs/nat/best.pt", "name": None},
+    assert model_labels([{"spec": "small_cnn", "checkpoint": "runs/nat/best.pt", "name": None},
                     {"spec": "small_cnn", "checkpoint": "runs/at/best.pt", "name": None},
                     {"spec": "x.py:lenet", "checkpoint": None, "name": "mine"}]) == [
         "small_cnn@nat", "small_cnn@at", "mine"]
-    assert _labels([{"spec": "small_cnn", "checkpoint": "a/last.pt", "name": None},
+    assert model_labels([{"spec": "small_cnn", "checkpoint": "a/last.pt", "name": None},
                     {"spec": "small_cnn", "checkpoint": "a/best.pt", "name": None}]) == [
         "small_cnn@last", "small_cnn@best"]
 

@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.cli import CLIError, user_input
-from robustkit.cli.sensitivity import (
-    _attack_all,
-    _attack_kwargs,
-    _attack_spec,
-    _dataset_and_eps,
-    _entries,
-    _integer,
-    _labels,
-    _load,
-    _PerModel,
+from robustkit.cli.compare import (
+    PerModel,
+    attack_all,
+    attack_kwargs,
+    attack_spec,
+    dataset_and_eps,
+    integer,
+    load_model_arg,
+    model_entries,
+    model_labels,
 )
 from robustkit.errors import ConfigError, DataError
 from robustkit.reports.stats import CONFIDENCE, N_RESAMPLES, bootstrap_ci, wilcoxon_p
@@ -92,12 +92,12 @@ def add_parser(sub) -> None:
                     "image by image and write figures, tables and a self-contained HTML page.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", action=_PerModel, metavar="SPEC",
+    a("--model", action=PerModel, metavar="SPEC",
       help="model to explain (repeatable): NAME | FILE.py:FN | robustbench:NAME | "
            "robustkit:NAME; the first is the reference")
-    a("--checkpoint", action=_PerModel, metavar="PATH",
+    a("--checkpoint", action=PerModel, metavar="PATH",
       help="weights of the --model just before it (loaded weights-only, strictly)")
-    a("--name", action=_PerModel, metavar="LABEL",
+    a("--name", action=PerModel, metavar="LABEL",
       help="label of the --model just before it (default: as robustkit evaluate names it)")
     a("--dataset", help="mnist, cifar10, cifar100, tinyimagenet, sample-mnist, sample-cifar10")
     a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
@@ -139,18 +139,18 @@ def _explainers(text: str) -> list[str]:
 def run(args) -> int:
     from robustkit.utils import check_writable, resolve_device
 
-    entries = _entries(args.entries)
-    labels = _labels(entries)
-    info, eps = _dataset_and_eps(args)
-    spec = _attack_spec(args.attack)
+    entries = model_entries(args.entries)
+    labels = model_labels(entries)
+    info, eps = dataset_and_eps(args)
+    spec = attack_spec(args.attack)
     explainers = _explainers(args.explainers)
-    n = _integer(args.n_examples, "--n-examples", 2)  # a bootstrap needs two images
+    n = integer(args.n_examples, "--n-examples", 2)  # a bootstrap needs two images
     settings = {"dataset": args.dataset, "split": "test", "n": n, "eps": eps, "norm": "Linf",
                 "explainers": explainers, "target": "true label",
-                "n_samples": _integer(args.n_samples, "--n-samples", 1),
-                "ig_steps": _integer(args.ig_steps, "--ig-steps", 1),
-                "batch_size": _integer(args.batch_size, "--batch-size", 1),
-                "seed": _integer(args.seed, "--seed", 0), "reference": labels[0],
+                "n_samples": integer(args.n_samples, "--n-samples", 1),
+                "ig_steps": integer(args.ig_steps, "--ig-steps", 1),
+                "batch_size": integer(args.batch_size, "--batch-size", 1),
+                "seed": integer(args.seed, "--seed", 0), "reference": labels[0],
                 "faithfulness_steps": FAITHFULNESS_STEPS if args.faithfulness else None}
     with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
         device = resolve_device(args.device)
@@ -205,11 +205,11 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
     boxes = getattr(data, "boxes", None)
 
     seed_everything(seed)
-    models = {lb: _load(e["spec"], e["checkpoint"], info, settings["dataset"], device)
+    models = {lb: load_model_arg(e["spec"], e["checkpoint"], info, settings["dataset"], device)
               for lb, e in zip(labels, entries, strict=True)}
     settings.update(eps_text=format_eps(eps), attack=spec.name,
                     attack_settings={"name": spec.name, "class": "PGD", "family": spec.kind,
-                                     **_attack_kwargs(spec, eps), "generator_seed": seed},
+                                     **attack_kwargs(spec, eps), "generator_seed": seed},
                     ci={"over": "images", "method": "BCa", "confidence_level": CONFIDENCE,
                         "n_resamples": N_RESAMPLES, "seed": seed},
                     robust_threshold=ROBUST_THRESHOLD)
@@ -229,7 +229,7 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
         for i, lb in enumerate(labels):
             model = models[lb]
             where = f"[{i + 1}/{len(labels)}] {lb}"
-            x_adv = _attack_all(spec, model, x, y, eps, seed, bs, device,
+            x_adv = attack_all(spec, model, x, y, eps, seed, bs, device,
                                 progress(f"{where} attack", n))
             inputs = {"clean": x, "adv": x_adv}
             captions[lb] = {}

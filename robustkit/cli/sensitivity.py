@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.cli import CLIError, user_input
-from robustkit.errors import ConfigError, DataError, ModelError
+from robustkit.cli.compare import (
+    PerModel,
+    attack_all,
+    attack_kwargs,
+    attack_spec,
+    dataset_and_eps,
+    integer,
+    load_model_arg,
+    model_entries,
+    model_labels,
+)
+from robustkit.errors import ConfigError, DataError
 from robustkit.reports.stats import CONFIDENCE, N_RESAMPLES, bootstrap_ci
 
 logger = logging.getLogger(__name__)
@@ -71,16 +82,6 @@ example:
 """
 
 
-class _PerModel(argparse.Action):
-    """Records ``--model``/``--checkpoint``/``--name`` in command-line order, so a checkpoint
-    or a name is tied to the ``--model`` just before it (checked in ``run``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        entries = list(getattr(namespace, "entries", None) or [])
-        entries.append((self.dest, values))
-        namespace.entries = entries
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "sensitivity", help="neuron sensitivity of one or more models (sigma, top-k, "
@@ -91,11 +92,11 @@ def add_parser(sub) -> None:
                     "and compare models layer by layer.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--model", action=_PerModel, metavar="SPEC",
+    a("--model", action=PerModel, metavar="SPEC",
       help="model to measure (repeatable): NAME | FILE.py:FN | robustbench:NAME | robustkit:NAME")
-    a("--checkpoint", action=_PerModel, metavar="PATH",
+    a("--checkpoint", action=PerModel, metavar="PATH",
       help="weights of the --model just before it (loaded weights-only, strictly)")
-    a("--name", action=_PerModel, metavar="LABEL",
+    a("--name", action=PerModel, metavar="LABEL",
       help="label of the --model just before it (default: as robustkit evaluate names it)")
     a("--dataset", help="mnist, cifar10, cifar100, tinyimagenet, sample-mnist, sample-cifar10")
     a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
@@ -125,137 +126,28 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run, entries=None)
 
 
-# ------------------------------------------------------------------------------ flag checks
-def _integer(text: str, flag: str, lo: int) -> int:
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        raise CLIError(f"{flag} {text!r}: expected an integer") from None
-    if value < lo:
-        raise CLIError(f"{flag} {text!r}: must be >= {lo}")
-    return value
-
-
-def _entries(raw: list[tuple[str, str]] | None) -> list[dict[str, Any]]:
-    """``[{"spec", "checkpoint", "name"}]`` from the flags in command-line order."""
-    models: list[dict[str, Any]] = []
-    for dest, value in raw or []:
-        if dest == "model":
-            models.append({"spec": value, "checkpoint": None, "name": None})
-            continue
-        if not models:
-            raise CLIError(f"--{dest} {value!r} comes before any --model; it applies to the "
-                           "--model just before it")
-        if models[-1][dest] is not None:
-            raise CLIError(f"--model {models[-1]['spec']} has two --{dest} values; give one "
-                           "after each --model")
-        models[-1][dest] = value
-    if not models:
-        raise CLIError("give at least one --model")
-    for m in models:
-        if m["checkpoint"] is not None and not Path(m["checkpoint"]).is_file():
-            raise CLIError(f"--checkpoint {m['checkpoint']!r}: file not found")
-    return models
-
-
-def _labels(models: list[dict[str, Any]]) -> list[str]:
-    """As ``robustkit evaluate`` names each model; repeated default names get the checkpoint's
-    folder (else its stem) appended, so two checkpoints of one architecture stay apart."""
-    from robustkit.cli.evaluate import _default_name
-
-    labels = [m["name"] or _default_name(m["spec"]) for m in models]
-    for label in sorted(set(labels)):
-        group = [i for i, lb in enumerate(labels) if lb == label and models[i]["name"] is None]
-        if len(group) < 2:
-            continue
-        for tag in (lambda p: Path(p).parent.name, lambda p: Path(p).stem):
-            cand = [f"{label}@{tag(models[i]['checkpoint'])}" if models[i]["checkpoint"]
-                    else label for i in group]
-            if len(set(cand)) == len(group) and all(c != f"{label}@" for c in cand):
-                for i, c in zip(group, cand, strict=True):
-                    labels[i] = c
-                break
-    seen = [lb for lb in labels if labels.count(lb) > 1]
-    if seen:
-        raise CLIError(f"two models are labelled {seen[0]!r}; give each a --name after its "
-                       "--model")
-    return labels
-
-
-def _attack_spec(text: str):
-    from robustkit.attacks.specs import parse_attacks
-
-    with user_input(ConfigError, "--attack"):
-        specs = parse_attacks(text)
-    if len(specs) != 1 or specs[0].kind not in ("pgd", "cw") or specs[0].restarts != 1:
-        raise CLIError(f"--attack {text!r}: expected one pgdK or cwK (K steps, e.g. pgd20); "
-                       "restarts and other attacks do not apply (one run's last iterate is kept)")
-    return specs[0]
-
-
-def _attack_kwargs(spec, eps: float) -> dict[str, Any]:
-    """The paper's full-strength PGD (methods.md §4.1 [R]), as ``PGD`` keyword arguments."""
-    from robustkit.attacks.specs import ALPHA_FRACTION
-
-    return dict(eps=eps, alpha=ALPHA_FRACTION * eps, steps=spec.steps, random_start=True,
-                norm="Linf", loss="ce" if spec.kind == "pgd" else "cw", restarts=1,
-                # every image attacked for all K steps and the last iterate kept: sigma measures
-                # the full-strength perturbation, not the first one that fooled the model
-                stop_on_success=False, select="last")
-
-
-def _build_attack(spec, model, eps: float, seed: int):
-    """The attack; its random starts come from a CPU generator seeded with ``seed`` (the same
-    draws on CPU and GPU)."""
-    import torch
-
-    from robustkit.attacks import PGD
-
-    return PGD(model, generator=torch.Generator().manual_seed(seed), **_attack_kwargs(spec, eps))
-
-
-def _dataset_and_eps(args):
-    """``--dataset`` (its ``DATASETS`` entry) and ``--eps`` (default: the dataset's L-inf eps)."""
-    from robustkit.data import DATASETS
-    from robustkit.utils import parse_number
-
-    if args.dataset is None:
-        raise CLIError("--dataset is required")
-    if args.dataset not in DATASETS:
-        raise CLIError(f"--dataset {args.dataset!r}: unknown; valid: {', '.join(DATASETS)}")
-    info = DATASETS[args.dataset]
-    if args.eps is None:
-        eps = float(info.eps["Linf"])
-    else:
-        with user_input(ConfigError, "--eps"):
-            eps = parse_number(args.eps)
-        if not 0 < eps <= 1:
-            raise CLIError(f"--eps {args.eps!r}: must lie in (0, 1] (pixel units)")
-    return info, eps
-
-
 # ------------------------------------------------------------------------------ the command
 def run(args) -> int:
     from robustkit.utils import check_writable, resolve_device
 
-    entries = _entries(args.entries)
-    labels = _labels(entries)
-    info, eps = _dataset_and_eps(args)
-    spec = _attack_spec(args.attack)
+    entries = model_entries(args.entries)
+    labels = model_labels(entries)
+    info, eps = dataset_and_eps(args)
+    spec = attack_spec(args.attack)
     layers = "auto" if args.layers.strip() == "auto" else [
         s.strip() for s in args.layers.split(",") if s.strip()]
     if not layers:
         raise CLIError(f"--layers {args.layers!r}: give auto or module names")
-    n = _integer(args.n_examples, "--n-examples", 2)  # a bootstrap needs two images
+    n = integer(args.n_examples, "--n-examples", 2)  # a bootstrap needs two images
     try:
         ratio = float(args.ratio)
     except ValueError:
         raise CLIError(f"--ratio {args.ratio!r}: expected a number in (0, 1]") from None
     if not 0 < ratio <= 1:
         raise CLIError(f"--ratio {args.ratio!r}: must lie in (0, 1]")
-    draws = _integer(args.draws, "--draws", 1)
-    batch_size = _integer(args.batch_size, "--batch-size", 1)
-    seed = _integer(args.seed, "--seed", 0)
+    draws = integer(args.draws, "--draws", 1)
+    batch_size = integer(args.batch_size, "--batch-size", 1)
+    seed = integer(args.seed, "--seed", 0)
     if args.source_checkpoint is not None:
         if args.source_model is None:
             raise CLIError("--source-checkpoint needs --source-model")
@@ -268,19 +160,6 @@ def run(args) -> int:
                 "reduction": args.reduction, "ratio": ratio, "draws": draws, "seed": seed,
                 "batch_size": batch_size, "layers": layers, "device": str(device)}
     return _run(args, entries, labels, spec, settings, out, device)
-
-
-def _load(spec: str, checkpoint: str | None, info, dataset: str, device):
-    from robustkit.models import load_model
-
-    c, h, _ = info.input_shape
-    # load_model runs one forward on a zero image of the dataset's shape: a wrong class count or
-    # input shape is a one-line ModelError here, before any attack.
-    with user_input(ModelError, f"--model {spec}"):
-        return load_model(spec, num_classes=info.num_classes, in_channels=c, input_size=h,
-                          mean=info.mean, std=info.std, checkpoint=checkpoint,
-                          dataset=dataset.removeprefix("sample-"), threat_model="Linf",
-                          device=device)
 
 
 def _source(args, entries, labels, models, info, device):
@@ -300,7 +179,8 @@ def _source(args, entries, labels, models, info, device):
             raise CLIError(f"--source-model {name!r} is a measured --model (with its own "
                            "weights); --source-checkpoint applies only to another model")
         return labels[hits[0]], models[labels[hits[0]]]
-    return _default_name(name), _load(name, args.source_checkpoint, info, args.dataset, device)
+    return _default_name(name), load_model_arg(name, args.source_checkpoint, info, args.dataset,
+                                               device)
 
 
 def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
@@ -325,7 +205,7 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
     y = torch.stack([torch.as_tensor(data[i][1]) for i in range(n)]).long()
 
     seed_everything(seed)  # a FILE.py:FN factory that does not seed still builds the same model
-    models = {lb: _load(e["spec"], e["checkpoint"], info, settings["dataset"], device)
+    models = {lb: load_model_arg(e["spec"], e["checkpoint"], info, settings["dataset"], device)
               for lb, e in zip(labels, entries, strict=True)}
     own: dict[str, list[str]] = {}
     for lb, model in models.items():
@@ -344,7 +224,7 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
 
     settings.update(eps_text=format_eps(eps), attack=spec.name,
                     attack_settings={"name": spec.name, "class": "PGD", "family": spec.kind,
-                                     **_attack_kwargs(spec, eps), "generator_seed": seed},
+                                     **attack_kwargs(spec, eps), "generator_seed": seed},
                     source_model=source[0] if source else None,
                     ci={"over": "images", "method": "BCa", "confidence_level": CONFIDENCE,
                         "n_resamples": N_RESAMPLES, "seed": seed})
@@ -359,12 +239,12 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
     with logging_redirect_tqdm():
         shared = None
         if source is not None:  # one x' set for every model: made once, on the source model
-            shared = _attack_all(spec, source[1], x, y, eps, seed, settings["batch_size"],
+            shared = attack_all(spec, source[1], x, y, eps, seed, settings["batch_size"],
                                  device, progress(f"x' on {source[0]}", n))
         for i, lb in enumerate(labels):
             model = models[lb]
             where = f"[{i + 1}/{len(labels)}] {lb}"
-            x_adv = shared if shared is not None else _attack_all(
+            x_adv = shared if shared is not None else attack_all(
                 spec, model, x, y, eps, seed, settings["batch_size"], device,
                 progress(f"{where} attack", n))
             adv[lb] = x_adv
@@ -382,20 +262,6 @@ def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
     report["pairs"] = _pairs(labels, sigmas, common, settings["ratio"])
     report["settings"] = settings
     return _write(report, sigmas, relative, adv, y, out, args.save_adv)
-
-
-def _attack_all(spec, model, x, y, eps: float, seed: int, batch_size: int, device, bar):
-    """x' for every image, batch by batch (the generator is seeded once per model)."""
-    import torch
-
-    attack = _build_attack(spec, model, eps, seed)
-    parts = []
-    with bar:
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            parts.append(attack(xb, yb).cpu())
-            bar.update(xb.shape[0])
-    return torch.cat(parts)
 
 
 def _measure(model, x, x_adv, y, layers: list[str], settings: dict[str, Any], device, bar):
