@@ -105,6 +105,8 @@ def test_pairs_equal_scipy_on_the_csv(summary, table):
         d = b[ok] - a[ok]
         assert p["diff_mean"] == pytest.approx(d.mean(), rel=1e-12, abs=1e-12)
         assert p["ci95"] == pytest.approx(list(bootstrap_ci(d, SEED)), rel=1e-12, abs=1e-12)
+        sd = np.std(d, ddof=1)
+        assert (p["d_z"] is None) if sd == 0 else p["d_z"] == pytest.approx(d.mean() / sd)
         if np.all(d == 0):
             assert p["wilcoxon_p"] is None
         else:

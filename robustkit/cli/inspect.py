@@ -64,14 +64,15 @@ metrics per image (CSV rows index,model,explainer,input,metric,value):
   --faithfulness, clean: deletion_auc insertion_auc (32 steps, black baseline)
   gradient and adaptgrad both selected: adaptgrad_residual (explainer adaptgrad, clean / adv)
   Means and 95% BCa bootstrap CIs over the images with a finite value; paired differences
-  (b - a, a = the first model) over the images finite for both, Wilcoxon signed-rank p
-  (null when every difference is zero).
+  (b - a, a = the first model) over the images finite for both, their effect size
+  d_z = mean / standard deviation (comparable across metrics and explainers), Wilcoxon
+  signed-rank p (null when every difference is zero).
 
 output (--out DIR):
   summary.json  {"n", "models": {LABEL: {"clean_accuracy", "adv_accuracy", "kind", ...}},
                  "metrics": [{"explainer", "metric", "input", "model", "n", "mean", "ci95"}],
                  "pairs": [{"explainer", "metric", "input", "a", "b", "n", "diff_mean", "ci95",
-                 "wilcoxon_p"}], "grids": {EXPLAINER: FILE}, "settings": {...}}
+                 "d_z", "wilcoxon_p"}], "grids": {EXPLAINER: FILE}, "settings": {...}}
   metrics.csv   per-image values
   grid_EXPLAINER.png  rows = images; columns = the image, then per model the map of x and of x'
   index.html    grids and tables (self-contained in DIR)
@@ -359,10 +360,14 @@ def _statistics(rows, labels: list[str], settings: dict[str, Any]):
             ok = np.isfinite(a_all) & np.isfinite(b_all)
             a, b = a_all[ok], b_all[ok]
             d = b - a
+            sd = float(d.std(ddof=1)) if d.size > 1 else 0.0
             pairs.append({"explainer": ex, "metric": metric, "input": key,
                           "a": labels[0], "b": other, "n": int(d.size),
                           "diff_mean": float(d.mean()) if d.size else None,
                           "ci95": list(bootstrap_ci(d, seed)) if d.size > 1 else None,
+                          # paired effect size (Cohen's d_z): comparable across metrics and
+                          # explainers, whose scales differ
+                          "d_z": float(d.mean()) / sd if sd > 0 else None,
                           "wilcoxon_p": wilcoxon_p(b, a)})
     return metrics, pairs
 

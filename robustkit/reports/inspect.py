@@ -180,12 +180,12 @@ def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
                      f"<td class=n>{ci(r['ci95'])}</td></tr>")
     parts += ["</table>", "<h2>Paired differences (b − a per image; Wilcoxon signed-rank)</h2>",
               "<table><tr><th>explainer</th><th>metric</th><th>input</th><th>a</th><th>b</th>"
-              "<th>n</th><th>mean diff</th><th>95% CI</th><th>Wilcoxon p</th></tr>"]
+              "<th>n</th><th>mean diff</th><th>95% CI</th><th>d_z</th><th>Wilcoxon p</th></tr>"]
     for r in summary["pairs"]:
         parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
                      f"<td>{e(r['input'])}</td><td>{e(r['a'])}</td><td>{e(r['b'])}</td>"
                      f"<td class=n>{r['n']}</td><td class=n>{num(r['diff_mean'])}</td>"
-                     f"<td class=n>{ci(r['ci95'])}</td>"
+                     f"<td class=n>{ci(r['ci95'])}</td><td class=n>{num(r.get('d_z'))}</td>"
                      f"<td class=n>{num(r['wilcoxon_p'])}</td></tr>")
     parts += ["</table>", tail()]
     path = Path(path)
