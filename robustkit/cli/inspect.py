@@ -441,7 +441,7 @@ def _print_table(summary: dict[str, Any]) -> None:
              for r in summary["metrics"]}
     cw = 30
     head = "".join(f"{lb[:cw - 2]:<{cw}}" for lb in labels)
-    pair_heads = "".join(f"{(b + ' - ' + labels[0])[:cw - 2]:<{cw}}{'p':>8}  "
+    pair_heads = "".join(f"{(b + ' - ' + labels[0])[:cw - 2]:<{cw}}{'d_z':>7}{'p':>8}  "
                          for b in labels[1:])
     print(f"\n  {'explainer':<14}{'metric':<20}{'input':<7}{head}{pair_heads}")
     for ex, metric, key in dict.fromkeys((r["explainer"], r["metric"], r["input"])
@@ -452,5 +452,6 @@ def _print_table(summary: dict[str, Any]) -> None:
         for p in summary["pairs"]:
             if (p["explainer"], p["metric"], p["input"]) == (ex, metric, key):
                 pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3g}"
-                diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{pv:>8}  "
+                dz = "-" if p.get("d_z") is None else f"{p['d_z']:.2f}"
+                diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{dz:>7}{pv:>8}  "
         print(f"  {ex:<14}{metric:<20}{key:<7}{cells}{diffs}")
