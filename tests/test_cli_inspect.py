@@ -277,6 +277,7 @@ def boxed_run(tmp_path_factory):
                      "--model", "robustkit:mnist_smallcnn_standard", "--name", STD,
                      "--n-examples", str(N), "--n-samples", "4", "--attack", f"pgd{STEPS}",
                      "--explainers", "gradient,adaptgrad", "--faithfulness", "--seed", str(SEED),
+                     "--grid-rows", "3",
                      "--device", "cpu", "--no-progress", "--no-tensorboard", "--out", str(out)])
     finally:
         mp.undo()
@@ -286,11 +287,22 @@ def boxed_run(tmp_path_factory):
     for r in rows:
         key = (r["explainer"], r["metric"], r["input"])
         values.setdefault(key, np.full(N, np.nan))[int(r["index"])] = float(r["value"])
-    return json.loads((out / "summary.json").read_text()), values, boxes
+    return json.loads((out / "summary.json").read_text()), values, boxes, out
+
+
+def test_grid_rows_limit_the_picture_not_the_metrics(boxed_run, run_dir):
+    from PIL import Image
+
+    summary, values, _, out = boxed_run
+    assert summary["settings"]["grid_rows"] == 3
+    assert all(np.isfinite(v).all() for k, v in values.items() if k[1] == "sparseness")  # all N
+    three = Image.open(out / "grid_gradient.png").size[1]
+    eight = Image.open(run_dir / "grid_gradient.png").size[1]
+    assert three < 0.6 * eight  # 3 rows against the default run's N = 8
 
 
 def test_boxes_faithfulness_and_residual_recomputed(boxed_run):
-    summary, values, boxes = boxed_run
+    summary, values, boxes, _ = boxed_run
     data = first_n(load_dataset("sample-mnist", "test"), N)
     x = torch.stack([data[i][0] for i in range(N)])
     y = torch.stack([torch.as_tensor(data[i][1]) for i in range(N)]).long()

@@ -74,7 +74,8 @@ output (--out DIR):
                  "pairs": [{"explainer", "metric", "input", "a", "b", "n", "diff_mean", "ci95",
                  "d_z", "wilcoxon_p"}], "grids": {EXPLAINER: FILE}, "settings": {...}}
   metrics.csv   per-image values
-  grid_EXPLAINER.png  rows = images; columns = the image, then per model the map of x and of x'
+  grid_EXPLAINER.png  rows = the first --grid-rows images; columns = the image, then per model
+                      the map of x and of x'
   index.html    grids and tables (self-contained in DIR)
   tb/           TensorBoard images of the grids (tensorboard --logdir DIR/tb)
 
@@ -121,6 +122,8 @@ def add_parser(sub) -> None:
     a("--faithfulness", action="store_true",
       help="also score the clean maps by deletion and insertion AUC (RISE; 32 steps, black "
            "baseline: 66 forward passes per image, model and explainer)")
+    a("--grid-rows", metavar="R", default="16",
+      help="images shown in each PNG grid: the first R (default 16); the metrics cover all N")
     a("--no-tensorboard", action="store_true", help="skip DIR/tb")
     a("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run, entries=None)
@@ -151,6 +154,7 @@ def run(args) -> int:
                 "n_samples": integer(args.n_samples, "--n-samples", 1),
                 "ig_steps": integer(args.ig_steps, "--ig-steps", 1),
                 "batch_size": integer(args.batch_size, "--batch-size", 1),
+                "grid_rows": integer(args.grid_rows, "--grid-rows", 1),
                 "seed": integer(args.seed, "--seed", 0), "reference": labels[0],
                 "faithfulness_steps": FAITHFULNESS_STEPS if args.faithfulness else None}
     with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
@@ -394,12 +398,15 @@ def _write(summary, rows, x, maps, captions, y, out: Path, tensorboard: bool) ->
 
     s = summary["settings"]
     figures, grids = {}, {}
+    r = min(s["grid_rows"], s["n"])  # the grids show the first r images; metrics cover all n
+    shown = f"first {s['n']}" if r == s["n"] else f"first {r} of the {s['n']}"
     for ex in s["explainers"]:
         figures[ex] = grid_figure(
-            x.numpy(), maps[ex], captions,
+            x[:r].numpy(), {lb: {k: m[:r] for k, m in v.items()} for lb, v in maps[ex].items()},
+            {lb: {k: c[:r] for k, c in v.items()} for lb, v in captions.items()},
             f"{ex}: maps of the true label's logit on x and on x' ({s['attack']} white-box, "
-            f"L∞ ε = {s['eps_text']}); first {s['n']} {s['dataset']} test images",
-            row_labels=[f"#{i}  y = {int(t)}" for i, t in enumerate(y)])
+            f"L∞ ε = {s['eps_text']}); {shown} {s['dataset']} test images",
+            row_labels=[f"#{i}  y = {int(t)}" for i, t in enumerate(y[:r])])
         grids[ex] = save_png(figures[ex], out / grid_filename(ex)).name
     summary["grids"] = grids
     buf = io.StringIO()
