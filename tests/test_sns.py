@@ -164,6 +164,22 @@ def test_distances_by_hand():
     assert lin.tolist() == [[0.5, 3.0]]  # a linear layer: H·W = 1
 
 
+def test_only_cos_is_blind_to_the_feature_scale():
+    """Why the shipped configs use cos: a ReLU network can scale a layer's features by c and undo
+    it downstream, which scales the L1 (L2) term by c (c²) but leaves 1 − cos unchanged; dead
+    features (all zero) cost the most under cos, nothing under L1."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    c = 1e-3
+    torch.testing.assert_close(neuron_distance(c * a, c * b, "l1"), c * neuron_distance(a, b, "l1"))
+    torch.testing.assert_close(neuron_distance(c * a, c * b, "l2"),
+                               c * c * neuron_distance(a, b, "l2"))
+    torch.testing.assert_close(neuron_distance(c * a, c * b, "cos"), neuron_distance(a, b, "cos"))
+    zero = torch.zeros(1, 2, 3, 3)
+    assert neuron_distance(zero, zero, "l1").max() == 0
+    assert neuron_distance(zero, zero, "cos").min() == 1
+
+
 @pytest.mark.parametrize("distance, want", [("l1", 1.0), ("l2", 1.0), ("cos", 0.0)])
 def test_sensitive_set_is_ranked_by_sigma_whatever_the_distance(distance, want):
     """Channel 0 moves by [1, 1, 1, 1] (σ = 1), channel 1 by [3, 0, 0, 0] (σ = 0.75, but squared
