@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,24 @@ def failing_replace(monkeypatch):
         monkeypatch.setattr(os, "replace", replace)
 
     return install
+
+
+@pytest.fixture
+def chromium_images():
+    """``load(page) -> (loaded, total)``: the images of an HTML page robustkit wrote that headless
+    Chromium (Debian's package) loaded, read from the page's ``data-loaded`` attribute
+    (``robustkit.reports.html``); skips the test when Chromium is not installed."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("chromium not installed")
+
+    def load(page: Path) -> tuple[int, int]:
+        dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu",
+                              "--allow-file-access-from-files", "--virtual-time-budget=5000",
+                              "--dump-dom", Path(page).as_uri()],
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        found = re.search(r'data-loaded="(\d+)/(\d+)"', dom)
+        assert found, dom[:500]
+        return int(found.group(1)), int(found.group(2))
+
+    return load
