@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["Callback", "first_items"]
+__all__ = ["Callback", "check_probe_args", "first_items"]
 
 
 class Callback:
@@ -28,3 +28,21 @@ def first_items(dataset, n: int):
     x = torch.stack([torch.as_tensor(item[0]) for item in items])
     y = torch.stack([torch.as_tensor(item[1]) for item in items]).long()
     return x, y
+
+
+def check_probe_args(data, perturb, **counts):
+    """A probe callback's common arguments: ``data`` a non-empty Dataset (or a DataLoader over
+    one, returned unwrapped), ``perturb`` callable, every ``counts`` value an int >= 1; raises
+    ``ValueError`` naming the first bad one. Returns the dataset."""
+    from torch.utils.data import DataLoader
+
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
+        raise ValueError("data must be a non-empty Dataset or a DataLoader over one")
+    if not callable(perturb):
+        raise ValueError(f"perturb must be a function (model, x, y, generator) -> x_adv, "
+                         f"got {type(perturb).__name__}")
+    for name, value in counts.items():
+        if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return dataset

@@ -16,7 +16,7 @@ from robustkit import distributed as dist
 from robustkit.saliency import EXPLAINERS, create_explainer, percentile_scale, signed_map
 from robustkit.saliency.base import Explainer
 from robustkit.saliency.metrics import sparseness, total_variation
-from robustkit.training.callbacks.base import Callback, first_items
+from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
 from robustkit.training.callbacks.sensitivity import Perturb
 from robustkit.utils import eval_mode
 
@@ -87,16 +87,8 @@ class SaliencyCallback(Callback):
         seed: int = 0,
         internal_batch_size: int = 256,
     ) -> None:
-        dataset = data.dataset if isinstance(data, DataLoader) else data
-        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
-            raise ValueError("data must be a non-empty Dataset or a DataLoader over one")
-        if not callable(perturb):
-            raise ValueError(f"perturb must be a function (model, x, y, generator) -> x_adv, "
-                             f"got {type(perturb).__name__}")
-        for name, value in (("n", n), ("every", every), ("n_samples", n_samples),
-                            ("internal_batch_size", internal_batch_size)):
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        dataset = check_probe_args(data, perturb, n=n, every=every, n_samples=n_samples,
+                                   internal_batch_size=internal_batch_size)
         if isinstance(explainers, str) or not explainers:
             raise ValueError(f"explainers must be a non-empty list of names, got {explainers!r}")
         bad = [e for e in explainers if e not in EXPLAINERS]

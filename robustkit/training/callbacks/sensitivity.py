@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from robustkit import distributed as dist
 from robustkit.sensitivity import SensitivityMeter, resolve_layers
-from robustkit.training.callbacks.base import Callback, first_items
+from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
 from robustkit.utils import eval_mode
 
 __all__ = ["SensitivityCallback", "Perturb"]
@@ -84,15 +84,7 @@ class SensitivityCallback(Callback):
         relative: bool = True,
         reduction: Literal["elementwise", "spatial_mean"] = "elementwise",
     ) -> None:
-        dataset = data.dataset if isinstance(data, DataLoader) else data
-        if dataset is None or not hasattr(dataset, "__len__") or len(dataset) == 0:
-            raise ValueError("data must be a non-empty Dataset or a DataLoader over one")
-        if not callable(perturb):
-            raise ValueError(f"perturb must be a function (model, x, y, generator) -> x_adv, "
-                             f"got {type(perturb).__name__}")
-        for name, value in (("n", n), ("every", every), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        dataset = check_probe_args(data, perturb, n=n, every=every, batch_size=batch_size)
         if reduction not in ("elementwise", "spatial_mean"):
             raise ValueError(f"reduction must be 'elementwise' or 'spatial_mean', "
                              f"got {reduction!r}")
