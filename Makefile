@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-dev
 # Keep pip quiet and offline-friendly; torch/torchvision come from the machine's wheel cache.
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: install demo test test-slow bench lint clean samples
+.PHONY: install demo test test-slow bench lint clean samples mutate
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_regularisers.py
 	$(PY) benchmarks/bench_saliency.py
 
+# Mutation testing of one module in a scratch copy (.mutate/<module>/): make mutate MODULE=robustkit/objectives/srd_dat.py
+# [TESTS="tests/a.py tests/b.py"]; the tally lives in tests/MUTATION.md.
+mutate: $(STAMP)
+	@test -n "$(MODULE)" || { echo "usage: make mutate MODULE=robustkit/<path>.py [TESTS='tests/...']" >&2; exit 2; }
+	$(PY) tests/mutate.py "$(MODULE)" --tests "$(TESTS)"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check robustkit tests benchmarks train evaluate
 
@@ -44,4 +50,4 @@ samples: $(STAMP)
 	$(PY) train/prepare_samples.py
 
 clean:
-	rm -rf $(VENV) runs bench_results *.egg-info
+	rm -rf $(VENV) runs bench_results *.egg-info .mutate

@@ -1,0 +1,177 @@
+"""Mutation testing of one module with mutmut, in a scratch copy of the checkout.
+
+``make mutate MODULE=robustkit/objectives/srd_dat.py`` (or a folder such as
+``robustkit/training/callbacks/``) copies the working tree (tracked and untracked, not ignored
+files, as they are now) to ``.mutate/<module>/``, configures mutmut there to mutate only that
+module and to run only the test files that cover it, runs ``mutmut run``, and writes
+``.mutate/<module>/summary.json`` (mutants, killed, survived, timeouts, the survivors' names) and
+prints the survivors. The checkout itself is never modified, so other work can go on beside it.
+
+The covering test files come from ``COVERING`` below, else from the tests that import the module;
+``TESTS="tests/a.py tests/b.py"`` overrides both. ``tests/MUTATION.md`` keeps the tally and the
+reasons a surviving mutant is equivalent.
+
+Example:
+    make mutate MODULE=robustkit/objectives/schedules.py
+    .venv/bin/python tests/mutate.py robustkit/objectives/schedules.py --max-children 2
+    cd .mutate/robustkit_objectives_schedules && ../../.venv/bin/mutmut show <mutant name>
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Module (or folder) -> the test files that pin it. A module not listed falls back to the test
+# files that import it by its dotted name.
+COVERING: dict[str, list[str]] = {
+    "robustkit/objectives/srd_dat.py": [
+        "tests/test_srd_dat_oracle.py", "tests/test_objectives.py",
+        "tests/test_objectives_oracles.py"],
+    "robustkit/objectives/functional.py": [
+        "tests/test_srd_dat_oracle.py", "tests/test_objectives.py",
+        "tests/test_objectives_oracles.py"],
+    "robustkit/objectives/fat.py": [
+        "tests/test_objectives.py", "tests/test_objectives_oracles.py", "tests/test_schedules.py"],
+    "robustkit/objectives/fast_at.py": ["tests/test_fast_at.py"],
+    "robustkit/objectives/schedules.py": [
+        "tests/test_schedules.py", "tests/test_objectives.py"],
+    "robustkit/training/trainer.py": [
+        "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_cli_train.py"],
+    "robustkit/training/callbacks/": [
+        "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_saliency_callback.py",
+        "tests/test_sensitivity_callback.py", "tests/test_runs_train_io.py"],
+    "robustkit/evaluation/protocol.py": [
+        "tests/test_evaluation.py", "tests/test_eval_resume.py", "tests/test_eval_inputs.py"],
+    "robustkit/evaluation/checks.py": ["tests/test_checks.py", "tests/test_eval_masking.py"],
+    "robustkit/evaluation/results.py": [
+        "tests/test_evaluation.py", "tests/test_eval_cli.py", "tests/test_eval_shard.py"],
+    "robustkit/evaluation/masking.py": ["tests/test_eval_masking.py", "tests/test_checks.py"],
+    "robustkit/attacks/specs.py": ["tests/test_attacks.py", "tests/test_eval_cli.py"],
+    "robustkit/data/transforms.py": ["tests/test_data.py"],
+}
+
+
+def slug(module: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", module.strip("/").removesuffix(".py")).strip("_")
+
+
+def covering_tests(module: str) -> list[str]:
+    """The test files for ``module``: ``COVERING``, else those importing its dotted name."""
+    key = module if module in COVERING else module.rstrip("/") + "/"
+    listed = COVERING.get(module) or COVERING.get(key)
+    if listed:
+        return [t for t in listed if (ROOT / t).exists()]
+    dotted = module.strip("/").removesuffix(".py").replace("/", ".")
+    found = []
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        if dotted in path.read_text(encoding="utf-8"):
+            found.append(str(path.relative_to(ROOT)))
+    return found
+
+
+def scratch_copy(dest: Path) -> None:
+    """The working tree as it is now (tracked + untracked, not ignored) into ``dest``."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, check=True, capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if not src.is_file():  # deleted in the working tree
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+
+
+def configure(dest: Path, module: str, tests: list[str], max_children: int) -> None:
+    """Append a ``[tool.mutmut]`` section to the copy's pyproject.toml."""
+    glob = module.rstrip("/") + "/*" if (ROOT / module).is_dir() else module
+    lines = [
+        "", "[tool.mutmut]",
+        'source_paths = ["robustkit"]',
+        f"only_mutate = [{json.dumps(glob)}]",
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        # torch is not fork-safe after a test run in the same process
+        'process_isolation = "forkserver"',
+        f"max_children = {max_children}",
+        'also_copy = ["configs", "experiments", "train", "evaluate", "benchmarks", "README.md"]',
+    ]
+    with open(dest / "pyproject.toml", "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+def parse_results(text: str) -> dict[str, list[str]]:
+    """``mutmut results --all true`` lines ``name: status`` grouped by status."""
+    groups: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        name, status = (part.strip() for part in line.rsplit(":", 1))
+        if name and status:
+            groups.setdefault(status, []).append(name)
+    return groups
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("module", help="a file or folder under robustkit/, e.g. "
+                        "robustkit/objectives/srd_dat.py")
+    parser.add_argument("--tests", default="", help="space-separated test files (default: "
+                        "COVERING in this script, else the tests importing the module)")
+    parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs")
+    parser.add_argument("--keep", action="store_true", help="reuse an existing scratch copy "
+                        "(mutmut then resumes where it stopped)")
+    args = parser.parse_args(argv)
+    module = args.module.strip()
+    if not (ROOT / module).exists() or not module.startswith("robustkit/"):
+        parser.error(f"MODULE must be a file or folder under robustkit/, got {module!r}")
+    tests = args.tests.split() or covering_tests(module)
+    if not tests:
+        parser.error(f"no test file covers {module}; pass TESTS=...")
+    dest = ROOT / ".mutate" / slug(module)
+    if dest.exists() and not args.keep:
+        shutil.rmtree(dest)
+    if not dest.exists():
+        scratch_copy(dest)
+        configure(dest, module, tests, args.max_children)
+    mutmut = Path(sys.executable).with_name("mutmut")
+    print(f"mutate {module} with {' '.join(tests)} in {dest.relative_to(ROOT)}", flush=True)
+    run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children)],
+                         cwd=dest)
+    res = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=dest,
+                         capture_output=True, text=True)
+    groups = parse_results(res.stdout)
+    total = sum(len(v) for v in groups.values())
+    summary = {
+        "module": module, "tests": tests, "mutants": total,
+        "killed": len(groups.get("killed", [])),
+        "survived": groups.get("survived", []),
+        "timeout": groups.get("timeout", []),
+        "other": {k: v for k, v in groups.items() if k not in ("killed", "survived", "timeout")},
+    }
+    diffs = {}
+    for name in summary["survived"] + summary["timeout"]:
+        shown = subprocess.run([str(mutmut), "show", name], cwd=dest, capture_output=True,
+                               text=True).stdout
+        diffs[name] = "\n".join(
+            line for line in shown.splitlines()
+            if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+    summary["diffs"] = diffs
+    (dest / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    print(f"{module}: {total} mutants, {summary['killed']} killed, "
+          f"{len(summary['survived'])} survived, {len(summary['timeout'])} timeouts")
+    for name, diff in diffs.items():
+        print(f"  {name}:\n    " + diff.replace("\n", "\n    "))
+    return run.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
