@@ -144,8 +144,13 @@ def main(argv: list[str] | None = None) -> int:
         configure(dest, module, tests, args.max_children)
     mutmut = Path(sys.executable).with_name("mutmut")
     print(f"mutate {module} with {' '.join(tests)} in {dest.relative_to(ROOT)}", flush=True)
-    run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children)],
-                         cwd=dest)
+    # mutmut redraws a spinner many times a second: its output goes to a log, not the terminal
+    with open(dest / "mutmut.log", "w", encoding="utf-8") as log:
+        run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children)],
+                             cwd=dest, stdout=log, stderr=subprocess.STDOUT)
+    if run.returncode:
+        tail = (dest / "mutmut.log").read_text(encoding="utf-8", errors="replace")[-2000:]
+        print(f"mutmut run failed (exit {run.returncode}); end of mutmut.log:\n{tail}")
     res = subprocess.run([str(mutmut), "results", "--all", "true"], cwd=dest,
                          capture_output=True, text=True)
     groups = parse_results(res.stdout)
