@@ -4,10 +4,12 @@ context managers every part uses on a model: ``eval_mode()`` and ``frozen_parame
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
 import random
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +24,8 @@ from torch import nn
 from robustkit.errors import OutputError, UserError
 
 __all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number",
-           "eval_mode", "frozen_parameters", "torch_load_plain", "output_errors",
-           "check_writable", "clean_tmp", "TMP_GLOB"]
+           "eval_mode", "frozen_parameters", "torch_load_plain", "torch_load_plain_bytes",
+           "output_errors", "check_writable", "clean_tmp", "TMP_GLOB"]
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +186,6 @@ def torch_load_plain(path: str | os.PathLike) -> Any:
             pickles objects other than tensors and containers; they are never run). The two
             are told apart: a half-written file is not a security problem.
     """
-    import pickle
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found")
@@ -193,26 +193,47 @@ def torch_load_plain(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} is corrupt: the file is empty")
     with open(path, "rb") as f:
         head = f.read(4)
+    return _load_plain(path, head, str(path))
+
+
+def torch_load_plain_bytes(data: bytes, name: str) -> Any:
+    """``torch_load_plain`` of a file's bytes already in memory (e.g. checksum-verified package
+    data); ``name`` stands for the file in the messages."""
+    if not data:
+        raise ValueError(f"{name} is corrupt: the file is empty")
+    return _load_plain(io.BytesIO(data), data[:4], name)
+
+
+def _load_plain(source: Any, head: bytes, name: str) -> Any:
+    import pickle
+
     if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
         # neither torch's zip format nor a (legacy) pickle: e.g. a YAML file given by mistake
-        raise ValueError(f"{path} is corrupt: not a torch checkpoint (it starts with {head!r})")
+        raise ValueError(f"{name} is corrupt: not a torch checkpoint (it starts with {head!r})")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # A global outside torch's allowlist, or a plain pickle that the weights-only unpickler
-        # cannot read, is refused (unpickling it could run code). Inside torch's zip format any
-        # other unpickling failure is corruption.
-        lines = [ln.strip() for ln in str(err).splitlines() if "Unsupported global" in ln]
+        # A global outside torch's allowlist ("Unsupported global: GLOBAL builtins.exec"), one
+        # from a blocked module ("unsupported GLOBAL posix.system whose module posix is
+        # blocked": os.system, subprocess), an object the weights-only unpickler will not build,
+        # or a plain pickle it cannot read, is refused (unpickling it could run code). Inside
+        # torch's zip format any other unpickling failure is corruption.
+        lines = [ln.strip() for ln in str(err).splitlines() if _REFUSAL.search(ln)]
         if lines or head.startswith(b"\x80"):
-            why = lines[0] if lines else "a plain pickle, not a weights-only torch file"
-            raise _Refused(f"{path} was refused: {why}; robustkit loads checkpoints with "
+            why = lines[0].rstrip(".") if lines else "a plain pickle, not a weights-only torch file"
+            raise _Refused(f"{name} was refused: {why}; robustkit loads checkpoints with "
                            "weights_only=True and never runs pickled code") from None
-        raise ValueError(f"{path} is corrupt ({_first(err)})") from None
+        raise ValueError(f"{name} is corrupt ({_first(err)})") from None
     except (EOFError, RuntimeError, KeyError, OSError, IndexError) as err:
         # EOFError: cut before the first record; RuntimeError: a zip archive without its
         # central directory (cut mid-write); KeyError: not a torch file at all.
-        raise ValueError(f"{path} is corrupt or truncated ({_first(err)}); it is not a complete "
+        raise ValueError(f"{name} is corrupt or truncated ({_first(err)}); it is not a complete "
                          "torch checkpoint") from None
+
+
+# The weights-only unpickler's messages for content it will not load (torch 2.x
+# _weights_only_unpickler.py), as opposed to bytes it cannot parse ("Unsupported operand").
+_REFUSAL = re.compile(r"\bGLOBAL\b|Unsupported global|Can only (build|create new object)")
 
 
 class _Refused(ValueError):

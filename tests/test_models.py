@@ -240,6 +240,34 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
         load_state_dict_file(tmp_path / "m.pt")  # a whole pickled nn.Module is refused too
 
 
+class _Shell:
+    """Unpickling this runs a shell command through os.system (a module torch blocks outright:
+    its message says "unsupported GLOBAL posix.system whose module posix is blocked", not
+    "Unsupported global", and was once reported as corruption)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_an_os_system_payload_is_refused_not_called_corrupt(tmp_path):
+    marker = tmp_path / "marker.txt"
+    pickle.loads(pickle.dumps(_Shell(marker)))  # the payload is real: plain pickle runs it
+    assert marker.exists()
+    marker.unlink()
+    sd = create_model("small_cnn", 10, in_channels=1, input_size=28).state_dict()
+    torch.save({"state_dict": sd, "extra": _Shell(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(ModelError, match="was refused: .*posix.system") as err:
+        load_state_dict_file(tmp_path / "evil.pt")
+    assert "corrupt" not in str(err.value) and "\n" not in str(err.value)
+    assert not marker.exists()
+
+
 FACTORY_FILE = """
 import torch
 from torch import nn

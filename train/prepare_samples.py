@@ -4,15 +4,17 @@
 
 Writes ``mnist_sample.npz`` (the first 6,000 MNIST training and first 1,000 test images, deflated
 uint8), ``cifar10_sample.npz`` (the first 1,000 CIFAR-10 training and first 1,000 test images,
-lossless PNG, about 25 % smaller than deflate on photographs) and ``checksums.json`` (sha256, size
-and provenance of each). The output is a pure function of the input files: re-running gives the
-same bytes (fixed zip timestamps, no dates in the json). Printing is fine here: this is a script.
+lossless PNG, about 25 % smaller than deflate on photographs) and their entries in
+``checksums.json`` (sha256, size and provenance of each; the shipped models' entries are kept).
+The output is a pure function of the input files: re-running gives the same bytes (fixed zip
+timestamps, no dates in the json). Printing is fine here: this is a script.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -67,7 +69,13 @@ def main() -> None:
         digest = hashlib.sha256(data).hexdigest()
         record[filename] = {"sha256": digest, "bytes": len(data), "splits": provenance}
         print(f"{digest}  {filename}  ({len(data):,} bytes)")
-    atomic_write_json(ASSETS / CHECKSUMS, {"files": record})
+    # Merge: checksums.json also covers the shipped models' weights and cards
+    # (train/ship_model.py); rewriting it with the samples alone would drop their entries and
+    # every robustkit:NAME load would then be refused.
+    sums_path = ASSETS / CHECKSUMS
+    sums = json.loads(sums_path.read_text()) if sums_path.is_file() else {"files": {}}
+    sums["files"].update(record)
+    atomic_write_json(sums_path, sums)
     os.chmod(ASSETS / CHECKSUMS, 0o644)
     total = sum(r["bytes"] for r in record.values())
     print(f"total {total:,} bytes; checksums in {ASSETS / CHECKSUMS}")

@@ -1,10 +1,11 @@
 """Ship a trained model as a ``robustkit:<name>`` reference model (maintainers' tool).
 
 Writes ``robustkit/assets/models/<name>.pt`` (the bare model's state dict in float16, read back as
-float32), ``<name>.json`` (the model card) and the weights' sha256 into
-``robustkit/assets/checksums.json``. The card's numbers come from ``robustkit evaluate`` result
-folders given on the command line, run on the *shipped* (float16-rounded) weights, and from the
-training run's checkpoint and log.
+float32), ``<name>.json`` (the model card) and the sha256 and size of both into
+``robustkit/assets/checksums.json`` (the other entries kept), which ``robustkit.models.pretrained``
+checks on every read: an edited card is refused like edited weights. The card's numbers come
+from ``robustkit evaluate`` result folders given on the command line, run on the *shipped*
+(float16-rounded) weights, and from the training run's checkpoint and log.
 
 Usage (from the repository root, after training and evaluating the float16 weights):
     python train/ship_model.py NAME --checkpoint RUN/best.pt --train-log RUN/train_time.json \
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -36,12 +38,25 @@ def export_weights(checkpoint: Path, name: str) -> tuple[Path, dict]:
     torch.save(weights, buf)
     path = ASSETS / "models" / f"{name}.pt"
     atomic_write(path, buf.getvalue())
-    sums_path = ASSETS / "checksums.json"
-    sums = json.loads(sums_path.read_text())
-    sums["files"][f"models/{name}.pt"] = {"sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
-                                          "bytes": len(buf.getvalue())}
-    atomic_write_json(sums_path, sums)
+    record_checksums(f"models/{name}.pt")
     return path, state
+
+
+def record_checksums(*names: str) -> None:
+    """Record the sha256 and size of ``ASSETS/<name>`` for each name in ``checksums.json``.
+
+    Merges: the other files' entries, and any other field of these (a sample's provenance),
+    are kept. Every file the package ships under ``assets/`` must have its entry (the loaders
+    refuse a file without one; ``tests/test_pretrained.py`` checks the set).
+    """
+    sums_path = ASSETS / "checksums.json"
+    sums = json.loads(sums_path.read_text()) if sums_path.is_file() else {"files": {}}
+    for name in names:
+        data = (ASSETS / name).read_bytes()
+        entry = sums["files"].setdefault(name, {})
+        entry.update(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    atomic_write_json(sums_path, sums)
+    os.chmod(sums_path, 0o644)  # atomic_write honours the umask; keep the shipped mode
 
 
 def _eval_summary(folder: Path) -> dict:
@@ -55,7 +70,7 @@ def _eval_summary(folder: Path) -> dict:
                               if c.get("severity") == "warning"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name")
@@ -68,7 +83,7 @@ def main() -> None:
     p.add_argument("--eval", action="append", default=[], metavar="KEY=DIR",
                    help="a robustkit evaluate output folder, run on the shipped weights")
     p.add_argument("--notes", default="")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     path, state = export_weights(args.checkpoint, args.name)
     print(f"weights: {path} ({path.stat().st_size} bytes)")
     cfg = state["config"]
@@ -101,6 +116,7 @@ def main() -> None:
         "notes": args.notes,
     }
     atomic_write_json(ASSETS / "models" / f"{args.name}.json", card)
+    record_checksums(f"models/{args.name}.json")  # the card last: its bytes are final now
     print(f"card: {ASSETS / 'models' / (args.name + '.json')}")
 
 
