@@ -4,6 +4,7 @@ context managers every part uses on a model: ``eval_mode()`` and ``frozen_parame
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -25,7 +26,7 @@ from robustkit.errors import OutputError, UserError
 
 __all__ = ["seed_everything", "resolve_device", "atomic_write", "atomic_write_json", "parse_number",
            "eval_mode", "frozen_parameters", "torch_load_plain", "torch_load_plain_bytes",
-           "output_errors", "check_writable", "clean_tmp", "TMP_GLOB"]
+           "output_errors", "check_writable", "clean_tmp", "TMP_GLOB", "safe_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,37 @@ def clean_tmp(folder: str | os.PathLike) -> list[Path]:
         logger.info("removed %d temporary file(s) of interrupted writes in %s", len(removed),
                     folder)
     return removed
+
+
+# safe_name: what a file-name component may hold (ASCII, no separator), and its longest form.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.@+-]+")
+SAFE_NAME_MAX = 100
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """``name`` (a user's model label, entry name, attack name) as ONE file-name component.
+
+    A name already made of ASCII letters, digits and ``_ . @ + -``, not starting with a dot and
+    at most ``SAFE_NAME_MAX`` characters, is returned unchanged. Otherwise every other run of
+    characters (``/``, ``\\``, spaces, ``:``, NUL ...) becomes ``_``, leading dots go (no ``..``,
+    no hidden file), the rest is cut to ``SAFE_NAME_MAX`` characters and ``-<8 hex digits of
+    sha256(name)>`` is appended, so two different names never share a file. The result never
+    leaves the folder it is joined to.
+
+    Raises:
+        ValueError: naming ``what``, when ``name`` is not a non-empty string.
+
+    Example:
+        >>> safe_name("resnet18"), safe_name("../../x")
+        ('resnet18', '_.._x-9cdf6a50')
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty string, got {name!r}")
+    safe = _UNSAFE.sub("_", name).lstrip(".")[:SAFE_NAME_MAX] or "_"
+    if safe == name:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{safe}-{digest}"
 
 
 def parse_number(value: str | float | int) -> float:

@@ -69,9 +69,10 @@ def model_entries(raw: list[tuple[str, str]] | None) -> list[dict[str, Any]]:
 def model_labels(models: list[dict[str, Any]]) -> list[str]:
     """As ``robustkit evaluate`` names each model; repeated default names get the checkpoint's
     folder (else its stem) appended, so two checkpoints of one architecture stay apart."""
-    from robustkit.cli.evaluate import _default_name
+    from robustkit.cli.evaluate import _default_name, check_name
 
-    labels = [m["name"] or _default_name(m["spec"]) for m in models]
+    labels = [check_name(m["name"]) if m["name"] is not None else _default_name(m["spec"])
+              for m in models]
     for label in sorted(set(labels)):
         group = [i for i, lb in enumerate(labels) if lb == label and models[i]["name"] is None]
         if len(group) < 2:

@@ -84,7 +84,8 @@ def add_parser(sub) -> None:
            "attack only on points still robust (faster; accuracies become cumulative)")
     a("--out", metavar="DIR", help="output folder (default runs/evaluate/<name>-<dataset>-<tm>)")
     a("--name", help="entry name in the RobustBench JSON (default: the model name, the "
-      "function name of FILE.py:FN)")
+      "function name of FILE.py:FN); a name, not a path: <out>/model_info/.../<name>.json "
+      "gets it with characters other than letters, digits and _.@+- replaced")
     a("--seed", metavar="S", help="seed of the attacks' randomness (default 0)")
     a("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     a("--overwrite", action="store_true", help="discard a previous (partial) run in --out")
@@ -108,6 +109,22 @@ def _default_name(spec: str) -> str:
     if ":" in spec:
         return spec.rpartition(":")[2]
     return spec
+
+
+def check_name(name: str, flag: str = "--name") -> str:
+    """``name`` when it is a name, not a path; a one-line ``CLIError`` naming ``flag`` otherwise.
+
+    A name becomes part of file names (``<out>/model_info/.../<name>.json``, TensorBoard run
+    folders), always through ``utils.safe_name``; a separator, ``.``/``..`` or a control
+    character says the user meant a path, so it is refused rather than silently renamed.
+    """
+    if not name.strip():
+        raise CLIError(f"{flag} {name!r}: must not be empty")
+    if "/" in name or "\\" in name or name.strip() in (".", "..") or any(
+            ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise CLIError(f"{flag} {name!r}: a name, not a path (no '/', '\\', '.', '..' or "
+                       "control characters); it names the entry and its files inside --out")
+    return name
 
 
 def _architecture(spec: str, model) -> str:
@@ -138,7 +155,7 @@ def run(args) -> int:
     # torch.device("gpu") raises RuntimeError; a CUDA device without CUDA, ValueError.
     with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
         device = resolve_device(s["device"])
-    name = s["name"] or _default_name(s["model"])
+    name = check_name(s["name"]) if s["name"] is not None else _default_name(s["model"])
     out = Path(s["out"] or Path("runs", "evaluate", re.sub(r"[^\w.-]+", "_",
                                                            f"{name}-{s['dataset']}-{tm}")))
     # Before any model or data is loaded: a read-only, unwritable or mistyped --out costs nothing.

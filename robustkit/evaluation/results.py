@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.evaluation.state import write_json
+from robustkit.utils import safe_name
 
 __all__ = ["build_results", "write_results", "model_info", "write_model_info", "format_eps",
            "accuracy_meaning", "broken_by_counts", "sha256_file", "versions", "PROTOCOL_NOTES",
@@ -247,9 +248,15 @@ def model_info(results: dict[str, Any], *, name: str | None = None,
 
 def write_model_info(out_dir: str | Path, results: dict[str, Any], *, name: str,
                      meta: dict[str, Any] | None = None) -> Path:
-    """Write ``out_dir/model_info/<dataset>/<threat_model>/<name>.json``; returns its path."""
-    path = (Path(out_dir) / "model_info" / results["dataset"] / results["threat_model"]
-            / f"{name}.json")
+    """Write ``out_dir/model_info/<dataset>/<threat_model>/<name>.json``; returns its path.
+
+    Each of the three parts is one file-name component (``utils.safe_name``: ``../x`` or
+    ``/abs/x`` become ``_.._x-<hash>``, ``_abs_x-<hash>``), so the file is always inside
+    ``out_dir``; the entry's ``name`` field keeps ``name`` as given.
+    """
+    path = (Path(out_dir) / "model_info" / safe_name(str(results["dataset"]), "dataset")
+            / safe_name(str(results["threat_model"]), "threat_model")
+            / f"{safe_name(name)}.json")
     write_json(path, model_info(results, name=name, meta=meta))
     return path
 

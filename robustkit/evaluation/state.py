@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.errors import StateMismatchError
-from robustkit.utils import TMP_GLOB, atomic_write_json, clean_tmp, output_errors
+from robustkit.utils import TMP_GLOB, atomic_write_json, clean_tmp, output_errors, safe_name
 
 __all__ = ["STATE_VERSION", "write_json", "read_json", "discard_state", "rank_dir"]
 
@@ -220,8 +220,10 @@ def _bad_record(key: str, rec: Any, components: list[str] | None) -> str | None:
 
 
 def _safe(name: str) -> str:
-    """A file-name-safe form of an attack name (``torchattacks:FAB(k=1)`` -> ``...FAB_k_1_``)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    """A file-name-safe form of an attack name (``torchattacks:FAB(k=1)`` ->
+    ``torchattacks_FAB_k_1_-<hash>``): one component, and two attack names never share a file
+    (``utils.safe_name``; the old ``a/b`` and ``a:b`` both gave ``a_b``)."""
+    return safe_name(name, "attack name")
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:

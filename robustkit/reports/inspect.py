@@ -22,7 +22,6 @@ from __future__ import annotations
 import html
 import io
 import os
-import re
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,8 +53,11 @@ def _figure(width: float, height: float):
 
 
 def grid_filename(explainer: str) -> str:
-    """``grid_<explainer>.png`` with anything but letters, digits, ``.`` and ``-`` as ``_``."""
-    return "grid_" + (re.sub(r"[^\w.-]+", "_", explainer).strip("_") or "explainer") + ".png"
+    """``grid_<explainer>.png``, the explainer's name made one safe component
+    (``utils.safe_name``)."""
+    from robustkit.utils import safe_name
+
+    return f"grid_{safe_name(explainer, 'explainer')}.png"
 
 
 def grid_figure(images, maps: Mapping[str, Mapping[str, Any]],

@@ -21,7 +21,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -210,7 +209,11 @@ def write_figures(report: Mapping[str, Any], sigmas: Mapping[str, Mapping[str, A
 
 
 def _folder(label: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", label).strip("_") or "model"
+    """One component below ``log_dir`` (``utils.safe_name``): ``..`` or ``.`` would have put a
+    model's events into ``log_dir``'s parent or into ``log_dir`` itself."""
+    from robustkit.utils import safe_name
+
+    return safe_name(label, "model label")
 
 
 def write_tensorboard(sigmas: Mapping[str, Mapping[str, Any]],
