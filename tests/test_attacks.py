@@ -534,6 +534,7 @@ def test_factory_errors_are_clear():
     ({"restarts": 0}, "restarts"), ({"select": "first"}, "select"),
     ({"restarts": 2, "select": "last"}, "restarts"), ({"loss": "kl", "targeted": True}, "kl"),
     ({"step_noise": -0.1}, "step_noise"), ({"step_noise": float("nan")}, "step_noise"),
+    ({"steps": 0}, r"steps must be an int >= 1, got 0"),  # returned x: "robust" = clean
 ])
 def test_pgd_rejects_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -571,7 +572,63 @@ def test_bad_tensors_are_refused_naming_the_argument(name):
         attack((x * 255).to(torch.uint8), y)
     with pytest.raises(ValueError, match="float64 but the model"):
         attack(x.double(), y)
+    with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
+        attack(x * 2, y)
+    with pytest.raises(ValueError, match=r"y must have shape \(4,\)"):
+        attack(x, y[:3])
     assert attack(x, y.to(torch.int32)).shape == x.shape  # other integer dtypes are cast
+
+
+@pytest.mark.parametrize("label", [10, -1, 99])
+@pytest.mark.parametrize("name", CONTRACT)
+def test_labels_outside_the_model_classes_are_refused_naming_y(name, label):
+    """A label >= K (or < 0) ended in torch's 'Target 10 is out of bounds' deep in a loss, or
+    in nothing at all (AutoAttack returned x). Checked on the attack's own first forward."""
+    model, x, y = _setup(4)
+    y = y.clone()
+    y[2] = label
+    with pytest.raises(ValueError, match=rf"y must be in \[0, 10\) .*got label\(s\) {label}$"):
+        _build(name, model)(x, y)
+    assert not model._forward_hooks  # the check leaves no hook behind
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_a_wrong_channel_count_is_refused_naming_x(name):
+    model, x, y = _setup(4)
+    with pytest.raises(ValueError, match=r"x has 1 channel, the model expects 3 .*\(4, 1, 32, 32"):
+        _build(name, model)(x[:, :1], y)
+    assert not model._forward_hooks
+    assert _build(name, model)(x, y).shape == x.shape  # the same attack still works
+
+
+def test_a_normalized_model_refuses_a_wrong_channel_count():
+    """Normalize's (1, C, 1, 1) mean once broadcast a 1-channel x to C channels: an MNIST batch
+    went through a CIFAR model without a word."""
+    from robustkit.models import create_model
+
+    model = create_model("small_cnn", 10, mean=(0.5, 0.4, 0.3), std=(0.2, 0.2, 0.2),
+                         in_channels=3, input_size=28).eval()
+    y = torch.zeros(2, dtype=torch.long)
+    for c in (1, 2):
+        with pytest.raises(ValueError, match=rf"x has {c} channels?, the model expects 3"):
+            PGD(model, eps=0.1, alpha=0.05, steps=2)(torch.rand(2, c, 28, 28), y)
+
+
+def test_an_error_that_is_not_about_channels_keeps_its_type():
+    """Only a failure of the first forward that a channel count explains becomes a ValueError
+    naming x; anything else (here the model's own bug) propagates unchanged."""
+
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            raise RuntimeError("a bug in the model")
+
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="a bug in the model"):
+        PGD(Broken(), eps=0.1, alpha=0.05, steps=2)(x, torch.zeros(2, dtype=torch.long))
 
 
 def test_torchattacks_missing_is_explained(monkeypatch):

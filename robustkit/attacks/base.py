@@ -9,6 +9,7 @@ enables autograd itself so an attack works under ``torch.no_grad()``. Attacks ta
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -71,11 +72,20 @@ class Attack:
         return self.perturb(x, y).x_adv
 
     def perturb(self, x: Tensor, y: Tensor, **overrides) -> AttackResult:
-        """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``)."""
+        """Run the attack; ``overrides`` are per-call settings the subclass accepts (``eps``).
+
+        Raises:
+            ValueError: naming ``x`` or ``y``: non-tensors, NaN/inf or out-of-[0, 1] ``x``, a
+                ``y`` of the wrong shape or a non-integer dtype, a dtype or device mismatch;
+                and, found on the attack's own first forward, labels outside ``[0, K)`` for
+                the model's ``K`` logits or an ``x`` whose channel count the model's first
+                layer does not take.
+        """
         y = _check_inputs(x, y, self.model)
         # Attack on running BN statistics (methods.md §1.1, step 6); eval_mode restores every
         # submodule's own mode afterwards, not just the root's.
-        with eval_mode(self.model), torch.enable_grad():  # enable_grad: works under no_grad()
+        with eval_mode(self.model), torch.enable_grad(), _FirstForward(self.model, x, y):
+            # enable_grad: works under no_grad()
             result = self._perturb(x.detach(), y.detach(), **overrides)
         result.x_adv = result.x_adv.detach()
         return result
@@ -155,3 +165,58 @@ def _check_inputs(x: Tensor, y: Tensor, model: nn.Module) -> Tensor:
     if y.device != x.device:
         raise ValueError(f"y is on {y.device} but x is on {x.device}")
     return y
+
+
+# torch's convolution error for an input with the wrong number of channels.
+_CONV_CHANNELS = re.compile(r"expected input\[[^\]]*\] to have (\d+) channels, but got (\d+)")
+
+
+class _FirstForward:
+    """Checks what needs the model, on the attack's own first forward (no extra pass).
+
+    ``y`` must lie in ``[0, K)`` for the ``K`` logits the model returns: an out-of-range label
+    otherwise ends in an index error deep inside a loss (or, on CUDA, a device-side assert). An
+    ``x`` with the wrong number of channels fails inside the first layer with torch's own
+    message; that failure, before the model ever returned, is re-raised as a ``ValueError``
+    naming ``x``. One forward hook on the model, removed after its first call; one device sync.
+    """
+
+    def __init__(self, model: nn.Module, x: Tensor, y: Tensor) -> None:
+        self.model, self.x, self.y = model, x, y
+        self.seen = False
+        self.handle: Any = None
+
+    def __enter__(self) -> _FirstForward:
+        self.handle = self.model.register_forward_hook(self._hook)
+        return self
+
+    def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        self.seen = True
+        self.handle.remove()
+        if isinstance(output, Tensor) and output.dim() == 2:
+            k = output.shape[1]
+            bad = (self.y < 0) | (self.y >= k)
+            if bool(bad.any()):
+                labels = sorted(set(self.y[bad].tolist()))
+                shown = ", ".join(map(str, labels[:5])) + (" ..." if len(labels) > 5 else "")
+                raise ValueError(f"y must be in [0, {k}) (the model returns {k} logits), got "
+                                 f"label(s) {shown}")
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> None:
+        self.handle.remove()
+        if self.seen or not isinstance(err, RuntimeError):
+            return
+        have = self.x.shape[1]
+        match = _CONV_CHANNELS.search(str(err))
+        expected = int(match[1]) if match else _first_layer_channels(self.model)
+        if expected is not None and expected != have:
+            raise ValueError(f"x has {have} channel{'s' * (have != 1)}, the model expects "
+                             f"{expected} (x has shape {tuple(self.x.shape)})") from err
+
+
+def _first_layer_channels(model: nn.Module) -> int | None:
+    """The input channels of the model's first convolution, if it has one."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return module.in_channels
+    return None

@@ -67,7 +67,7 @@ class PGD(Attack):
         model: maps ``(N, C, H, W)`` in [0, 1] to logits ``(N, K)``.
         eps: budget in pixel units (default 8/255).
         alpha: step size in pixel units (default 2/255; for L2 the length of each step).
-        steps: number of gradient steps (default 10).
+        steps: number of gradient steps, >= 1 (default 10).
         random_start: ``True``/``"uniform"`` (L∞: U[-eps, eps]; L2: Gaussian direction times a
             U(0, 1) radius times eps, torchattacks' convention), ``"normal"`` (TRADES:
             x + 0.001·N(0, I)) or ``False`` (start at x). Every start is projected onto the
@@ -115,8 +115,10 @@ class PGD(Attack):
         self.alpha = float(alpha)
         if not self.alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            # steps=0 returned the (random) start unattacked: an "adversarial" accuracy that is
+            # clean accuracy. Natural training builds no attack at all.
+            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         if random_start not in (True, False, "uniform", "normal"):
             raise ValueError(f"random_start must be True, False, 'uniform' or 'normal', "
                              f"got {random_start!r}")

@@ -65,6 +65,12 @@ class Normalize(nn.Module):
         self.register_buffer("std", std_v)
 
     def forward(self, x: Tensor) -> Tensor:
+        c = self.mean.numel()
+        if c > 1 and (x.dim() < 2 or x.shape[1] != c):
+            # broadcasting would silently turn a 1-channel x into C channels
+            have = x.shape[1] if x.dim() > 1 else 0
+            raise ValueError(f"x has {have} channel{'s' * (have != 1)}, the model expects {c} "
+                             f"(its Normalize has {c}); x has shape {tuple(x.shape)}")
         # (C,) buffers viewed as (1, C, 1, ...) so they broadcast over batch and space.
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (x - self.mean.view(shape)) / self.std.view(shape)
