@@ -16,6 +16,8 @@ from robustkit.sensitivity import (
     jaccard,
     neuron_sensitivity,
     patched_logits,
+    per_sample_sensitivity,
+    resolve_layers,
     top_k_neurons,
 )
 from robustkit.testing import TinyCNN, random_batch
@@ -198,3 +200,33 @@ def test_random_draws_are_k_distinct_neurons_other_than_the_top_k(monkeypatch):
     assert all(r.numel() == 4 and len(set(r.tolist())) == 4 for r in rand)
     assert any(set(r.tolist()) != set(top.tolist()) for r in rand)
     assert len({tuple(sorted(r.tolist())) for r in rand}) > 1  # different draws
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("which", ["x", "x_adv"])
+def test_non_finite_pairs_are_refused_naming_the_argument(which, value):
+    """One NaN pixel in one x' made every σ of a layer NaN, returned without a word."""
+    model = _model()
+    x, x_adv = _pairs(6)
+    bad = {"x": x.clone(), "x_adv": x_adv.clone()}
+    bad[which][4, 0, 1, 2] = value
+    match = rf"^{which} contains NaN or infinite values \(pair\(s\) \[4\]\)"
+    layer = resolve_layers(model, "auto")[0]
+    sigma = torch.rand(_features(model, x, layer).shape[1])
+    for call in (lambda: neuron_sensitivity(model, bad["x"], bad["x_adv"], batch_size=4),
+                 lambda: per_sample_sensitivity(model, bad["x"], bad["x_adv"]),
+                 lambda: SensitivityMeter(model).update(bad["x"], bad["x_adv"]),
+                 lambda: intervention_test(model, bad["x"], bad["x_adv"],
+                                           torch.zeros(6, dtype=torch.long), layer, sigma)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_top_k_refuses_a_non_finite_sigma(value):
+    """A descending sort puts NaN first: the broken neuron was returned as the most sensitive."""
+    sigma = torch.tensor([0.3, 0.9, 0.1, 0.5])
+    sigma[2] = value
+    with pytest.raises(ValueError, match=r"sigma contains NaN or infinite values \(neuron\(s\) "
+                                         r"\[2\]\)"):
+        top_k_neurons(sigma, k=1)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.distributed import unwrap
-from robustkit.sensitivity.measure import top_k_neurons
+from robustkit.sensitivity.measure import _check_pairs, top_k_neurons
 from robustkit.sensitivity.tap import FeatureTap, resolve_layers
 from robustkit.utils import eval_mode
 
@@ -72,6 +72,7 @@ def intervention_test(model: nn.Module, x: Tensor, x_adv: Tensor, y: Tensor, lay
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
+    _check_pairs(x, x_adv)
     bare = unwrap(model)
     top = top_k_neurons(sigma, ratio=ratio)
     k, channels = top.numel(), sigma.numel()

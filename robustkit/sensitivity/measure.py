@@ -41,6 +41,20 @@ Reduction = Literal["elementwise", "spatial_mean"]
 _REL_EPS = 1e-8  # keeps the relative form finite for dead neurons (methods.md §4.1)
 
 
+def _check_pairs(x: Tensor, x_adv: Tensor) -> None:
+    """Refuse pairs that would give σ without a word: different shapes, NaN or infinite pixels
+    (a NaN in one x' turns every σ of a layer into NaN, and a ranking of NaNs is arbitrary)."""
+    if x.shape != x_adv.shape:
+        raise ValueError(f"x and x_adv must have the same shape, got {tuple(x.shape)} and "
+                         f"{tuple(x_adv.shape)}")
+    for name, t in (("x", x), ("x_adv", x_adv)):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t)).flatten(1).any(1).nonzero().flatten().tolist()
+            why = "; the attack that made it failed or diverged" if name == "x_adv" else ""
+            raise ValueError(f"{name} contains NaN or infinite values (pair(s) {bad[:5]}"
+                             f"{' ...' if len(bad) > 5 else ''}){why}")
+
+
 def _per_neuron(feat: Tensor, reduction: Reduction) -> Tensor:
     """``(N, C, ...)`` -> ``(N, C)``: the per-sample quantity each convention sums."""
     flat = feat.flatten(2) if feat.dim() > 2 else feat.unsqueeze(-1)
@@ -77,10 +91,12 @@ class SensitivityMeter:
 
     @torch.no_grad()
     def update(self, x: Tensor, x_adv: Tensor) -> None:
-        """Add the pairs ``(x_n, x'_n)``; ``x`` and ``x_adv`` are ``(N, C, H, W)`` in [0, 1]."""
-        if x.shape != x_adv.shape:
-            raise ValueError(f"x and x_adv must have the same shape, got {tuple(x.shape)} and "
-                             f"{tuple(x_adv.shape)}")
+        """Add the pairs ``(x_n, x'_n)``; ``x`` and ``x_adv`` are ``(N, C, H, W)`` in [0, 1].
+
+        Raises:
+            ValueError: naming ``x`` or ``x_adv``: different shapes, NaN or infinite values.
+        """
+        _check_pairs(x, x_adv)
         with eval_mode(self.model), FeatureTap(self.model, self.layers) as tap:
             self.model(x)
             clean = tap.take()
@@ -128,7 +144,12 @@ def neuron_sensitivity(model: nn.Module, x: Tensor, x_adv: Tensor,
 
     Returns:
         ``{layer: (C,) float64}``.
+
+    Raises:
+        ValueError: naming the argument: ``x``/``x_adv`` of different shapes or holding NaN or
+            infinite values, unknown layers, a bad reduction.
     """
+    _check_pairs(x, x_adv)  # once over all pairs: the message gives their global indices
     meter = SensitivityMeter(model, layers, reduction)
     for i in range(0, x.shape[0], batch_size):
         meter.update(x[i:i + batch_size], x_adv[i:i + batch_size])
@@ -139,9 +160,21 @@ def top_k_neurons(sigma: Tensor, ratio: float = 0.1, k: int | None = None) -> Te
     """Indices of the ``k = ceil(ratio · C)`` most sensitive neurons, most sensitive first.
 
     Ties break by the lower index (a stable sort), so the set is reproducible.
+
+    Raises:
+        ValueError: ``sigma`` not a non-empty ``(C,)`` tensor, or holding NaN or infinite
+            values (a descending sort puts NaN first: the "most sensitive" neurons would be
+            the broken ones); ``ratio`` or ``k`` out of range.
     """
-    if sigma.dim() != 1 or sigma.numel() == 0:
-        raise ValueError(f"sigma must be a non-empty (C,) tensor, got {tuple(sigma.shape)}")
+    if not isinstance(sigma, Tensor) or sigma.dim() != 1 or sigma.numel() == 0:
+        shape = tuple(sigma.shape) if isinstance(sigma, Tensor) else type(sigma).__name__
+        raise ValueError(f"sigma must be a non-empty (C,) tensor, got {shape}")
+    finite = torch.isfinite(sigma)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(f"sigma contains NaN or infinite values (neuron(s) {bad[:5]}"
+                         f"{' ...' if len(bad) > 5 else ''}): it was measured on broken pairs "
+                         "or a diverged model")
     if k is None:
         if not 0 < ratio <= 1:
             raise ValueError(f"ratio must lie in (0, 1], got {ratio}")
@@ -183,9 +216,7 @@ def per_sample_sensitivity(model: nn.Module, x: Tensor, x_adv: Tensor,
         >>> rows = per_sample_sensitivity(model, x, x_adv, ["model.conv2"])["model.conv2"]
         >>> per_image_mean = rows.mean(1)          # (N,): bootstrap these
     """
-    if x.shape != x_adv.shape:
-        raise ValueError(f"x and x_adv must have the same shape, got {tuple(x.shape)} and "
-                         f"{tuple(x_adv.shape)}")
+    _check_pairs(x, x_adv)
     if reduction not in ("elementwise", "spatial_mean"):
         raise ValueError(f"reduction must be 'elementwise' or 'spatial_mean', got {reduction!r}")
     names = resolve_layers(model, layers)
