@@ -40,6 +40,15 @@ def _one_line(capsys, command: str) -> str:
     (["trainer.eval_steps=5", "trainer.eval_alpha=0.01"], "eval_alpha"),  # cannot reach eps
     (["trainer.device=gpu7"], "trainer.device"),
     (["optim.lr=fast"], "optim.lr"),
+    # refused when the config is loaded (#18): non-finite and out-of-range numbers, out_dir
+    (["optim.lr=.inf"], "'optim.lr' must be a finite number > 0, got inf"),
+    (["optim.lr=nan"], "'optim.lr' must be a finite number, got 'nan'"),
+    (["optim.momentum=1.5"], "'optim.momentum' must be a finite number in [0, 1)"),
+    (["trainer.eval_every=-1"], "'trainer.eval_every' must be >= 0"),
+    (["trainer.epochs=-3"], "'trainer.epochs' must be >= 1"),
+    (["data.batch_size=-64"], "'data.batch_size' must be >= 1"),
+    (["trainer.out_dir=/proc/x"], "'trainer.out_dir': /proc/x is under /proc"),
+    (["trainer.out_dir=/dev/null"], "'trainer.out_dir': /dev/null is under /dev"),
 ])
 def test_train_user_mistakes_are_one_line(tmp_path, capsys, overrides, named):
     rc = main(["train", "-c", SMOKE, f"trainer.out_dir={tmp_path}", *QUIET, *overrides,
@@ -93,6 +102,23 @@ def test_evaluate_unknown_config_key_is_one_line(tmp_path, capsys):
     assert main(["evaluate", "-c", str(cfg), "--model", "small_cnn"]) == 2
     line = _one_line(capsys, "evaluate")
     assert "'epsilon'" in line and "'eps'" in line and "e.yaml" in line
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "latin1.yaml"
+    cfg.write_bytes("# café\ndata: {name: sample-mnist}\ndataset: sample-mnist\n".encode("latin-1"))
+    assert main(["train", "-c", str(cfg), "--dry-run"]) == 2
+    assert f"{cfg}: not UTF-8 text (byte 0xe9" in _one_line(capsys, "train")
+    assert main(["evaluate", "-c", str(cfg), "--model", "small_cnn", "--dataset",
+                 "sample-mnist"]) == 2
+    assert f"{cfg}: not UTF-8 text (byte 0xe9" in _one_line(capsys, "evaluate")
+
+
+def test_out_dir_inside_a_file_is_refused_by_the_dry_run_too(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "run"
+    assert main(["train", "-c", SMOKE, f"trainer.out_dir={out}", *QUIET, "--dry-run"]) == 2
+    assert "'trainer.out_dir'" in _one_line(capsys, "train")
 
 
 def test_verbose_shows_the_user_error_itself(tmp_path):

@@ -6,6 +6,7 @@ through the big models); a slow test dry-runs the real loaders on ``../shared/da
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -344,3 +345,109 @@ def test_evaluate_file_errors(tmp_path):
     bad.write_text("- clean\n- pgd20\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_eval_config(bad, {"model": "m"})
+
+
+# ------------------------------------------------- ranges, non-finite numbers, out_dir (#18)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("optim.lr=.inf", r"'optim.lr' must be a finite number > 0, got inf"),
+    ("optim.lr=1e400", r"'optim.lr' must be a finite number > 0, got inf"),  # overflows to inf
+    ("optim.lr=inf", r"'optim.lr' must be a finite number, got 'inf'"),
+    ("optim.lr=nan", r"'optim.lr' must be a finite number, got 'nan'"),
+    ("optim.lr=.nan", r"'optim.lr' must be a finite number > 0, got nan"),
+    ("optim.lr=0", r"'optim.lr' must be a finite number > 0"),
+    ("optim.momentum=1", r"'optim.momentum' must be a finite number in \[0, 1\), got 1.0"),
+    ("optim.momentum=-0.1", r"'optim.momentum' must be a finite number in \[0, 1\)"),
+    ("optim.weight_decay=-1e-4", r"'optim.weight_decay' must be a finite number >= 0"),
+    ("optim.weight_decay=.inf", r"'optim.weight_decay' must be a finite number >= 0"),
+    ("optim.gamma=0", r"'optim.gamma' must be a finite number in \(0, 1\]"),
+    ("optim.gamma=10", r"'optim.gamma' must be a finite number in \(0, 1\]"),
+    ("optim.warmup_epochs=-1", r"'optim.warmup_epochs' must be a finite number >= 0"),
+    ("optim.warmup_epochs=2", r"'optim.warmup_epochs' \(2\) must be <= trainer.epochs \(1\)"),
+    ("optim.milestones=[.inf]", r"'optim.milestones' must be finite numbers > 0"),
+    ("optim.milestones=[1, .nan]", r"'optim.milestones' must be finite numbers > 0.*item 1"),
+    ("trainer.grad_clip=.nan", r"'trainer.grad_clip' must be a finite number > 0"),
+    ("trainer.grad_clip=0", r"'trainer.grad_clip' must be a finite number > 0"),
+    ("trainer.eval_eps=.inf", r"'trainer.eval_eps' must be a finite number > 0"),
+    ("trainer.eval_eps=1.5", r"'trainer.eval_eps' must be in \(0, 1\] for Linf"),
+    ("trainer.eval_alpha=-0.1", r"'trainer.eval_alpha' must be a finite number > 0"),
+    ("trainer.epochs=-1", r"'trainer.epochs' must be >= 1, got -1"),
+    ("data.batch_size=-64", r"'data.batch_size' must be >= 1, got -64"),
+    ("data.eval_batch_size=0", r"'data.eval_batch_size' must be >= 1"),
+    ("data.holdout=-1", r"'data.holdout' must be >= 0"),
+    ("data.num_workers=-1", r"'data.num_workers' must be >= 0"),
+    ("data.limit=0", r"'data.limit' must be >= 1"),
+    ("trainer.eval_every=-1", r"'trainer.eval_every' must be >= 0"),
+    ("trainer.eval_steps=0", r"'trainer.eval_steps' must be >= 1"),
+    ("trainer.eval_n=0", r"'trainer.eval_n' must be >= 1"),
+    ("trainer.checkpoint_every=0", r"'trainer.checkpoint_every' must be >= 1"),
+    ("trainer.log_every=0", r"'trainer.log_every' must be >= 1"),
+    ("seed=-1", r"'seed' must be >= 0"),
+    ("sensitivity.every=0", r"'sensitivity.every' must be >= 1"),
+    ("sensitivity.n=0", r"'sensitivity.n' must be >= 1"),
+    ("sensitivity.steps=0", r"'sensitivity.steps' must be >= 1"),
+    ("saliency.every=0", r"'saliency.every' must be >= 1"),
+    ("saliency.n=-1", r"'saliency.n' must be >= 1"),
+    ("saliency.n_samples=0", r"'saliency.n_samples' must be >= 1"),
+    ("saliency.steps=0", r"'saliency.steps' must be >= 1"),
+    ("objective.params.beta=.nan", r"'objective.params.beta' must be a number, got nan"),
+    ("attack.params.eps=[.nan]", r"'attack.params.eps\[0\]' must be a number, got nan"),
+])
+def test_out_of_range_and_non_finite_numbers_are_refused_at_load(tmp_path, override, match):
+    """Refused by load_config itself (nothing built), one line naming the key."""
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(SMOKE, [f"trainer.out_dir={tmp_path}", override])
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["optim.momentum=0", "optim.gamma=1", "optim.weight_decay=0", "optim.warmup_epochs=1"],
+    ["trainer.eval_every=0"],  # 0: never evaluate (documented), not out of range
+    ["trainer.eval_every=7", "trainer.checkpoint_every=9"],  # beyond the last epoch: the last
+    ["trainer.eval_norm=L2", "trainer.eval_eps=2.0", "trainer.eval_alpha=null",
+     "trainer.eval_steps=4"],  # L2 budgets above 1 are pixel-unit norms, not out of range
+    ["objective.params.lambda_max=.inf", "data.holdout=0", "seed=0"],  # inf can be a value
+])
+def test_boundary_values_are_accepted(tmp_path, overrides):
+    load_config(SMOKE, [f"trainer.out_dir={tmp_path}", *overrides])
+
+
+def test_a_config_that_is_not_utf8_is_one_config_error(tmp_path):
+    latin1 = "data: {name: sample-mnist}\nname: café\n".encode("latin-1")
+    for name, data in [("latin1.yaml", latin1),
+                       ("utf16.yaml", "seed: 1\n".encode("utf-16")),
+                       ("binary.yaml", bytes(range(128, 256)))]:
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ConfigError, match=f"{name}: not UTF-8 text") as err:
+            load_config(path)
+        assert "\n" not in str(err.value)
+        with pytest.raises(ConfigError, match=f"{name}: not UTF-8 text"):
+            load_eval_config(path, {"model": "small_cnn", "dataset": "sample-mnist"})
+
+
+def test_out_dir_is_checked_at_load_without_creating_it(tmp_path, monkeypatch):
+    def refused(out_dir, match):
+        with pytest.raises(ConfigError, match=match) as err:
+            load_config(SMOKE, [f"trainer.out_dir={out_dir}"])
+        assert "'trainer.out_dir'" in str(err.value) and "\n" not in str(err.value)
+
+    for system in ("/proc/x", "/sys/x", "/dev/null", "/dev/x/y", "/proc"):
+        refused(system, f"{system} is under /(proc|sys|dev), a system folder")
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        load_config(SMOKE, ["trainer.out_dir=/dev/shm/robustkit-test/x"])  # a real tmpfs
+    (tmp_path / "link").symlink_to("/proc/self")
+    refused(tmp_path / "link" / "x", "is under /proc")  # through a symlink too
+    (tmp_path / "file").write_text("x")
+    refused(tmp_path / "file", "is an existing file, not a folder")
+    refused(tmp_path / "file" / "a" / "b", r"cannot be created: .*file is a file \(Not a dir")
+    # root ignores permission bits: a read-only parent is simulated at os.access
+    locked, real_access = tmp_path / "locked", os.access
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and
+                        real_access(p, mode, **kw))
+    refused(locked / "runs" / "x", r"runs/x is not writable \(in .*locked\)")
+    refused(locked, "locked is not writable; choose another folder")
+    cfg = load_config(SMOKE, [f"trainer.out_dir={tmp_path / 'new' / 'deep'}"])  # creatable
+    assert cfg.trainer.out_dir.endswith("deep") and not (tmp_path / "new").exists()

@@ -411,9 +411,6 @@ def _sensitivity(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Modul
     if loaders.holdout is None or len(loaders.holdout.dataset) == 0:
         log.warning("sensitivity: no held-out split (data.holdout=0): no sensitivity/* logged")
         return []
-    for key in ("every", "n"):
-        if s[key] is not None and s[key] < 1:
-            raise ConfigError(f"config key 'sensitivity.{key}' must be >= 1, got {s[key]}")
     # None: with the held-out evaluation; eval_every 0 (never): after the last epoch only
     every = s.every if s.every is not None else (t.eval_every if t.eval_every > 0 else t.epochs)
     if not (isinstance(s.layers, str) or OmegaConf.is_list(s.layers)):
@@ -442,9 +439,6 @@ def _saliency(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Module) 
     if loaders.holdout is None or len(loaders.holdout.dataset) == 0:
         log.warning("saliency: no held-out split (data.holdout=0): no saliency panel logged")
         return []
-    for key in ("every", "n", "n_samples"):
-        if s[key] is not None and s[key] < 1:
-            raise ConfigError(f"config key 'saliency.{key}' must be >= 1, got {s[key]}")
     every = s.every if s.every is not None else (t.eval_every if t.eval_every > 0 else t.epochs)
     names = [s.explainers] if isinstance(s.explainers, str) else list(s.explainers or [])
     bad = [str(n) for n in names if n not in EXPLAINERS]

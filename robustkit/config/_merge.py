@@ -39,6 +39,12 @@ def _read_mapping(path: str | os.PathLike) -> dict[str, Any]:
         loaded = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException) as err:
         raise ConfigError(f"{path}: invalid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError as err:  # Latin-1, UTF-16, a binary file given by mistake
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at "
+                          f"offset {err.start}); save the config as UTF-8") from None
+    except OSError as err:  # permission denied, a folder that vanished, an I/O error
+        raise ConfigError(f"config file {path} cannot be read "
+                          f"({err.strerror or type(err).__name__})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of keys, got a list")
     return typing.cast(dict, OmegaConf.to_container(loaded))
@@ -149,6 +155,8 @@ def _number(value: str, key: str, label: Label) -> float:
     try:
         return parse_number(value)
     except ValueError:
+        if value.strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
+            raise ConfigError(f"{label(key)} must be a finite number, got {value!r}") from None
         raise ConfigError(f"{label(key)}: expected a number or a fraction such as 8/255, "
                           f"got {value!r}") from None
 

@@ -1,7 +1,9 @@
 """Schemas: one dataclass per ``robustkit train`` section, and ``robustkit evaluate``'s flags.
 
 ``robustkit.config.loading`` merges YAML files and overrides onto them; the comment after a
-field gives its units, its choices or what ``None`` means.
+field gives its units, its choices or what ``None`` means. Numbers are range-checked when a
+config is loaded (``robustkit.config.validate``): counts are ints >= 1 (>= 0 where 0 has a
+meaning), floats are finite, and ``trainer.out_dir`` must be creatable and writable.
 """
 
 from __future__ import annotations
@@ -59,14 +61,15 @@ class OptimConfig:
     """Optimizer and per-iteration learning-rate schedule."""
 
     name: str = "sgd"  # sgd | adam
-    lr: float = 0.1  # peak learning rate
-    momentum: float = 0.9  # SGD momentum; Adam beta1
-    weight_decay: float = 5e-4
+    lr: float = 0.1  # peak learning rate (> 0)
+    momentum: float = 0.9  # SGD momentum; Adam beta1; in [0, 1)
+    weight_decay: float = 5e-4  # >= 0
     nesterov: bool = False
     schedule: str = "multistep"  # multistep | cosine | onecycle | constant
     milestones: list[float] = field(default_factory=lambda: [100.0, 105.0])  # <1: fractions
-    gamma: float = 0.1  # multistep factor at each milestone
-    warmup_epochs: float = 0.0  # linear warm-up from 0; onecycle: the peak (0: 2/5 of training)
+    gamma: float = 0.1  # multistep factor at each milestone, in (0, 1]
+    warmup_epochs: float = 0.0  # linear warm-up from 0, <= epochs; onecycle: the peak (0: 2/5 of
+    #                             training)
 
 
 @dataclass
@@ -81,7 +84,7 @@ class TrainerConfig:
     device: str | None = None  # None/"auto": CUDA when available; torchrun: the local rank's GPU
     eval_every: int = 1  # epochs between held-out evaluations (0: never)
     eval_steps: int = 20  # PGD-k on the holdout split; eval_steps * eval_alpha must reach eps
-    eval_eps: float | None = None  # None: the dataset's default eps for eval_norm
+    eval_eps: float | None = None  # None: the dataset's default eps for eval_norm; Linf: (0, 1]
     eval_alpha: float | None = None  # None: eps / 4, as robustkit evaluate's pgdK
     eval_norm: str = "Linf"
     eval_n: int = 1000  # holdout images evaluated (rounded up to whole batches)
