@@ -9,6 +9,11 @@ Forms (ε and the norm come from the evaluation; methods.md §1.4, §7.4):
 - ``fgsm``; ``autoattack`` (official AutoAttack through pyautoattack, ``--aa-version``);
 - ``square``: AutoAttack's Square alone (5,000 queries), a black-box check for gradient masking;
 - ``torchattacks:NAME`` or ``torchattacks:NAME(key=value, ...)``: any torchattacks class, given ε.
+
+An empty list is refused (it would report the clean accuracy as robust). Counts are held to
+sane maxima, so a typo cannot run without end: K <= ``MAX_STEPS`` (10,000), R <=
+``MAX_RESTARTS`` (1,000), and torchattacks' ``steps``, ``n_restarts`` and ``n_queries`` (<=
+``MAX_QUERIES``, 100,000) likewise.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from typing import Any, Literal
 from torch import nn
 
 __all__ = ["AttackSpec", "parse_attacks", "split_list", "check_aa_attacks", "build_attacks",
-           "strength", "targets_needed", "VALID_FORMS", "AA_ATTACKS"]
+           "strength", "targets_needed", "VALID_FORMS", "AA_ATTACKS", "MAX_STEPS", "MAX_RESTARTS",
+           "MAX_QUERIES"]
 
 VALID_FORMS = ("clean, pgdK, pgdKxR, cwK, cwKxR, fgsm, autoattack, square, torchattacks:NAME, "
                "torchattacks:NAME(key=value, ...) (K steps, R restarts: pgd20, pgd100x5, cw30)")
@@ -30,6 +36,15 @@ AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 AA_TARGETS = 9  # APGD-T and FAB-T in AutoAttack standard/plus use 9 target classes (§1.5)
 ALPHA_FRACTION = 0.25  # α = ε/4 for every PGD evaluation (2/255 at ε = 8/255, methods.md §1.4)
 Kind = Literal["pgd", "cw", "fgsm", "autoattack", "square", "torchattacks"]
+# Sane maxima of what one entry may ask for: ``pgd99999999999999999999999`` would run without end.
+# 10,000 steps is 100x AutoAttack's APGD (100 iterations) and 500x PGD-20; 1,000 restarts is
+# 200x AutoAttack "plus" (5). Square's 100,000 queries are 20x AutoAttack's 5,000.
+MAX_STEPS = 10_000
+MAX_RESTARTS = 1_000
+MAX_QUERIES = 100_000
+# torchattacks keyword arguments held to the same maxima (their names in torchattacks 3.5).
+_COUNT_KWARGS = {"steps": MAX_STEPS, "n_restarts": MAX_RESTARTS, "restarts": MAX_RESTARTS,
+                 "n_queries": MAX_QUERIES}
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,32 @@ class AttackSpec:
     restarts: int = 1
     cls: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        """``steps`` and ``restarts`` within the sane maxima (``MAX_STEPS``, ``MAX_RESTARTS``),
+        also for a spec built directly rather than parsed."""
+        if self.kind in ("pgd", "cw"):
+            _check_count(self.name, "steps", self.steps, MAX_STEPS)
+            _check_count(self.name, "restarts", self.restarts, MAX_RESTARTS)
+        for key, cap in _COUNT_KWARGS.items():
+            if key in self.kwargs:
+                _check_count(self.name, key, self.kwargs[key], cap)
+
+
+def _check_count(item: str, what: str, value: Any, cap: int, written: str | None = None
+                 ) -> None:
+    """``ValueError`` naming ``item`` unless ``value`` is an integer in ``[1, cap]``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:
+        shown = written if written is not None else repr(value)
+        if len(shown) > 40:
+            shown = f"{shown[:20]}... ({len(shown)} characters)"
+        raise ValueError(f"{item[:60]!r}: {what} must be an integer in [1, {cap:,}], got {shown}")
+
+
+def _digits(text: str) -> int:
+    """``int(text)`` of a decimal count; past 12 significant digits (already over every maximum)
+    ``10**12``, since ``int()`` of a 5,000-digit string raises its own, confusing error."""
+    return int(text) if len(text.lstrip("0")) <= 12 else 10**12
 
 
 def split_list(text: str) -> list[str]:
@@ -67,9 +108,15 @@ def parse_attacks(text: str | list[str]) -> list[AttackSpec]:
     """Parse ``"clean,pgd20,autoattack"`` (or a list of entries); ``clean`` is dropped.
 
     Raises:
-        ValueError: naming the bad entry and listing the valid forms.
+        ValueError: an empty list (nothing would run, and clean would be reported as robust),
+            or naming the bad entry: an unknown form (listing the valid ones), a duplicate, or
+            steps / restarts outside ``[1, MAX_STEPS]`` / ``[1, MAX_RESTARTS]``.
     """
     items = [p for t in ([text] if isinstance(text, str) else text) for p in split_list(str(t))]
+    if not items:
+        # Nothing to run would report clean = robust and a RobustBench entry for no attack.
+        raise ValueError("the list of attacks is empty; give at least one, e.g. "
+                         "clean,pgd20,autoattack (clean alone: clean accuracy only)")
     specs: list[AttackSpec] = []
     for item in items:
         spec = _parse_one(item)
@@ -89,9 +136,9 @@ def _parse_one(item: str) -> AttackSpec | None:
         return AttackSpec(low, low)  # type: ignore[arg-type]
     m = re.fullmatch(r"(pgd|cw)(\d+)(?:x(\d+))?", low)
     if m:
-        steps, restarts = int(m[2]), int(m[3] or 1)
-        if steps < 1 or restarts < 1:
-            raise ValueError(f"{item!r} needs steps >= 1 and restarts >= 1")
+        steps, restarts = _digits(m[2]), _digits(m[3] or "1")
+        _check_count(item, "steps", steps, MAX_STEPS, m[2])
+        _check_count(item, "restarts", restarts, MAX_RESTARTS, m[3])
         name = f"{m[1]}{steps}" + (f"x{restarts}" if restarts > 1 else "")
         return AttackSpec(name, m[1], steps=steps, restarts=restarts)  # type: ignore[arg-type]
     m = re.fullmatch(r"torchattacks:([A-Za-z_]\w*)\s*(?:\((.*)\))?", item, flags=re.S)

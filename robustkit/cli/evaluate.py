@@ -36,6 +36,7 @@ model forms:
 attack forms (--attacks, comma separated, run in order; eps/norm from the evaluation):
   clean              always reported
   pgdK, pgdKxR       PGD-CE, K steps, alpha = eps/4, random start, R restarts, best iterate
+                     (K <= 10,000, R <= 1,000)
   cwK, cwKxR         the same with the CW margin loss
   fgsm               one signed-gradient step
   autoattack         official AutoAttack (pyautoattack), --aa-version standard|plus|custom

@@ -1,0 +1,202 @@
+"""``--attacks`` parsing at its edges and on every error path (robustkit.attacks.specs; issue 18
+§2, §5): an empty list is refused, counts are held to documented maxima, and each malformed
+entry is a ``ValueError`` naming it (one line, exit 2, from the CLI)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from robustkit.attacks.specs import (
+    AA_TARGETS,
+    MAX_QUERIES,
+    MAX_RESTARTS,
+    MAX_STEPS,
+    AttackSpec,
+    check_aa_attacks,
+    parse_attacks,
+    split_list,
+    strength,
+    targets_needed,
+)
+from robustkit.cli import main
+
+
+def names(text):
+    return [s.name for s in parse_attacks(text)]
+
+
+@pytest.mark.parametrize("text", ["", " ", ",", " , ,", [], [""], [" , "]])
+def test_an_empty_list_is_refused(text):
+    with pytest.raises(ValueError, match="list of attacks is empty"):
+        parse_attacks(text)
+
+
+def test_clean_alone_is_a_clean_only_evaluation():
+    assert parse_attacks("clean") == [] and parse_attacks(["Clean", " clean "]) == []
+
+
+def test_documented_maxima():
+    assert (MAX_STEPS, MAX_RESTARTS, MAX_QUERIES) == (10_000, 1_000, 100_000)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("pgd1", ("pgd1", 1, 1)), (f"pgd{MAX_STEPS}", (f"pgd{MAX_STEPS}", MAX_STEPS, 1)),
+    (f"cw20x{MAX_RESTARTS}", (f"cw20x{MAX_RESTARTS}", 20, MAX_RESTARTS)),
+    ("pgd20x1", ("pgd20", 20, 1)), ("PGD020X05", ("pgd20x5", 20, 5)),
+    (" pgd20 ", ("pgd20", 20, 1)), ("pgd0000000000000000000020", ("pgd20", 20, 1)),
+])
+def test_counts_at_the_edges_are_accepted(text, expected):
+    (spec,) = parse_attacks(text)
+    assert (spec.name, spec.steps, spec.restarts) == expected
+    assert spec.kind == text.strip().lower()[:3].rstrip("0123456789")
+
+
+@pytest.mark.parametrize("text, what", [
+    ("pgd0", "steps"), (f"pgd{MAX_STEPS + 1}", "steps"), ("cw0x5", "steps"),
+    ("pgd99999999999999999999999", "steps"), ("cw" + "9" * 5000, "steps"),
+    ("pgd20x0", "restarts"), (f"pgd20x{MAX_RESTARTS + 1}", "restarts"),
+    ("pgd20x99999999999999999999", "restarts"),
+])
+def test_counts_past_the_edges_are_refused(text, what):
+    with pytest.raises(ValueError, match=rf"{what} must be an integer in \[1, ") as err:
+        parse_attacks(text)
+    assert text[:20] in str(err.value) and len(str(err.value)) < 200  # names it, one short line
+
+
+def test_a_spec_built_directly_is_held_to_the_maxima_too():
+    assert AttackSpec("pgd20", "pgd", steps=MAX_STEPS, restarts=MAX_RESTARTS).steps == MAX_STEPS
+    for kw in ({"steps": MAX_STEPS + 1}, {"steps": 0}, {"restarts": MAX_RESTARTS + 1},
+               {"restarts": 0}, {"steps": 2.0}, {"steps": True}):
+        with pytest.raises(ValueError, match="must be an integer in"):
+            AttackSpec("x", "pgd", **{"steps": 20, **kw})
+    AttackSpec("fgsm", "fgsm")  # steps=0 is not a count for a single-step attack
+
+
+@pytest.mark.parametrize("kwargs, ok", [
+    (f"steps={MAX_STEPS}", True), (f"steps={MAX_STEPS + 1}", False), ("steps=0", False),
+    (f"n_restarts={MAX_RESTARTS}", True), (f"n_restarts={MAX_RESTARTS + 1}", False),
+    (f"n_queries={MAX_QUERIES}", True), (f"n_queries={MAX_QUERIES + 1}", False),
+    ("steps=100000000000000000000", False), ("steps=1.5", False), ("steps=True", False),
+])
+def test_torchattacks_counts(kwargs, ok):
+    pytest.importorskip("torchattacks")
+    text = f"torchattacks:APGD({kwargs})"
+    if ok:
+        (spec,) = parse_attacks(text)
+        assert spec.name == text and spec.kind == "torchattacks" and spec.cls == "APGD"
+    else:
+        with pytest.raises(ValueError, match="must be an integer in"):
+            parse_attacks(text)
+
+
+def test_accepted_forms_and_canonical_names():
+    pytest.importorskip("torchattacks")
+    assert names("clean,FGSM, AutoAttack ,square,cw30,torchattacks:Square,"
+                 "torchattacks:Square(n_queries=10, p_init=0.8)") == [
+        "fgsm", "autoattack", "square", "cw30", "torchattacks:Square",
+        "torchattacks:Square(n_queries=10, p_init=0.8)"]
+    assert names(["pgd20,pgd40", "cw10x2"]) == ["pgd20", "pgd40", "cw10x2"]
+    (spec,) = parse_attacks("torchattacks:Square(n_queries=10, p_init=0.8, loss='ce')")
+    assert spec.kwargs == {"n_queries": 10, "p_init": 0.8, "loss": "ce"}
+    assert parse_attacks("torchattacks:Square()")[0].name == "torchattacks:Square"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pgd20,pgd20", "listed twice"), ("pgd20,PGD20", "listed twice"),
+    ("pgd20x1,pgd20", "listed twice"), ("fgsm,fgsm", "listed twice"),
+    ("aa", "unknown attack"), ("pgd", "unknown attack"), ("pgd-1", "unknown attack"),
+    ("pgd20x", "unknown attack"), ("pgdx5", "unknown attack"), ("pgd 20", "unknown attack"),
+    ("pgd20y5", "unknown attack"), ("pgd1.5", "unknown attack"), ("torchattacks:", "unknown"),
+    ("torchattacks:1abc", "unknown attack"), ("torchattacks:PGD(steps=", "unknown attack"),
+    ("torchattacks:Square(10)", "cannot read the arguments"),
+    ("torchattacks:PGD(steps=10**20)", "cannot read the arguments"),
+    ("torchattacks:PGD(steps=)", "cannot read the arguments"),
+    ("torchattacks:PGD(**{'steps': 1})", "cannot read the arguments"),
+    ("torchattacks:PGD(steps=int('5'))", "cannot read the arguments"),
+    ("torchattacks:Nope", "no attack class 'Nope'"),
+    ("torchattacks:square", "no attack class 'square'"),
+    ("torchattacks:VERSION", "no attack class"),
+])
+def test_every_parse_error(text, message):
+    if text.startswith("torchattacks:") and "class" in message:
+        pytest.importorskip("torchattacks")
+    with pytest.raises(ValueError, match=message) as err:
+        parse_attacks(text)
+    if message == "unknown attack":
+        assert "valid forms" in str(err.value)
+
+
+def test_torchattacks_missing_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # import torchattacks -> ImportError
+    with pytest.raises(ValueError, match=r"needs torchattacks \(pip install"):
+        parse_attacks("torchattacks:Square")
+
+
+def test_split_list_keeps_parentheses_whole():
+    assert split_list("a, b,,c ,") == ["a", "b", "c"]
+    assert split_list("x(a=1,b=(2,3)),y") == ["x(a=1,b=(2,3))", "y"]
+    assert split_list("x(a=1,y") == ["x(a=1,y"]  # unbalanced: one entry, refused by the parser
+
+
+def test_check_aa_attacks_paths():
+    check_aa_attacks("standard", None)
+    check_aa_attacks("custom", ["apgd-ce", "square"])
+    with pytest.raises(ValueError, match="custom version needs a list"):
+        check_aa_attacks("custom", [])
+    with pytest.raises(ValueError, match="needs the custom version"):
+        check_aa_attacks("plus", ["apgd-ce"])
+    with pytest.raises(ValueError, match="unknown AutoAttack attack 'apgd'"):
+        check_aa_attacks("custom", ["apgd"])
+
+
+def test_targets_needed_paths():
+    specs = parse_attacks("pgd20,autoattack")
+    assert targets_needed(parse_attacks("pgd20,square")) == 0
+    assert targets_needed(specs) == AA_TARGETS == targets_needed(specs, "plus")
+    assert targets_needed(specs, "custom", ["apgd-ce"]) == 0
+    assert targets_needed(specs, "custom", ["apgd-ce", "fab-t"]) == AA_TARGETS
+
+
+def test_strength_counts_restarts():
+    """Effort = gradient evaluations = steps x restarts, per family; non-iterative attacks and
+    AutoAttack are not ranked by it."""
+    assert strength(parse_attacks("pgd20x5,pgd50,cw30x2,fgsm,autoattack,square")) == {
+        "pgd20x5": ("pgd-pgd", 100), "pgd50": ("pgd-pgd", 50), "cw30x2": ("pgd-cw", 60)}
+
+
+def _evaluate(tmp_path, *argv):
+    return main(["evaluate", "--model", "small_cnn", "--dataset", "sample-mnist",
+                 "--n-examples", "2", "--device", "cpu", "--no-progress",
+                 "--out", str(tmp_path / "out"), *argv])
+
+
+@pytest.mark.parametrize("attacks, words", [
+    ("", "list of attacks is empty"), (" , ", "list of attacks is empty"),
+    ("pgd99999999999999999999999", "steps must be an integer in [1, 10,000]"),
+    ("clean,pgd20x1001", "restarts must be an integer in [1, 1,000]"),
+])
+def test_cli_refuses_in_one_line_before_writing(tmp_path, capsys, attacks, words):
+    assert _evaluate(tmp_path, "--attacks", attacks) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robustkit evaluate: error: --attacks")
+    assert words in err[0]
+    assert not (tmp_path / "out").exists()  # no results.json, no RobustBench JSON
+
+
+def test_cli_refuses_an_empty_list_from_the_config_file(tmp_path, capsys):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("attacks: []\n")
+    assert _evaluate(tmp_path, "-c", str(cfg)) == 2
+    err = capsys.readouterr().err
+    assert "attacks" in err and "list of attacks is empty" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sensitivity_attack_flag_refuses_absurd_steps(tmp_path, capsys):
+    code = main(["sensitivity", "--dataset", "sample-mnist", "--model", "small_cnn",
+                 "--attack", f"pgd{MAX_STEPS + 1}", "--n-examples", "2", "--device", "cpu",
+                 "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "steps must be an integer" in capsys.readouterr().err
