@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import time
 from collections.abc import Iterator
 from importlib import resources
@@ -48,16 +49,74 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.add_argument("--cifar-n", type=int, default=100,
-                   help="CIFAR-10 images evaluated (100; 0 skips the step)")
-    p.add_argument("--mnist-n", type=int, default=200, help="MNIST test images evaluated (200)")
-    p.add_argument("--sensitivity-n", type=int, default=200,
-                   help="MNIST test images of the sensitivity comparison (200)")
-    p.add_argument("--inspect-n", type=int, default=12,
-                   help="MNIST test images of the saliency comparison (12)")
-    p.add_argument("--epochs", type=int, default=None, help="override trainer.epochs")
+    # Counts are read as text and checked by check_args before any step runs: one line and exit
+    # code 2 for a bad value, instead of minutes of work and a failure at the step that uses it.
+    p.add_argument("--cifar-n", metavar="N", default="100",
+                   help="CIFAR-10 test images evaluated, 0..1000 (100; 0 skips the step)")
+    p.add_argument("--mnist-n", metavar="N", default="200",
+                   help="MNIST test images evaluated, 1..1000 (200)")
+    p.add_argument("--sensitivity-n", metavar="N", default="200",
+                   help="MNIST test images of the sensitivity comparison, 2..1000 (200)")
+    p.add_argument("--inspect-n", metavar="N", default="12",
+                   help="MNIST test images of the saliency comparison, 2..1000 (12)")
+    p.add_argument("--epochs", metavar="N", default=None,
+                   help=f"override trainer.epochs, 1..{MAX_EPOCHS}")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.set_defaults(run=run)
+
+
+# flag -> (dataset whose test split it counts, smallest value); the largest is that split's size
+COUNTS = {"--cifar-n": ("sample-cifar10", 0), "--mnist-n": ("sample-mnist", 1),
+          "--sensitivity-n": ("sample-mnist", 2),  # a bootstrap needs two images
+          "--inspect-n": ("sample-mnist", 2)}
+MAX_EPOCHS = 1000  # a demo, not a training run; a typo (10000) would run for days
+
+
+def _integer(text: str, flag: str, lo: int, hi: int) -> int:
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected an integer in [{lo}, {hi}]") from None
+    if not lo <= value <= hi:
+        raise CLIError(f"{flag} {value}: must lie in [{lo}, {hi}]")
+    return value
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Check every flag before the first step and replace the counts by ints (in place).
+
+    Raises:
+        CLIError: a count that is not an integer or lies outside its range (the upper bound is
+            the size of the shipped test sample it counts), ``--epochs`` outside
+            ``[1, MAX_EPOCHS]``, an unusable ``--device``.
+        OutputError: ``--out`` cannot be written.
+    """
+    from robustkit.data import load_dataset
+    from robustkit.utils import check_writable, resolve_device
+
+    sizes: dict[str, int] = {}
+    for flag, (dataset, lo) in COUNTS.items():
+        if dataset not in sizes:
+            sizes[dataset] = len(load_dataset(dataset, "test"))
+        dest = flag[2:].replace("-", "_")
+        setattr(args, dest, _integer(getattr(args, dest), flag, lo, sizes[dataset]))
+    if args.epochs is not None:
+        args.epochs = _integer(args.epochs, "--epochs", 1, MAX_EPOCHS)
+    try:
+        resolve_device(args.device)
+    except (ValueError, RuntimeError) as err:
+        raise CLIError(f"--device {args.device!r}: {' '.join(str(err).split())}") from None
+    check_writable(args.out, "--out")
+
+
+def shown(path: str | Path) -> str:
+    """``path`` as the demo prints it: relative to the current folder when it lies under it
+    (short, and still a path the shell and the browser resolve from here), else absolute."""
+    path = Path(path).absolute()
+    try:
+        return str(path.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(path)
 
 
 def _call(argv: list[str]) -> None:
@@ -85,6 +144,7 @@ def resources_used() -> Iterator[tuple[dict[str, Path], str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_args(args)
     with resources_used() as (configs, factory):
         return _run(args, configs, factory)
 
@@ -157,7 +217,7 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
            "--explainers", "gradient,smoothgrad,adaptgrad", "--out", str(inspect_dir),
            "--device", args.device])
 
-    step(f"write {out / 'index.html'}")
+    step(f"write {shown(out / 'index.html')}")
     seconds = time.perf_counter() - start
     page = write_demo_page(
         out / "index.html", evaluations=evaluations, evaluation_links=links,
@@ -174,11 +234,11 @@ def _run(args: argparse.Namespace, configs: dict[str, Path], factory: str) -> in
     print(f"{'model':<{width}}" + "".join(f"{k:>12}" for k in keys))
     for name, res in rows.items():
         print(f"{name:<{width}}" + "".join(f"{100 * res['accuracy'][k]:>11.1f}%" for k in keys))
-    print(f"\nLook at:\n  everything          {page}  (open in a browser)"
-          f"\n  saliency            {inspect_dir}/index.html, grid_adaptgrad.png"
-          f"\n  neuron sensitivity  {sens_dir}/sigma_mean.png, sigma_hist.png, "
+    print(f"\nLook at:\n  everything          {shown(page)}  (open in a browser)"
+          f"\n  saliency            {shown(inspect_dir / 'index.html')}, grid_adaptgrad.png"
+          f"\n  neuron sensitivity  {shown(sens_dir / 'sigma_mean.png')}, sigma_hist.png, "
           f"intervention.png, sensitivity.json"
-          f"\n  training            tensorboard --logdir {out}  (scalars, sigma histograms, "
-          "saliency panels)"
+          f"\n  training            tensorboard --logdir {shlex.quote(shown(out))}  (scalars, "
+          "sigma histograms, saliency panels)"
           f"\n(total {seconds:.0f} s)")
     return 0
