@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import runpy
 import sys
 from pathlib import Path
@@ -211,3 +212,19 @@ def test_held_out_metrics_follow_the_cli_attack(tmp_path):
     state = load_checkpoint(tmp_path / "last.pt")
     last = state["history"][-1]
     assert 0 <= last["eval/pgd4"] <= last["eval/clean"] <= 1 and "eval/pgd3" not in last
+
+
+def test_the_lr_printed_and_logged_per_epoch_is_the_one_it_used(tmp_path, capsys):
+    """multistep x0.5 after epochs 1 and 2 (smoke: lr 0.01, sample-mnist, 2 steps per epoch):
+    the progress lines on stderr and metrics.jsonl say 0.01, 0.005, 0.0025 (#18 c)."""
+    assert _train(tmp_path, "log.progress=true", "log.tensorboard=false", "data.limit=128",
+                  "trainer.epochs=3", "trainer.eval_every=0", "sensitivity.enabled=false",
+                  "saliency.enabled=false", "optim.schedule=multistep",
+                  "optim.milestones=[1, 2]", "optim.gamma=0.5") == 0
+    err = capsys.readouterr().err
+    printed = [m.group(1) for m in re.finditer(r"epoch \d/3: .*?\blr=([0-9.e-]+)", err)]
+    assert printed == ["0.01", "0.005", "0.0025"]
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in lines if r["type"] == "epoch"] == [0.01, 0.005, 0.0025]
+    assert [r["lr"] for r in lines if r["type"] == "step"] == [0.01, 0.01, 0.005, 0.005,
+                                                                0.0025, 0.0025]

@@ -527,3 +527,32 @@ def test_sample_mnist_pgd_at_beats_natural_under_attack(tmp_path):
         results[name] = state.metrics
     assert results["natural"]["eval/clean"] > 0.85
     assert results["pgd_at"]["eval/pgd10"] > results["natural"]["eval/pgd10"] + 0.1
+
+
+@pytest.mark.parametrize("interval", ["step", "epoch"])
+def test_the_logged_lr_is_the_one_each_step_and_epoch_used(tmp_path, interval):
+    """A schedule that changes the lr every epoch: the jsonl step and epoch lines, TensorBoard's
+    lr curve and state.history all show the lr the optimizer stepped with (read before the
+    scheduler steps), never the next one (#18 c)."""
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    model = tiny()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    if interval == "step":  # per-step scheduler, constant within an epoch of 2 steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 ** (k // 2))
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    used = []  # the lr of every optimizer.step(), as it ran
+    opt.register_step_pre_hook(lambda o, args, kwargs: used.append(o.param_groups[0]["lr"]))
+    cbs = [JSONLCallback(tmp_path / "metrics.jsonl", log_every=1),
+           TensorBoardCallback(tmp_path / "tb", log_every=1)]
+    state = Trainer(model, CE(model), opt, sched, epochs=3, scheduler_interval=interval,
+                    callbacks=cbs).fit(toy_loader(32, 16))
+    assert used == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    assert [h["lr"] for h in state.history] == [1.0, 0.5, 0.25]
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in lines if r["type"] == "step"] == used
+    assert [r["lr"] for r in lines if r["type"] == "epoch"] == [1.0, 0.5, 0.25]
+    acc = ea.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("lr")] == list(enumerate(used, start=1))

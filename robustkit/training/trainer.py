@@ -63,7 +63,8 @@ class TrainerState:
         epoch: epochs completed (``fit`` resumes from here).
         step: optimizer steps completed.
         metrics: this epoch's reduced means (``train/<name>``, ``train/throughput`` in images/s,
-            ``lr``), plus what callbacks add (``eval/clean``, ``eval/pgd20``).
+            ``lr``: the learning rate of the epoch's last optimizer step, as ``lr`` below), plus
+            what callbacks add (``eval/clean``, ``eval/pgd20``).
         history: one ``metrics`` dict per completed epoch.
         best: best value of the checkpoint monitor so far.
         best_epoch: the epoch (1-based, as ``epoch``) that reached ``best``; its weights are in
@@ -72,6 +73,9 @@ class TrainerState:
         batch: the last batch's 0-dim values (``loss``, ``acc``, objective metrics), detached and
             on the device, this rank only: read them with ``float()`` when needed.
         histograms: this epoch's ``(N,)`` objective metrics gathered over ranks (CPU).
+        lr: the learning rate (param group 0) the last optimizer step used: read before the
+            scheduler steps, so a logged ``lr`` is the one that produced the step's update,
+            not the next step's.
     """
 
     epoch: int = 0
@@ -83,6 +87,7 @@ class TrainerState:
     stop: bool = False
     batch: dict[str, Tensor] = field(default_factory=dict)
     histograms: dict[str, Tensor] = field(default_factory=dict)
+    lr: float | None = None
 
 
 class Trainer:
@@ -169,6 +174,7 @@ class Trainer:
                 sampler.set_epoch(epoch)  # DistributedSampler: a new, reproducible order per epoch
                 break
         self.model.train()
+        self.state.lr = self._lr()  # an epoch without batches reports the lr it would use
         meters, start = Meters(), time.perf_counter()
         for batch in loader:
             out, y = self._train_step(batch, epoch)
@@ -179,7 +185,9 @@ class Trainer:
         means, n_images, self.state.histograms = meters.reduce(self.device)
         self.state.metrics = {f"train/{k}": v for k, v in means.items()}
         self.state.metrics["train/throughput"] = n_images / max(time.perf_counter() - start, 1e-9)
-        self.state.metrics["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        # The lr this epoch used, read before the epoch-interval scheduler steps (and, per step,
+        # before the step-interval one did): after it, param_groups hold the next epoch's.
+        self.state.metrics["lr"] = self.state.lr
         if self.scheduler is not None and self.scheduler_interval == "epoch":
             self.scheduler.step()
         self.state.epoch = epoch + 1
@@ -189,6 +197,7 @@ class Trainer:
         x, y, idx = self._move(batch)
         ctx = TrainContext(epoch=epoch, epochs=self.epochs, step=self.state.step, idx=idx)
         self.optimizer.zero_grad(set_to_none=True)
+        self.state.lr = self._lr()  # what this step's optimizer.step() uses
         with self._autocast():
             out = self.objective(x, y, ctx)
         loss = out.loss
@@ -251,6 +260,9 @@ class Trainer:
             "the optimizer step: weights and the last checkpoint are intact; lower optim.lr, "
             "set trainer.grad_clip, or resume from last.pt"
         )
+
+    def _lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _move(self, batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
         x, y, idx = (*batch, None) if len(batch) == 2 else batch

@@ -21,10 +21,11 @@ class JSONLCallback(Callback):
     """Append one JSON line per epoch (and every ``log_every`` steps) to ``path`` (rank 0).
 
     Epoch lines: ``{"type": "epoch", "epoch", "step", "time", <metrics>}``; step lines:
-    ``{"type": "step", "epoch", "step", "train/<name>", "lr"}``. Non-finite values are written
-    as ``null``. A resumed run appends to the same file (the CLI first trims it to the resumed
-    checkpoint: ``RunDirectory.trim_jsonl``). A failed append (full disk) is cut back, so no torn
-    line is left, and raises ``OutputError`` naming the file.
+    ``{"type": "step", "epoch", "step", "train/<name>", "lr"}``. ``lr`` is the learning rate the
+    step (or the epoch's last step) used, not the scheduler's next value. Non-finite values are
+    written as ``null``. A resumed run appends to the same file (the CLI first trims it to the
+    resumed checkpoint: ``RunDirectory.trim_jsonl``). A failed append (full disk) is cut back, so
+    no torn line is left, and raises ``OutputError`` naming the file.
 
     Args:
         path: the ``metrics.jsonl`` file (parent folders created).
@@ -52,7 +53,7 @@ class JSONLCallback(Callback):
         s = trainer.state
         if self.log_every and s.step % self.log_every == 0 and dist.is_main():
             values = {f"train/{k}": float(v) for k, v in s.batch.items()}
-            lr = float(trainer.optimizer.param_groups[0]["lr"])
+            lr = s.lr  # the step's own lr (param_groups already hold the next step's)
             self._write({"type": "step", "epoch": s.epoch, "step": s.step, **values, "lr": lr})
 
     def on_epoch_end(self, trainer) -> None:

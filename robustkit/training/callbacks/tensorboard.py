@@ -82,7 +82,7 @@ class TensorBoardCallback(Callback):
             self.logger.add_scalar(f"train/{k}", float(v), s.step)  # float(): syncs the device
         now = time.perf_counter()
         self.logger.add_scalar("train/throughput", self._images / max(now - self._t0, 1e-9), s.step)
-        self.logger.add_scalar("lr", trainer.optimizer.param_groups[0]["lr"], s.step)
+        self.logger.add_scalar("lr", s.lr, s.step)  # the lr this step used
         self._t0, self._images = now, 0
 
     def on_epoch_end(self, trainer) -> None:
