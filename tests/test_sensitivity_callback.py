@@ -6,6 +6,7 @@ statistic or RNG state changes; the schedule; and the CLI wiring."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -131,6 +132,35 @@ def test_no_side_effects_on_the_model_or_the_rng():
     for key, value in model.state_dict().items():  # weights and BN statistics
         assert torch.equal(value, before[key]), key
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_diverged_adversarial_images_are_left_out_with_a_warning(caplog):
+    """A NaN x' must not end the training run: those pairs are dropped (σ over the rest, equal to
+    a direct measurement on them) and a warning says how many; all broken: nothing logged."""
+    torch.manual_seed(0)
+    model = TinyCNN(3, K, size=8).eval()
+
+    def half_broken(model, x, y, generator):
+        x_adv = _perturb(model, x, y, generator).clone()
+        x_adv[::2] = float("nan")
+        return x_adv
+
+    cb = _callback(half_broken)
+    with caplog.at_level(logging.WARNING):
+        sigma, _ = cb.measure(model)
+    assert "10 of 20 adversarial images were NaN" in caplog.text
+    x, y = cb.probe()
+    x_adv = torch.cat([half_broken(model, x[i:i + 8], y[i:i + 8],
+                                   torch.Generator().manual_seed(cb.seed + b))
+                       for b, i in enumerate(range(0, 20, 8))])
+    ok = torch.isfinite(x_adv).flatten(1).all(1)
+    direct = neuron_sensitivity(model, x[ok], x_adv[ok], layers=LAYERS)
+    for name in LAYERS:
+        torch.testing.assert_close(sigma[name], direct[name])
+    all_broken = _callback(lambda m, x, y, g: torch.full_like(x, float("nan")))
+    trainer = _fake_trainer(model, epoch=1)
+    all_broken.on_epoch_end(trainer)
+    assert not any(k.startswith("sensitivity") for k in trainer.state.metrics)
 
 
 def test_fixed_probe_gives_the_same_numbers_in_a_fresh_callback():

@@ -297,6 +297,28 @@ def test_epoch_topk_fixes_the_set_from_the_previous_epoch_and_survives_resume():
         SNS(model, layers=["net.feat"], steps=1).load_state_dict(state)
 
 
+def test_a_non_finite_batch_gives_a_non_finite_loss_for_the_trainer_not_an_error():
+    """An fp16 overflow makes σ NaN: SNS must hand the trainer a non-finite loss (it skips or
+    aborts the step) instead of raising, and in "epoch" mode that batch must not poison the
+    next epoch's set."""
+    model = _Probe()
+    y = torch.zeros(4, dtype=torch.long)
+    x = 0.3 + 0.4 * torch.rand(4, 10, 2, 2)
+    d = torch.zeros(1, 10, 1, 1)
+    d[0, 3] = 0.2
+    broken = (x + d).clone()
+    broken[0, 5] = float("nan")
+    online = SNS(model, lam=1.0, layers=["net.feat"], ratio=0.1, steps=1)
+    out = online.loss(x, y, AttackResult(broken), CTX)
+    assert not torch.isfinite(out.loss)
+    obj = SNS(model, lam=1.0, layers=["net.feat"], ratio=0.1, topk="epoch", steps=1)
+    obj.loss(x, y, AttackResult(x + d), TrainContext(epoch=0))
+    assert not torch.isfinite(obj.loss(x, y, AttackResult(broken), TrainContext(epoch=0)).loss)
+    assert obj.state_dict()["pairs"] == 4  # the broken batch is not counted
+    out = obj.loss(x, y, AttackResult(x + d), TrainContext(epoch=1))
+    assert obj.selected["net.feat"].tolist() == [3] and torch.isfinite(out.loss)
+
+
 # ------------------------------------------------------------------------- layers, errors
 def test_default_layers_follow_methods_table():
     small = create_model("small_cnn", 10, in_channels=1, input_size=28)

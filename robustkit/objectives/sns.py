@@ -71,6 +71,18 @@ def default_layers(model: nn.Module) -> list[str]:
     return convs[-2:]
 
 
+def _rankable(sigma: Tensor) -> Tensor:
+    """``sigma`` for ranking only: NaN/inf (an fp16 overflow of the features) become finite.
+
+    The loss of such a batch is non-finite anyway, and the trainer skips or aborts that step
+    (fp16 scale calibration, or ``NonFiniteLossError``); ``top_k_neurons`` refuses non-finite
+    values, so without this the objective would raise before the trainer could decide.
+    """
+    if bool(torch.isfinite(sigma).all()):
+        return sigma
+    return torch.nan_to_num(sigma, nan=0.0, posinf=torch.finfo(sigma.dtype).max, neginf=0.0)
+
+
 def _maps(feat: Tensor) -> Tensor:
     """``(N, C, ...)`` -> ``(N, C, H·W)``; a linear layer's ``(N, C)`` gets H·W = 1."""
     if feat.dtype in (torch.float16, torch.bfloat16):  # autocast: distances in float32 at least
@@ -255,6 +267,7 @@ class SNS(PGDObjective):
         if self.topk == "epoch" and ctx.epoch != self._epoch:
             self._start_epoch(ctx.epoch, next(iter(clean.values())).device)
         terms = []
+        finite_batch = True
         for name in self.layers:
             a, b = clean[name], noisy[name]
             if self.distance == "cos" and a[0, 0].numel() == 1:
@@ -262,17 +275,20 @@ class SNS(PGDObjective):
                                  f"gives {tuple(a.shape[1:])} (use 'l1' or 'l2' there)")
             sigma = batch_sensitivity(a, b)
             metrics[f"sigma/{name}"] = sigma.mean()
+            finite = bool(torch.isfinite(sigma).all())
+            finite_batch = finite_batch and finite
             if self.topk == "epoch":
-                self._sigma_sum[name] = (self._sigma_sum.get(name, 0)
-                                         + sigma.double() * a.shape[0])
+                if finite:  # a broken batch's sigma would poison the whole next epoch's S_l
+                    self._sigma_sum[name] = (self._sigma_sum.get(name, 0)
+                                             + sigma.double() * a.shape[0])
                 idx = self.selected.get(name)
                 if idx is None:  # no previous epoch: this first batch decides (all ranks')
-                    idx = self.selected[name] = top_k_neurons(dist.all_reduce_mean(sigma),
-                                                              self.ratio)
+                    idx = self.selected[name] = top_k_neurons(
+                        _rankable(dist.all_reduce_mean(sigma)), self.ratio)
             else:
-                idx = self.selected[name] = top_k_neurons(sigma, self.ratio)
+                idx = self.selected[name] = top_k_neurons(_rankable(sigma), self.ratio)
             terms.append(neuron_distance(a[:, idx], b[:, idx], self.distance).mean())
-        if self.topk == "epoch":
+        if self.topk == "epoch" and finite_batch:
             self._pairs += next(iter(clean.values())).shape[0]
         return torch.stack(terms).mean()
 

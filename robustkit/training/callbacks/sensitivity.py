@@ -123,7 +123,11 @@ class SensitivityCallback(Callback):
     def measure(
         self, model: nn.Module, device: torch.device | str | None = None
     ) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
-        """``(σ, relative σ or None)``, each ``{layer: (C,) float64}`` over the probe pairs."""
+        """``(σ, relative σ or None)``, each ``{layer: (C,) float64}`` over the probe pairs.
+
+        Pairs whose x' is NaN or infinite are left out with a warning; ``({}, None)`` when none
+        is left (nothing is logged that epoch).
+        """
         bare = dist.unwrap(model)
         if device is None:
             device = next(iter(list(bare.parameters()) + list(bare.buffers())),
@@ -134,6 +138,7 @@ class SensitivityCallback(Callback):
         x_all, y_all = self.probe()
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
+        broken = 0
         # fork_rng: whatever perturb draws, the training RNG streams are as before
         with torch.random.fork_rng(devices=cuda), eval_mode(bare), \
                 torch.autocast(device.type, enabled=False):
@@ -142,6 +147,17 @@ class SensitivityCallback(Callback):
                 y = y_all[i:i + self.batch_size].to(device)
                 generator = torch.Generator().manual_seed(self.seed + b)
                 x_adv = self.perturb(bare, x, y, generator).detach()
-                meter.update(x, x_adv)
+                ok = torch.isfinite(x_adv).flatten(1).all(1)
+                if not bool(ok.all()):  # a diverged attack: a panel is not worth the run
+                    broken += int((~ok).sum())
+                    x, x_adv = x[ok], x_adv[ok]
+                if x.shape[0]:
+                    meter.update(x, x_adv)
+        if broken:
+            log.warning("sensitivity probe: %d of %d adversarial images were NaN or infinite "
+                        "(the attack diverged); sigma is over the other %d", broken, self.n,
+                        meter.n)
+        if meter.n == 0:
+            return {}, None
         return meter.compute(), (meter.compute(relative=True) if self.relative else None)
 
