@@ -228,3 +228,24 @@ def test_the_lr_printed_and_logged_per_epoch_is_the_one_it_used(tmp_path, capsys
     assert [r["lr"] for r in lines if r["type"] == "epoch"] == [0.01, 0.005, 0.0025]
     assert [r["lr"] for r in lines if r["type"] == "step"] == [0.01, 0.01, 0.005, 0.005,
                                                                 0.0025, 0.0025]
+
+
+@pytest.mark.parametrize("epochs, checkpoint_every, eval_every", [(5, 2, 3), (2, 3, 7)])
+def test_cli_final_epoch_ends_in_last_pt_and_is_evaluated(tmp_path, epochs, checkpoint_every,
+                                                          eval_every):
+    """#18 a through the CLI's wiring (sample-mnist smoke run, 2 steps per epoch): last.pt holds
+    the trained model's tensors, the final epoch has eval/pgd3, best.pt the first best."""
+    r = build(load_config(SMOKE, [
+        f"trainer.out_dir={tmp_path}", *QUIET, "log.tensorboard=false", "data.limit=128",
+        "sensitivity.enabled=false", "saliency.enabled=false", f"trainer.epochs={epochs}",
+        f"trainer.checkpoint_every={checkpoint_every}", f"trainer.eval_every={eval_every}"]))
+    state = r.trainer.fit(r.loaders.train)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == epochs
+    for key, value in r.model.state_dict().items():
+        assert torch.equal(last["model"][key], value), key
+    scored = [i + 1 for i, h in enumerate(state.history) if "eval/pgd3" in h]
+    assert scored == sorted({e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs})
+    values = [state.history[e - 1]["eval/pgd3"] for e in scored]
+    first_best = scored[values.index(max(values))]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == state.best_epoch == first_best

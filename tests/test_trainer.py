@@ -556,3 +556,85 @@ def test_the_logged_lr_is_the_one_each_step_and_epoch_used(tmp_path, interval):
     acc = ea.EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("lr")] == list(enumerate(used, start=1))
+
+
+class ScriptedEval(EvalCallback):
+    """The real ``EvalCallback.on_epoch_end`` (its ``every`` rule) with scripted scores: epoch e
+    scores ``scores[e]`` (default e / 100: each epoch better than the last)."""
+
+    def __init__(self, every, scores=None):
+        x, y = separable_toy_data(4)
+        super().__init__(DataLoader(TensorDataset(x, y), batch_size=4), {}, every=every)
+        self.scores, self.epochs = scores or {}, []
+
+    def on_fit_start(self, trainer):
+        self.trainer = trainer
+
+    def evaluate(self, model, device=None):
+        epoch = self.trainer.state.epoch
+        self.epochs.append(epoch)
+        return {"eval/pgd20": self.scores.get(epoch, epoch / 100)}
+
+
+def _same_weights(path, model):
+    saved = load_checkpoint(path)["model"]
+    current = model.state_dict()
+    return saved.keys() == current.keys() and all(torch.equal(saved[k], v)
+                                                  for k, v in current.items())
+
+
+@pytest.mark.parametrize("epochs, checkpoint_every, eval_every", [
+    (5, 2, 3),  # neither interval divides the run length
+    (3, 5, 7),  # both beyond the run
+    (4, 4, 1),
+    (5, 1, 5),
+    (1, 3, 2),
+])
+def test_the_final_epoch_is_saved_evaluated_and_can_become_best(tmp_path, epochs,
+                                                               checkpoint_every, eval_every):
+    """#18 a: last.pt holds the weights training ended with, the final epoch is scored and,
+    when it is the best, best.pt holds it too (tensors compared with the trained model)."""
+    model = tiny()
+    ev = ScriptedEval(eval_every)
+    cbs = [ev, CheckpointCallback(tmp_path, every=checkpoint_every)]
+    state = trainer_for(model, epochs=epochs, callbacks=cbs).fit(toy_loader(32, 16))
+    due = {e for e in range(1, epochs + 1) if e % eval_every == 0} | {epochs}
+    assert ev.epochs == sorted(due)
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == epochs
+    assert _same_weights(tmp_path / "last.pt", model)
+    assert state.best_epoch == epochs and load_checkpoint(tmp_path / "best.pt")["epoch"] == epochs
+    assert _same_weights(tmp_path / "best.pt", model)
+
+
+def test_a_run_stopped_by_a_callback_saves_and_scores_its_final_epoch(tmp_path):
+    """A callback that ends training early (state.stop) makes that epoch the final one."""
+
+    class StopAt:
+        def on_batch_end(self, trainer, out, batch):
+            if trainer.state.step == 5:  # in epoch 3 (2 steps per epoch)
+                trainer.state.stop = True
+
+    model = tiny()
+    ev = ScriptedEval(4)
+    cbs = [StopAt(), ev, CheckpointCallback(tmp_path, every=4)]
+    state = trainer_for(model, epochs=10, callbacks=cbs).fit(toy_loader(32, 16))
+    assert state.epoch == 3 and ev.epochs == [3]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 3
+    assert _same_weights(tmp_path / "last.pt", model)
+
+
+@pytest.mark.parametrize("mode, scores, best_epoch", [
+    ("max", [0.5, 0.5, 0.4], 1),  # a tie keeps the earlier epoch
+    ("max", [0.3, 0.5, 0.5, 0.5], 2),
+    ("min", [0.7, 0.2, 0.2], 2),
+    ("max", [0.3, 0.5, 0.6], 3),  # strictly better moves it
+])
+def test_best_pt_ties_keep_the_earlier_epoch(tmp_path, mode, scores, best_epoch):
+    """#18 b: the documented tie rule of best.pt (CheckpointCallback's docstring)."""
+    ev = ScriptedEval(1, {e + 1: s for e, s in enumerate(scores)})
+    cbs = [ev, CheckpointCallback(tmp_path, monitor="eval/pgd20", mode=mode)]
+    state = trainer_for(tiny(), epochs=len(scores), callbacks=cbs).fit(toy_loader(32, 16))
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert state.best_epoch == best["epoch"] == best_epoch
+    assert best["metrics"]["eval/pgd20"] == state.best == scores[best_epoch - 1]
+    assert "Ties keep the earlier epoch" in CheckpointCallback.__doc__

@@ -45,6 +45,8 @@ flags such as --dry-run before or after all of them, not between):
 run directory: trainer.out_dir (default runs/<config name>/) gets config.yaml, last.pt, best.pt,
   metrics.jsonl and tb/ (tensorboard --logdir runs/); .lock refuses a second live run, and a
   folder holding last.pt is never overwritten: resume it or choose another out_dir.
+  last.pt: every trainer.checkpoint_every epochs and always the final epoch, which is also always
+  evaluated; best.pt: the best eval/pgd<k> so far (a tie keeps the earlier epoch).
 resume: robustkit train -c <same config> trainer.resume=runs/<name>/last.pt
   (trainer.resume=auto: resume when out_dir holds last.pt, else start fresh)
 multi-GPU: torchrun --nproc_per_node=4 -m robustkit train -c ... (data.batch_size is global)

@@ -31,6 +31,15 @@ COLLAPSE_MIN_DROP = 0.10
 class CheckpointCallback(Callback):
     """``last.pt`` every ``every`` epochs and after the last; ``best.pt`` when ``monitor`` improves.
 
+    The final epoch is always written to ``last.pt`` (whatever ``every``): the last of
+    ``trainer.epochs``, or the one a callback ended by setting ``trainer.state.stop`` (in
+    ``on_batch_end``, or in an ``on_epoch_end`` that runs before this callback). ``best.pt``
+    follows every epoch that reports ``monitor``, the final one included.
+
+    Ties keep the earlier epoch: ``best.pt`` moves only when ``monitor`` is strictly better
+    (``>`` for ``"max"``, ``<`` for ``"min"``), so on a plateau it holds the first epoch that
+    reached the value (the one with less training, hence less robust overfitting).
+
     Rank 0 writes, atomically (temporary file + ``os.replace``); each file holds
     ``trainer.state_dict()`` plus ``config``, ``versions`` and the epoch's ``metrics``, loadable
     with ``load_checkpoint`` (``weights_only=True``). ``best.pt`` selects against robust
@@ -94,6 +103,7 @@ class CheckpointCallback(Callback):
         return value < COLLAPSE_FRACTION * best and best - value >= COLLAPSE_MIN_DROP
 
     def _better(self, value: float, than: float | None) -> bool:
+        # strictly: a tie keeps the earlier epoch (class docstring)
         return than is None or (value > than if self.mode == "max" else value < than)
 
     def on_fit_start(self, trainer) -> None:
@@ -112,7 +122,7 @@ class CheckpointCallback(Callback):
                         "overfitting? (Wong et al. 2020, https://arxiv.org/abs/2001.03994) "
                         "best.pt keeps epoch %s", self.monitor, s.best, s.best_epoch, value,
                         s.epoch, s.best_epoch)
-        write_last = s.epoch % self.every == 0 or s.epoch == trainer.epochs
+        write_last = s.epoch % self.every == 0 or s.epoch >= trainer.epochs or s.stop
         if not (write_last or improved):
             return
         state = trainer.state_dict()  # a collective under DDP: every rank calls it

@@ -31,7 +31,9 @@ class EvalCallback(Callback):
         attacks: name -> attack, or a function ``attacks(bare_model) -> {name: attack}`` called
             at each evaluation (for attacks built on the model the trainer holds). The attacks
             carry their own ε, norm, steps and step size.
-        every: evaluate every ``every`` epochs and after the last one (default 1).
+        every: evaluate every ``every`` epochs and after the final one (default 1): the last
+            of ``trainer.epochs``, or the one a callback stopped training at
+            (``trainer.state.stop``), so the weights ``last.pt`` ends with are always scored.
         max_batches: use only the first ``max_batches * batch_size`` points (None: all).
         seed: base of the per-batch seeds (fixed: the same random starts every epoch).
 
@@ -62,7 +64,7 @@ class EvalCallback(Callback):
 
     def on_epoch_end(self, trainer) -> None:
         done = trainer.state.epoch
-        if done % self.every == 0 or done == trainer.epochs:
+        if done % self.every == 0 or done >= trainer.epochs or trainer.state.stop:
             trainer.state.metrics.update(self.evaluate(trainer.model, trainer.device))
 
     def evaluate(self, model: nn.Module, device: torch.device | None = None) -> dict[str, float]:
