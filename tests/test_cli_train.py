@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import runpy
@@ -202,7 +203,7 @@ def test_cli_builds_the_held_out_attack(tmp_path, monkeypatch, overrides, eps, a
                                                    True)
     assert isinstance(pgd.generator, torch.Generator)  # reseeded per batch: same starts
     assert seen["loader"] is r.loaders.holdout and seen["seed"] == r.cfg.seed
-    assert seen["every"] == 1 and seen["max_batches"] == 1  # eval_n 64 / holdout batch 64
+    assert seen["every"] == 1 and seen["n"] == 64  # exactly eval_n (smoke: 64) images
 
 
 def test_held_out_metrics_follow_the_cli_attack(tmp_path):
@@ -249,3 +250,18 @@ def test_cli_final_epoch_ends_in_last_pt_and_is_evaluated(tmp_path, epochs, chec
     values = [state.history[e - 1]["eval/pgd3"] for e in scored]
     first_best = scored[values.index(max(values))]
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == state.best_epoch == first_best
+
+
+def test_eval_n_scores_exactly_that_many_images(tmp_path, caplog):
+    """#18 h: trainer.eval_n=200 with held-out batches of 128 scores 200 images (128 + 72), not
+    two whole batches (256); the log says n=200 (sample-mnist smoke run)."""
+    with caplog.at_level(logging.INFO, "robustkit.training.callbacks.evaluation"):
+        assert _train(tmp_path, "log.tensorboard=false", "data.limit=128", "data.holdout=400",
+                      "data.eval_batch_size=128", "trainer.eval_n=200",
+                      "sensitivity.enabled=false", "saliency.enabled=false") == 0
+    said = [r.getMessage() for r in caplog.records if "held-out evaluation" in r.getMessage()]
+    assert len(said) == 1 and "n=200 images" in said[0], said
+    assert re.search(r"clean \d+/200, pgd3 \d+/200$", said[0]), said[0]
+    last = load_checkpoint(tmp_path / "last.pt")["history"][-1]
+    for key in ("eval/clean", "eval/pgd3"):  # fractions of 200
+        assert last[key] * 200 == pytest.approx(round(last[key] * 200), abs=1e-9), key

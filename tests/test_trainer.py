@@ -638,3 +638,31 @@ def test_best_pt_ties_keep_the_earlier_epoch(tmp_path, mode, scores, best_epoch)
     assert state.best_epoch == best["epoch"] == best_epoch
     assert best["metrics"]["eval/pgd20"] == state.best == scores[best_epoch - 1]
     assert "Ties keep the earlier epoch" in CheckpointCallback.__doc__
+
+
+@pytest.mark.parametrize("n, max_batches, expected", [
+    (5, None, 2 / 5),  # the first 5 points, the second batch cut short
+    (None, 2, 5 / 8),  # whole batches
+    (5, 1, 2 / 4),  # the smaller count
+    (100, None, 7 / 16),  # more than there are: all 16
+])
+def test_eval_callback_scores_exactly_n_points(n, max_batches, expected, caplog):
+    """#18 h: a constant classifier (always class 0) on known labels: the clean accuracy tells
+    exactly which points were scored."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    y = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0])
+    loader = DataLoader(TensorDataset(torch.rand(16, 1, 2, 2), y), batch_size=4)
+    cb = EvalCallback(loader, {}, n=n, max_batches=max_batches)
+    with caplog.at_level(logging.INFO, "robustkit.training.callbacks.evaluation"):
+        assert cb.evaluate(model) == {"eval/clean": pytest.approx(expected)}
+    scored = min(16, n or 16, 4 * (max_batches or 4))
+    assert f"n={scored} images: clean {round(expected * scored)}/{scored}" in caplog.text
+
+
+@pytest.mark.parametrize("n", [0, -1, 2.5, True])
+def test_eval_callback_refuses_a_bad_n(n):
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        EvalCallback(toy_loader(8, 4), {}, n=n)

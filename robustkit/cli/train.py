@@ -471,7 +471,7 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
         with user_input(ConfigError, "trainer.eval_*"):
             callbacks.append(EvalCallback(
                 loaders.holdout, _holdout_attacks(cfg, info, model), every=t.eval_every,
-                max_batches=math.ceil(t.eval_n / loaders.holdout.batch_size), seed=cfg.seed))
+                n=t.eval_n, seed=cfg.seed))  # exactly eval_n images: the last batch cut short
     # Also before the loggers: it adds sensitivity/* to the epoch's metrics and histograms.
     callbacks.extend(_sensitivity(cfg, loaders, info, model))
     # Also before the loggers: saliency/* scalars; its grids go through TensorBoard's image_fn.

@@ -87,7 +87,7 @@ class TrainerConfig:
     eval_eps: float | None = None  # None: the dataset's default eps for eval_norm; Linf: (0, 1]
     eval_alpha: float | None = None  # None: eps / 4, as robustkit evaluate's pgdK
     eval_norm: str = "Linf"
-    eval_n: int = 1000  # holdout images evaluated (rounded up to whole batches)
+    eval_n: int = 1000  # the first eval_n holdout images evaluated (exactly: last batch cut)
     checkpoint_every: int = 1  # epochs between last.pt writes
     log_every: int = 50  # steps between scalar logs
 

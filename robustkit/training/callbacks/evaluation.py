@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -14,6 +15,8 @@ from robustkit.evaluation.protocol import evaluate_attacks
 from robustkit.training.callbacks.base import Callback
 
 __all__ = ["EvalCallback"]
+
+log = logging.getLogger(__name__)
 
 
 class EvalCallback(Callback):
@@ -35,6 +38,9 @@ class EvalCallback(Callback):
             of ``trainer.epochs``, or the one a callback stopped training at
             (``trainer.state.stop``), so the weights ``last.pt`` ends with are always scored.
         max_batches: use only the first ``max_batches * batch_size`` points (None: all).
+        n: use exactly the first ``n`` points (None: all); the last batch is cut short, so
+            ``n=200`` with batch size 128 scores 128 + 72 images, not 256. With ``max_batches``
+            too, the smaller of the two counts.
         seed: base of the per-batch seeds (fixed: the same random starts every epoch).
 
     Example:
@@ -49,6 +55,7 @@ class EvalCallback(Callback):
         every: int = 1,
         max_batches: int | None = None,
         seed: int = 0,
+        n: int | None = None,
     ) -> None:
         if getattr(loader, "dataset", None) is None or getattr(loader, "batch_size", None) is None:
             raise ValueError("loader must be a DataLoader with a dataset and a batch_size")
@@ -59,8 +66,10 @@ class EvalCallback(Callback):
             raise ValueError(f"every must be an int >= 1, got {every!r}")
         if max_batches is not None and not (isinstance(max_batches, int) and max_batches >= 1):
             raise ValueError(f"max_batches must be an int >= 1 or None, got {max_batches!r}")
+        if n is not None and (isinstance(n, bool) or not (isinstance(n, int) and n >= 1)):
+            raise ValueError(f"n must be an int >= 1 or None, got {n!r}")
         self.loader, self.attacks = loader, attacks
-        self.every, self.max_batches, self.seed = every, max_batches, seed
+        self.every, self.max_batches, self.seed, self.n = every, max_batches, seed, n
 
     def on_epoch_end(self, trainer) -> None:
         done = trainer.state.epoch
@@ -72,7 +81,11 @@ class EvalCallback(Callback):
         model = dist.unwrap(model)  # attacks hold the bare module, never the DDP wrapper
         attacks = self.attacks if isinstance(self.attacks, Mapping) else self.attacks(model)
         bs, dataset = self.loader.batch_size, self.loader.dataset
-        n = len(dataset) if self.max_batches is None else min(len(dataset), self.max_batches * bs)
+        n = len(dataset)
+        if self.max_batches is not None:
+            n = min(n, self.max_batches * bs)
+        if self.n is not None:
+            n = min(n, self.n)
         if n == 0:
             raise ValueError("EvalCallback: the held-out loader is empty")
         data = dataset if n == len(dataset) else Subset(dataset, range(n))
@@ -83,4 +96,8 @@ class EvalCallback(Callback):
             res = evaluate_attacks(model, data, attacks, batch_size=bs, seed=self.seed,
                                    device=device, shard=True)
         acc = res.accuracy()
+        if dist.is_main():
+            counts = {"clean": res.clean, **res.correct}
+            log.info("held-out evaluation on n=%d images: %s", res.n, ", ".join(
+                f"{k} {int(v.sum())}/{res.n}" for k, v in counts.items()))
         return {"eval/clean": acc["clean"], **{f"eval/{k}": acc[k] for k in attacks}}
