@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,109 @@ def test_tensorboard_resumes_with_purge_step_after_the_checkpoint(tmp_path, monk
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Scalars("eval/pgd3")] == [2, 4]
+
+
+# ------------------------------------------------------------- the lock on every exit (#18 i)
+
+
+def _no_lock(out: Path) -> None:
+    assert not (out / RunDirectory.LOCK).exists()
+    RunDirectory(out).acquire()  # and nobody holds it
+
+
+@pytest.mark.parametrize("failure", ["config", "model", "data", "diverged", "bug"])
+def test_a_failed_run_leaves_no_lock_behind(tmp_path, monkeypatch, failure):
+    """Every failure, before anything is written or after (sample-mnist smoke run)."""
+    import robustkit.cli.train as cli_train
+    from robustkit.training.trainer import NonFiniteLossError, Trainer
+
+    out = tmp_path / "run"
+    extra = []
+    if failure == "config":  # refused at load: the folder is never made
+        extra = ["optim.lr=.inf"]
+    elif failure == "model":  # after the lock, before anything is written
+        extra = ["model.params.width=3"]
+    elif failure == "data":
+        extra = ["data.name=mnist", f"data.root={tmp_path / 'no-data'}"]
+    elif failure == "diverged":  # a NaN loss in epoch 2: after config.yaml and last.pt
+        real = Trainer._train_step
+
+        def train_step(self, batch, epoch):
+            if epoch == 1:
+                raise NonFiniteLossError("non-finite loss nan")
+            return real(self, batch, epoch)
+
+        monkeypatch.setattr(Trainer, "_train_step", train_step)
+        extra = ["trainer.epochs=2"]
+    else:  # a bug: a traceback, not exit 2, but the lock goes all the same
+        monkeypatch.setattr(cli_train.Run, "describe", lambda self: {}["boom"])
+    if failure == "bug":
+        with pytest.raises(KeyError):
+            _train(out, *extra)
+    else:
+        assert _train(out, *extra) == 2
+    kept = {"diverged": ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"],
+            "bug": ["config.yaml"]}.get(failure)  # describe() runs after config.yaml
+    if kept is None:
+        assert not out.exists()  # nothing was written: the folder the run made is gone too
+    else:
+        assert sorted(p.name for p in out.iterdir()) == kept  # what the run wrote stays
+    _no_lock(out)
+
+
+def test_a_dry_run_and_a_finished_run_leave_no_lock(tmp_path):
+    fresh = tmp_path / "fresh"
+    assert _train(fresh, "--dry-run") == 0
+    assert not fresh.exists()  # a dry run writes nothing, not even the folder
+    used = tmp_path / "used"
+    used.mkdir()
+    assert _train(used, "--dry-run") == 0
+    assert list(used.iterdir()) == []
+    assert _train(used) == 0
+    _no_lock(used)
+    assert (used / "last.pt").is_file()
+
+
+def test_release_removes_the_lock_and_only_its_own(tmp_path):
+    out = tmp_path / "new"
+    first = RunDirectory(out)
+    first.acquire()
+    assert (out / RunDirectory.LOCK).read_text() == str(os.getpid())
+    second = RunDirectory(out)
+    with pytest.raises(OutputError, match="in use"):
+        second.acquire()
+    second.release()  # never acquired: must not remove the holder's lock
+    assert (out / RunDirectory.LOCK).is_file()
+    with pytest.raises(OutputError, match="in use"):
+        RunDirectory(out).acquire()
+    first.release()
+    first.release()  # idempotent
+    assert not out.exists()  # made by acquire, left empty
+    with RunDirectory(tmp_path) as run:  # a folder that existed stays
+        assert run.path == tmp_path
+    assert tmp_path.is_dir() and not (tmp_path / RunDirectory.LOCK).exists()
+
+
+def test_acquire_retries_when_the_holder_releases_between_open_and_flock(tmp_path, monkeypatch):
+    """The holder unlinks .lock while a newcomer has it open: a lock on that dead file would
+    let a third run in beside the newcomer."""
+    import fcntl
+
+    holder = RunDirectory(tmp_path)
+    holder.acquire()
+    real, calls = fcntl.flock, []
+
+    def flock(fd, op):
+        if not calls:
+            holder.release()  # right after the newcomer opened the old .lock
+        calls.append(fd)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    newcomer = RunDirectory(tmp_path)
+    newcomer.acquire()
+    assert len(calls) == 2  # took the lock again, on the live file
+    monkeypatch.setattr(fcntl, "flock", real)
+    with pytest.raises(OutputError, match="in use"):
+        RunDirectory(tmp_path).acquire()
+    newcomer.release()

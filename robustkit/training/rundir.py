@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -31,8 +32,11 @@ logger = logging.getLogger(__name__)
 class RunDirectory:
     """A run's folder, held by one live process at a time.
 
+    The lock is ``<path>/.lock``, ``flock``-ed; ``release`` removes it (and the folder when
+    ``acquire`` created it and it is still empty), so no exit path leaves it behind.
+
     Args:
-        path: the folder (created).
+        path: the folder (created by ``acquire``).
 
     Example:
         >>> with RunDirectory("runs/x") as run:
@@ -44,6 +48,7 @@ class RunDirectory:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self._fd: int | None = None
+        self._created = False
 
     def check_writable(self) -> None:
         check_writable(self.path, "run directory")
@@ -51,29 +56,57 @@ class RunDirectory:
     def acquire(self) -> None:
         """Take an exclusive ``flock`` on ``<path>/.lock`` (released when the process dies).
 
+        Creates the folder when needed (remembered: ``release`` removes it again if the run
+        left it empty).
+
         Raises:
-            OutputError: another live process holds it.
+            OutputError: another live process holds it, or the folder is not writable.
         """
         import fcntl  # POSIX only; imported here so the module imports everywhere
 
+        created = not self.path.exists()
         self.check_writable()
-        fd = os.open(self.path / self.LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        lock = self.path / self.LOCK
+        while True:
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # a run that just released removed its empty folder
+                self.check_writable()
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if err.errno in (errno.EAGAIN, errno.EACCES):
+                    raise OutputError(f"run directory {self.path} is in use by another live run "
+                                      f"(pid {holder}); wait for it or choose another "
+                                      "trainer.out_dir") from None
+                raise
+            # The holder releases by unlinking .lock before closing it: if that happened
+            # between our open and our flock, we locked a file no later run can see, and a
+            # third run would take the new one. Only a lock on the file at the path counts.
+            if _same_file(fd, lock):
+                break
             os.close(fd)
-            if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise OutputError(f"run directory {self.path} is in use by another live run "
-                                  f"(pid {holder}); wait for it or choose another "
-                                  "trainer.out_dir") from None
-            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self._fd = fd
+        self._fd, self._created = fd, created
 
     def release(self) -> None:
-        if self._fd is not None:
+        """Drop the lock and remove ``.lock`` (and the folder, if ``acquire`` created it and
+        nothing else was written there), so a finished, failed or interrupted run leaves no
+        trace of it. Never raises (it runs in ``finally`` blocks); a no-op unless held."""
+        if self._fd is None:
+            return
+        try:
+            # unlinked while still locked: a run that opened it meanwhile sees the change
+            with contextlib.suppress(OSError):
+                os.unlink(self.path / self.LOCK)
+            if self._created:
+                with contextlib.suppress(OSError):  # not empty: the run wrote something
+                    self.path.rmdir()
+        finally:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 
@@ -132,3 +165,13 @@ class RunDirectory:
             logger.warning("%s held a previous run's %s; moved to %s", path,
                            "logs" if old.is_dir() else "file", old)
         return moved
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """``fd`` is open on the file now at ``path`` (not on one unlinked since it was opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
