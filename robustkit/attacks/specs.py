@@ -202,6 +202,16 @@ def check_aa_attacks(aa_version: str, aa_attacks: list[str] | None) -> None:
             raise ValueError(f"unknown AutoAttack attack {a!r}; valid: {', '.join(AA_ATTACKS)}")
 
 
+def _version(package: str) -> str | None:
+    """An attack backend's installed version (results.json and the resume fingerprint)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def build_attacks(specs: list[AttackSpec], model: nn.Module, *, eps: float,
                   norm: Literal["Linf", "L2"] = "Linf", seed: int = 0,
                   aa_version: Literal["standard", "plus", "custom"] = "standard",
@@ -235,7 +245,8 @@ def build_attacks(specs: list[AttackSpec], model: nn.Module, *, eps: float,
                                          attacks=which, seed=seed)
             settings[s.name] = {"class": "AutoAttack", "family": s.kind, "version": version,
                                 "attacks": which, "eps": eps, "norm": norm, "seed": seed,
-                                "backend": "pyautoattack"}
+                                "backend": "pyautoattack",
+                                "backend_version": _version("pyautoattack")}
         else:
             import torchattacks
 
@@ -244,5 +255,5 @@ def build_attacks(specs: list[AttackSpec], model: nn.Module, *, eps: float,
             kw = {**({"eps": eps} if takes_eps else {}), **s.kwargs}
             attacks[s.name] = create_attack(f"torchattacks:{s.cls}", model, **kw)
             settings[s.name] = {"class": f"torchattacks.{s.cls}", "family": "torchattacks",
-                                "norm": norm, **kw}
+                                "norm": norm, "backend_version": _version("torchattacks"), **kw}
     return attacks, settings

@@ -47,7 +47,8 @@ defaults: eps from the dataset (CIFAR Linf 8/255, L2 0.5; MNIST Linf 0.3, L2 2.0
 Linf 8/255, L2 0.5); every test image (RobustBench: 10,000); attacks clean,pgd20,autoattack.
 Each attack runs on all clean-correct points (its own accuracy); 'robust' is the per-example
 worst case over all attacks. Re-running the same command resumes an interrupted run (the
-state is tied to the settings, the weights, the images and --data-root; --overwrite restarts).
+state is tied to the settings, the weights, the model file, the images and --data-root;
+--overwrite restarts).
 
 example:
   robustkit evaluate --model preact_resnet18 --checkpoint runs/x/best.pt --dataset cifar10 \\
@@ -126,6 +127,18 @@ def check_name(name: str, flag: str = "--name") -> str:
         raise CLIError(f"{flag} {name!r}: a name, not a path (no '/', '\\', '.', '..' or "
                        "control characters); it names the entry and its files inside --out")
     return name
+
+
+def _model_code_sha256(spec: str) -> str | None:
+    """sha256 of FILE.py of a ``FILE.py:FN`` model (None for registry and zoo models): an edited
+    forward pass with the same weights must not resume the old flags (the weights' own hash
+    cannot see it)."""
+    from robustkit.evaluation.results import sha256_file
+
+    if spec.startswith("robustbench:") or ":" not in spec:
+        return None
+    path = Path(spec.rpartition(":")[0])
+    return sha256_file(path) if path.is_file() else None
 
 
 def _architecture(spec: str, model) -> str:
@@ -251,7 +264,8 @@ def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
     # what was evaluated (evaluate_attacks adds the hashes of the images and the weights).
     data_root = (None if s["dataset"].startswith("sample-")
                  else str(resolve_root(s["data_root"]).resolve()))
-    fingerprint = {"model": s["model"], "checkpoint_sha256": ckpt_hash, "dataset": s["dataset"],
+    fingerprint = {"model": s["model"], "model_code_sha256": _model_code_sha256(s["model"]),
+                   "checkpoint_sha256": ckpt_hash, "dataset": s["dataset"],
                    "data_root": data_root, "threat_model": tm, "eps": eps,
                    "attack_settings": settings}
     logger.info("per-batch state in %s: re-run the same command to resume", state)

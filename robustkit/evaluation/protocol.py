@@ -159,9 +159,10 @@ def evaluate_attacks(
             ``rank<r>-of<world>``; a rerun with another number of processes recomputes (into
             its own subfolders) instead of reusing them.
         fingerprint: extra settings (model name, checkpoint hash, eps, ...) that must match to
-            resume; the attacks' own settings (``Attack.settings()``), the batch size, protocol,
-            seed, world size and the sha256 of the model's parameters and buffers and of the
-            images and labels are always included.
+            resume; the attacks' own settings (``Attack.settings()``), the number of points,
+            batch size, protocol, seed, ``norm``, world size, robustkit's and torch's versions
+            and the sha256 of the model's parameters and buffers and of the images and labels
+            are always included.
         overwrite: discard a mismatching state instead of raising ``StateMismatchError``.
         progress: optional factory ``progress(name, total)`` of bars with ``update(k)``/``close()``.
         device: where batches go; default: the model's device.
@@ -209,8 +210,12 @@ def evaluate_attacks(
             store = _Store(state_dir if world == 1 else rank_dir(state_dir, dist.rank(), world), {
                 **dict(fingerprint or {}),
                 "n": len(source), "batch_size": batch_size, "protocol": protocol, "seed": seed,
+                # the norm max_perturbation is measured in (hence the perturbation check)
+                "norm": norm,
                 # the batches each rank owns, hence its state folder
                 "world_size": world,
+                # the code that computes the flags: another torch can flip a borderline point
+                "versions": _versions(),
                 # every setting that changes a flag (steps, alpha, loss, restarts, version, ...)
                 "attacks": {k: {"class": type(a).__name__, **a.settings()}
                             for k, a in attacks.items()},
@@ -251,6 +256,14 @@ def evaluate_attacks(
                            "they count as incorrect", name, int(flags.sum()),
                            flags.nonzero().flatten()[:5].tolist())
     return result
+
+
+def _versions() -> dict[str, str]:
+    """robustkit's and torch's versions, part of the resume fingerprint (the attacks' backends,
+    pyautoattack and torchattacks, are in the CLI's ``attack_settings``)."""
+    from robustkit import __version__
+
+    return {"robustkit": __version__, "torch": torch.__version__}
 
 
 def _after_each(broken_by: Tensor, names: list[str], active: Tensor) -> dict[str, Tensor]:

@@ -1,10 +1,12 @@
 """The resumable state of an evaluation: per-attack JSON files of finished batches.
 
-``state_dir/fingerprint.json`` holds every setting that changes a flag (the attacks'
-``settings()``, batch size, protocol, seed, world size, the sha256 of the model's parameters and
-buffers and of the evaluated images and labels, and what the caller adds: model name, checkpoint
-hash, data root, ε). A folder written with other settings is refused with a
-``StateMismatchError`` naming each differing setting, or emptied with ``overwrite=True``.
+``state_dir/fingerprint.json`` holds every setting that changes a flag or a recorded number (the
+attacks' ``settings()``, number of points, batch size, protocol, seed, the norm of
+``max_perturbation``, world size, robustkit's and torch's versions, the sha256 of the model's
+parameters and buffers and of the evaluated images and labels, and what the caller adds: model
+spec and code, checkpoint hash, dataset, data root, threat model, ε, the attacks' backends). A
+folder written with other settings is refused with a ``StateMismatchError`` naming each
+differing setting, or emptied with ``overwrite=True``.
 ``state_dir/flags_<attack>.json`` holds one record per finished batch (written atomically after
 each batch), so an interrupted run resumes at the first unfinished batch.
 
@@ -40,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 #: Bumped when the files' meaning changes, so a folder written by older code is refused, not
 #: misread (2: settings() fingerprints and per-sub-attack ``broken_by`` records; 3: model, data
-#: and world-size fingerprints, per-rank folders, ``nonfinite`` records).
-STATE_VERSION = 3
+#: and world-size fingerprints, per-rank folders, ``nonfinite`` records; 4: the norm and the
+#: robustkit/torch versions in the fingerprint, collision-free ``flags_<attack>`` file names).
+STATE_VERSION = 4
 
 # The files a state folder holds (discarded together); atomic_write's temporary files are
 # ".<name>.<random>.tmp" beside their target.
