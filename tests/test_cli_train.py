@@ -265,3 +265,20 @@ def test_eval_n_scores_exactly_that_many_images(tmp_path, caplog):
     last = load_checkpoint(tmp_path / "last.pt")["history"][-1]
     for key in ("eval/clean", "eval/pgd3"):  # fractions of 200
         assert last[key] * 200 == pytest.approx(round(last[key] * 200), abs=1e-9), key
+
+
+def test_the_log_names_the_training_images_used_under_data_limit(tmp_path, caplog, capsys):
+    """#18 j: data.limit=100 on sample-mnist: the data log, the "training ..." line and the dry
+    run's summary say 100 training images, not the split's 5936."""
+    with caplog.at_level(logging.INFO):
+        assert _train(tmp_path / "dry", "data.limit=100", "--dry-run") == 0
+        assert "on 100 sample-mnist training images" in capsys.readouterr().out
+        assert _train(tmp_path / "run", "log.tensorboard=false", "data.limit=100",
+                      "trainer.eval_every=0", "sensitivity.enabled=false",
+                      "saliency.enabled=false") == 0
+    said = [r.getMessage() for r in caplog.records]
+    data = [m for m in said if m.startswith("sample-mnist: ")]
+    assert len(data) == 2 and all(m.startswith("sample-mnist: 100 training (the first of 5936")
+                                  for m in data), data
+    assert any(m.startswith("training small_cnn") and "on 100 sample-mnist training images" in m
+               for m in said), said

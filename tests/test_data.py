@@ -506,3 +506,19 @@ def test_shared_cifar10_statistics(shared_data):
     mean, std = pixels.mean(dim=(0, 2, 3)), pixels.std(dim=(0, 2, 3))
     assert torch.allclose(mean, torch.tensor(info.mean, dtype=torch.double), atol=0.01)
     assert torch.allclose(std, torch.tensor(info.std, dtype=torch.double), atol=0.01)
+
+
+def test_build_loaders_limit_trains_on_the_first_images_and_says_so(caplog):
+    """#18 j: the log names the training images actually used, not the whole split."""
+    with caplog.at_level(logging.INFO, "robustkit.data"):
+        loaders = build_loaders("sample-mnist", batch_size=64, holdout=64, limit=100)
+    assert len(loaders.train.dataset) == 100 and len(loaders.holdout.dataset) == 64
+    idx = torch.cat([b[2] for b in loaders.train])
+    assert sorted(idx.tolist()) == list(range(100))
+    full = build_loaders("sample-mnist", batch_size=64, holdout=64)
+    assert torch.equal(loaders.holdout.dataset[0][0], full.holdout.dataset[0][0])  # unchanged
+    assert "sample-mnist: 100 training (the first of 5936: limit 100), 64 held-out" in caplog.text
+    assert "5936 training," not in caplog.text.split("limit 100")[0]
+    assert len(build_loaders("sample-mnist", holdout=64, limit=10**6).train.dataset) == 5936
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        build_loaders("sample-mnist", limit=0)

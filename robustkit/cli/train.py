@@ -197,7 +197,9 @@ class Run:
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
         c = self.cfg
-        return (f"{c.model.name} ({n / 1e6:.2f} M parameters) on {c.data.name}, objective "
+        images = len(self.loaders.train.dataset)  # what is trained on: data.limit applied
+        return (f"{c.model.name} ({n / 1e6:.2f} M parameters) on {images} {c.data.name} "
+                "training images, objective "
                 f"{c.objective.name}, {c.trainer.epochs} epochs x {self.steps_per_epoch} steps, "
                 f"device {self.trainer.device}, run dir {self.out_dir}")
 
@@ -227,9 +229,9 @@ def build(cfg: DictConfig, loaders: Any = None) -> Run:
             loaders = build_loaders(
                 d.name, root=d.root, batch_size=d.batch_size, holdout=d.holdout,
                 download=d.download, num_workers=d.num_workers, seed=cfg.seed,
-                augment=d.augment, eval_batch_size=d.eval_batch_size,
-            )
-    if d.limit is not None:
+                augment=d.augment, eval_batch_size=d.eval_batch_size, limit=d.limit,
+            )  # logs the number of training images used (data.limit applied)
+    elif d.limit is not None:  # loaders given by the caller (tests)
         loaders.train = _limit(loaders.train, d.limit)
     info = getattr(loaders, "info", None) or DATASETS[d.name]
     channels, size = info.input_shape[0], info.input_shape[-1]

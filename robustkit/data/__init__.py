@@ -139,6 +139,7 @@ def build_loaders(
     augment: bool = True,
     eval_batch_size: int | None = None,
     distributed: bool | None = None,
+    limit: int | None = None,
 ) -> Loaders:
     """Train, held-out and test loaders of ``(x, y, idx)`` for dataset ``name``.
 
@@ -162,6 +163,8 @@ def build_loaders(
         eval_batch_size: batch size of ``holdout`` and ``test``; default ``batch_size``.
         distributed: ``None`` uses the torch.distributed process group when one is initialised;
             ``False`` forces one process; ``True`` requires a process group.
+        limit: train on the first ``limit`` training images only (smoke runs); the held-out
+            split stays the last ``holdout`` images of the full split. ``None``: all.
 
     Raises:
         ValueError: bad sizes (naming the argument), or ``distributed=True`` without a group.
@@ -176,6 +179,8 @@ def build_loaders(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if eval_batch_size is not None and eval_batch_size < 1:
         raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
     world, rank = _world(distributed)
     if batch_size % world:
         raise ValueError(f"batch_size={batch_size} (global) is not divisible by {world} ranks")
@@ -184,7 +189,9 @@ def build_loaders(
     n = len(full)
     if not 0 <= holdout < n:
         raise ValueError(f"holdout must be in [0, {n - 1}] ({n} training images), got {holdout}")
-    train_ds = full.view(0, n - holdout, train_transform(name) if augment else None)
+    available = n - holdout
+    used = available if limit is None else min(limit, available)
+    train_ds = full.view(0, used, train_transform(name) if augment else None)
     sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     common = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
     train = DataLoader(train_ds, batch_size=batch_size // world, sampler=sampler, **common)
@@ -193,9 +200,10 @@ def build_loaders(
     if holdout:
         # A Subset of the unaugmented full split keeps the held-out images' file-order indices.
         held = DataLoader(Subset(full, range(n - holdout, n)), batch_size=eval_bs, **common)
+    of = f" (the first of {available}: limit {limit})" if used < available else ""
     logger.info(
-        "%s: %d training, %d held-out, %d test images; %d rank(s), %d per rank per batch",
-        name, len(train_ds), holdout, len(test), world, batch_size // world,
+        "%s: %d training%s, %d held-out, %d test images; %d rank(s), %d per rank per batch",
+        name, len(train_ds), of, holdout, len(test), world, batch_size // world,
     )  # fmt: skip
     return Loaders(train, held, DataLoader(test, batch_size=eval_bs, **common), DATASETS[name])
 
