@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    # 5 epochs: SRD-DAT's tau_t is 0, 0, 0, 1, 2, so every phase of its schedule is measured.
+    # 5 epochs: SRD-DAT's tau_t is 0, 0, 1, 2, 2, so every phase of its schedule is measured.
     images = args.images or (512 if args.quick else 2048)
     epochs = args.epochs or 5
     result = {"bench": "training", "quick": args.quick, **device_info(device),

@@ -5,6 +5,8 @@ the image, one signed step, optional projection), driven by the same random numb
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -86,3 +88,39 @@ def test_parameters_grads_untouched_by_the_step_and_bad_arguments_refused():
         FastAT(model, attack=FGSM(model))
     with pytest.raises(ValueError, match="did you mean 'noise'"):
         create_objective("fast_at", model, nois=2.0)
+
+
+@pytest.mark.parametrize("method, ratio, k, project", [("fgsm_rs", 1.25, 1.0, True),
+                                                        ("n_fgsm", 1.0, 2.0, False)])
+def test_default_path_step_loss_and_gradients_equal_the_oracle(method, ratio, k, project):
+    """The whole default path (global RNG, eps 8/255): the step above, then the mean CE of the
+    *train-mode* model on x + δ and its parameter gradients; BatchNorm makes the modes differ."""
+    model, x, y = _setup(8, seed=4)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert (model.eval()(x) - model.train()(x)).abs().max() > 1e-2  # modes differ here
+    model.load_state_dict(twin.state_dict())  # undo the running-stat update of that pass
+    eps = 8 / 255
+    obj = FastAT(model, method=method)
+    torch.manual_seed(5)
+    adv = obj.perturb(x, y, TrainContext())
+    out = obj.loss(x, y, adv, TrainContext())
+
+    torch.manual_seed(5)
+    u = torch.rand(x.shape, dtype=x.dtype)  # the objective's draw: one U[0, 1) per pixel
+    expected = _reference(twin, x, y, eps, ratio * eps, k, project, u)
+    assert ((x + (2 * u - 1) * k * eps < 0) | (x + (2 * u - 1) * k * eps > 1)).any()  # clipped
+    torch.testing.assert_close(adv.x_adv, expected, rtol=0, atol=1e-12)
+    twin.train()
+    loss = F.cross_entropy(twin(expected), y)
+    torch.testing.assert_close(out.loss, loss, rtol=1e-12, atol=1e-12)
+    assert torch.equal(adv.info["steps_used"], torch.ones(8, dtype=torch.long))
+    torch.testing.assert_close(adv.info["eps"], torch.full((8,), eps))
+    delta = (expected - x).abs().flatten(1).amax(1)
+    torch.testing.assert_close(out.metrics["delta_linf_mean"], delta.mean(), rtol=1e-12, atol=0)
+    if not project:
+        assert delta.max() > eps  # N-FGSM leaves the ε-ball
+    got = torch.autograd.grad(out.loss, list(model.parameters()))
+    want = torch.autograd.grad(loss, list(twin.parameters()))
+    for g1, g2 in zip(got, want, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)

@@ -422,10 +422,11 @@ def test_srd_dat_gradient_evaluations_at_most_trades():
 
 # ----------------------------------------------------------------------------- schedules
 def test_tau_schedule_boundaries():
-    assert [S.tau_schedule(e, 120, S.FAT_TAU) for e in (0, 50, 51, 90, 91, 119)] == \
+    # FAT.py's adjust_tau(epoch + 1): epochs 1-50 of 120 (0-based 0-49) τ = 0, 51-90 τ = 1
+    assert [S.tau_schedule(e, 120, S.FAT_TAU) for e in (0, 49, 50, 89, 90, 119)] == \
         [0, 0, 1, 1, 2, 2]
-    assert [S.tau_schedule(e, 100) for e in (40, 41, 75, 76, 99)] == [0, 1, 1, 2, 2]
-    assert [S.tau_schedule(e, 10) for e in (4, 5, 7, 8)] == [0, 1, 1, 2]
+    assert [S.tau_schedule(e, 100) for e in (39, 40, 74, 75, 99)] == [0, 1, 1, 2, 2]
+    assert [S.tau_schedule(e, 10) for e in (3, 4, 6, 7)] == [0, 1, 1, 2]
     assert S.tau_schedule(3, 10, 7) == 7 and S.tau_schedule(3, 10, None) is None
     assert S.tau_schedule(9, 10, ((0.5, 3),)) == 3  # the last τ holds past the last fraction
     for bad in (((0.5, 1), (0.5, 2)), ((1.2, 1),), ((0.5, -1),), ((0.5, 1.5),), -1, ()):

@@ -4,7 +4,8 @@
 every schedule independent of the run length: FAT's 50/90/120 rule becomes (50/120, 90/120, 1).
 
 Example:
-    >>> tau_schedule(50, 120, FAT_TAU)   # 0
+    >>> tau_schedule(49, 120, FAT_TAU)   # 0 (the 50th epoch; FAT.py: adjust_tau(50) = 0)
+    >>> tau_schedule(50, 120, FAT_TAU)   # 1 (the 51st)
     >>> gamma_t(45, 100, gamma_max=1.0)  # 0.5 (half-way up the 0.3T-0.6T ramp)
 """
 
@@ -57,7 +58,11 @@ def check_tau_schedule(breakpoints: TauSchedule, name: str = "tau_schedule") -> 
 
 
 def tau_schedule(epoch: int, epochs: int, breakpoints: TauSchedule = SRD_TAU) -> int | None:
-    """FAT-style early-stop budget τ_t: the τ of the first breakpoint with ``epoch <= f·T``.
+    """FAT-style early-stop budget τ_t: the τ of the first breakpoint with ``epoch + 1 <= f·T``.
+
+    FAT counts epochs from 1 (FAT.py calls ``adjust_tau(epoch + 1)``: τ = 0 for epochs 1-50 of
+    120, 1 for 51-90, 2 for 91-120), so the 0-based ``epoch`` is shifted by one: τ_1 holds for
+    exactly ``f_1·T`` epochs.
 
     Args:
         epoch: current epoch, from 0.
@@ -72,7 +77,7 @@ def tau_schedule(epoch: int, epochs: int, breakpoints: TauSchedule = SRD_TAU) ->
     if breakpoints is None or isinstance(breakpoints, int):
         return breakpoints
     for fraction, tau in breakpoints:
-        if epoch <= fraction * epochs + _SLACK:
+        if epoch + 1 <= fraction * epochs + _SLACK:
             return int(tau)
     return int(breakpoints[-1][1])
 
