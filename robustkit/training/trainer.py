@@ -32,6 +32,7 @@ from robustkit import distributed as dist
 from robustkit.errors import UserError
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
 from robustkit.training.meters import Meters
+from robustkit.utils import seed_everything
 
 __all__ = ["Trainer", "TrainerState", "NonFiniteLossError"]
 
@@ -323,10 +324,27 @@ class Trainer:
         self.state.best_epoch = int(best_epoch) if best_epoch is not None else None
         self.state.history = [dict(h) for h in state["history"]]
         self.state.metrics = dict(self.state.history[-1]) if self.state.history else {}
-        rngs, world = state["rng"], dist.world_size()
+        self._load_rng(state["rng"])
+
+    def _load_rng(self, rngs: list[dict[str, Any]] | dict[str, Any]) -> None:
+        """Each rank takes back its own Python, NumPy, torch (and CUDA) random streams.
+
+        ``state_dict`` gathers one state per rank (rank order), so an exact resume on the same
+        number of processes continues every rank's streams where they stopped. A single state
+        (a dict: one process) counts as one rank. With more ranks than states, rank ``r`` starts
+        from state ``r % n`` and then reseeds from it with its rank added, so no two ranks
+        replay the same stream (their random starts and noise would coincide); such a resume is
+        not bit-exact and says so.
+        """
+        if isinstance(rngs, dict):
+            rngs = [rngs]
+        world, rank = dist.world_size(), dist.rank()
         if len(rngs) != world:
-            log.warning("checkpoint has RNG states of %d ranks, now %d", len(rngs), world)
-        _set_rng_state(rngs[dist.rank() % len(rngs)], self.device)
+            log.warning("checkpoint has RNG states of %d ranks, now %d: random streams are not "
+                        "those of an uninterrupted run", len(rngs), world)
+        _set_rng_state(rngs[rank % len(rngs)], self.device)
+        if rank >= len(rngs):
+            seed_everything(int(torch.randint(0, 2**31 - 1, ()).item()) + rank)
 
 
 def _grad_norm(params: list[nn.Parameter]) -> Tensor:
