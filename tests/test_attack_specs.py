@@ -159,11 +159,11 @@ def test_targets_needed_paths():
     assert targets_needed(specs, "custom", ["apgd-ce", "fab-t"]) == AA_TARGETS
 
 
-def test_strength_counts_restarts():
-    """Effort = gradient evaluations = steps x restarts, per family; non-iterative attacks and
-    AutoAttack are not ranked by it."""
+def test_strength_keeps_steps_and_restarts():
+    """Effort is (steps, restarts) per family (tests/test_masking_effort.py ranks by it);
+    single-step and black-box attacks and AutoAttack are not ranked."""
     assert strength(parse_attacks("pgd20x5,pgd50,cw30x2,fgsm,autoattack,square")) == {
-        "pgd20x5": ("pgd-pgd", 100), "pgd50": ("pgd-pgd", 50), "cw30x2": ("pgd-cw", 60)}
+        "pgd20x5": ("pgd-ce", 20, 5), "pgd50": ("pgd-ce", 50, 1), "cw30x2": ("pgd-cw", 30, 2)}
 
 
 def _evaluate(tmp_path, *argv):

@@ -169,10 +169,12 @@ def _torchattacks_spec(item: str, cls: str, args: str) -> AttackSpec:
     return AttackSpec(name, "torchattacks", cls=cls, kwargs=kwargs)
 
 
-def strength(specs: list[AttackSpec]) -> dict[str, tuple[str, int]]:
-    """``name -> (family, effort)`` for ``checks.post_checks``: PGD-CE and CW families, effort =
-    steps × restarts (more effort must not give higher accuracy)."""
-    return {s.name: (f"pgd-{s.kind}", s.steps * s.restarts)
+def strength(specs: list[AttackSpec]) -> dict[str, tuple[str, int, int]]:
+    """``name -> (family, steps, restarts)`` for ``masking.post_checks``: the PGD-CE and CW
+    families (``pgd-ce``, ``pgd-cw``). An attack with at least the steps and the restarts of
+    another must not give a higher accuracy (``pgd20x5`` over ``pgd20``); ``pgd20x5`` and
+    ``pgd50`` are not ranked against each other."""
+    return {s.name: ("pgd-ce" if s.kind == "pgd" else "pgd-cw", s.steps, s.restarts)
             for s in specs if s.kind in ("pgd", "cw")}
 
 

@@ -11,12 +11,19 @@ AutoAttack) or gradient based (everything else). Three signs of masked gradients
 - ``gradient_gap:<unit>``: an iterative gradient attack is far less successful than another on
   the same points (e.g. PGD-20 68 % vs AutoAttack's APGD 0 %).
 - ``monotone:<weak><<strong>``: within a family (``strength``), more effort gave a higher accuracy.
+  Effort is the pair (steps, restarts): an attack is expected to be at least as strong as another
+  only when it has at least as many steps AND at least as many restarts (``pgd20x5`` over
+  ``pgd20``, ``pgd100x5`` over ``pgd50``). ``pgd20x5`` and ``pgd50`` are not ranked (100 against
+  50 gradient evaluations, but fewer steps per run), nor ``pgd1x20`` and ``pgd10``: twenty
+  single ε/4 steps cannot reach what ten chained ones do, and a product ``steps x restarts``
+  called the sound shipped MNIST model masked for it.
 
 ``post_checks`` (what the CLI runs after attacking) adds the finite-logits and perturbation-size
 checks to these.
 
 Example:
-    >>> checks = post_checks(result, eps=8/255, strength={"pgd20": ("pgd-ce", 20)})
+    >>> checks = post_checks(result, eps=8/255, strength={"pgd20": ("pgd-ce", 20, 1),
+    ...                                                   "pgd100x5": ("pgd-ce", 100, 5)})
     >>> [c.to_dict() for c in checks if c.severity == "fail"]
 """
 
@@ -49,11 +56,13 @@ FAIL_MIN_POINTS = 2
 # from masked gradients or a misconfigured attack (steps x alpha that cannot reach eps).
 GRADIENT_GAP_FAIL = 0.10
 GRADIENT_GAP_WARN = 0.05
-# More effort (iterations x restarts) in one family giving >= 2 % higher accuracy fails, for the
-# reason Square's gain does: a stronger attack must not miss what a weaker one finds.
+# An attack with at least the steps and the restarts of another in its family giving >= 2 %
+# higher accuracy fails, for the reason Square's gain does: a stronger attack must not miss what
+# a weaker one finds.
 MONOTONE_FAIL = 0.02
 # Single-step attacks (FGSM, PGD-1) are expected to be far weaker than iterative ones
-# (Madry et al. 2018): only attacks with at least this effort enter the gradient-gap check.
+# (Madry et al. 2018): only attacks with at least this many steps per run enter the gradient-gap
+# check (restarts do not make PGD-1 iterative).
 MIN_EFFORT = 2
 
 
@@ -69,14 +78,16 @@ class _Unit:
     group: bool = False  # AutoAttack's gradient sub-attacks as one (their members are units too)
 
 
-def masking_checks(result, *, strength: Mapping[str, tuple[str, int]] | None = None,
+def masking_checks(result, *, strength: Mapping[str, tuple] | None = None,
                    black_box: tuple[str, ...] = BLACK_BOX, min_samples: int = 1,
                    rel_tol: float = 0.002) -> list[Check]:
     """The black-box, gradient-gap and monotone checks (see the module docstring).
 
     Args:
         result: ``robustkit.evaluation.EvalResult``.
-        strength: attack name -> ``(family, effort)`` of iterative gradient attacks.
+        strength: attack name -> ``(family, steps, restarts)`` of iterative gradient attacks
+            (``attacks.specs.strength``); a pair ``(family, effort)`` means ``effort`` steps
+            and one restart.
         black_box: standalone attack names (before any ``(``) that are black box.
         min_samples, rel_tol: a monotone reversal warns only above ``max(min_samples / n,
             rel_tol)`` (default: one sample, 0.2 %).
@@ -121,7 +132,7 @@ def masking_checks(result, *, strength: Mapping[str, tuple[str, int]] | None = N
     return checks
 
 
-def _units(result, strength: Mapping[str, tuple[str, int]], black_box: tuple[str, ...]
+def _units(result, strength: Mapping[str, tuple], black_box: tuple[str, ...]
            ) -> list[_Unit]:
     """Every attack, and every sub-attack of an attack with ``components``, as a unit; plus
     each AutoAttack's gradient sub-attacks together (``group``) for the gradient-gap check."""
@@ -130,9 +141,9 @@ def _units(result, strength: Mapping[str, tuple[str, int]], black_box: tuple[str
         seen = result.attacked(name)
         subs = result.components.get(name)
         if subs is None:
-            effort = strength.get(name, (None, 0))[1]
+            steps = _effort(strength[name])[0] if name in strength else 0
             units.append(_Unit(name, seen, seen & ~correct, name.split("(")[0] in black_box,
-                               effort >= MIN_EFFORT))
+                               steps >= MIN_EFFORT))
             continue
         before = seen
         for sub, after in subs.items():  # AutoAttack's own cascade: each sees what is left
@@ -155,25 +166,39 @@ def _correct_on_common(u: _Unit, v: _Unit) -> tuple[int, str]:
     return int((common & ~u.broken).sum()) - int((common & ~v.broken).sum()), v.name
 
 
-def _monotone(units: list[_Unit], strength: Mapping[str, tuple[str, int]], n: int,
+def _effort(entry: tuple) -> tuple[int, int]:
+    """``(steps, restarts)`` of a ``strength`` entry: ``(family, steps, restarts)``, or the older
+    ``(family, effort)``, read as ``effort`` steps and one restart."""
+    return (int(entry[1]), int(entry[2])) if len(entry) > 2 else (int(entry[1]), 1)
+
+
+def _dominates(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """At least as many steps and restarts as ``b``, and more of one."""
+    return a != b and a[0] >= b[0] and a[1] >= b[1]
+
+
+def _monotone(units: list[_Unit], strength: Mapping[str, tuple], n: int,
               tol: float) -> list[Check]:
+    """One check per pair of a family where one attack dominates the other (``_dominates``)
+    and no third member lies between them: chains give neighbouring pairs, as before."""
     by_name = {u.name: u for u in units}
-    groups: dict[str, list[tuple[int, str]]] = {}
-    for k, (family, effort) in strength.items():
+    groups: dict[str, list[tuple[tuple[int, int], str]]] = {}
+    for k, entry in strength.items():
         if k in by_name:
-            groups.setdefault(family, []).append((effort, k))
+            groups.setdefault(entry[0], []).append((_effort(entry), k))
     checks = []
     for family, members in groups.items():
         members.sort()
-        for (e_weak, weak), (e_strong, strong) in zip(members, members[1:], strict=False):
-            if e_strong <= e_weak:
-                continue
+        pairs = [(w, s) for w in members for s in members if _dominates(s[0], w[0]) and not any(
+            _dominates(m[0], w[0]) and _dominates(s[0], m[0]) for m in members)]
+        for (_, weak), (_, strong) in pairs:
             gap, _ = _correct_on_common(by_name[strong], by_name[weak])
             sev = _severity(gap, n, MONOTONE_FAIL, warn_fraction=tol, strict_warn=True)
             checks.append(Check(
                 f"monotone:{weak}<{strong}", sev,
                 f"{strong} left {gap} more points correct than {weak} on the same points"
-                + ("" if sev == "ok" else ": more iterations gave higher accuracy (masking?)"),
+                + ("" if sev == "ok" else ": more steps and restarts gave a higher accuracy "
+                                           "(masking?)"),
                 {"gap": gap / n, "robust_to_strong_only": max(gap, 0), "family": family}))
     return checks
 
@@ -193,7 +218,7 @@ def _severity(points: int, n: int, fail_fraction: float, *, warn_above: int | No
     return "ok"
 
 
-def post_checks(result, *, eps: float, strength: Mapping[str, tuple[str, int]] | None = None,
+def post_checks(result, *, eps: float, strength: Mapping[str, tuple] | None = None,
                 black_box: tuple[str, ...] = BLACK_BOX, min_samples: int = 1,
                 rel_tol: float = 0.002) -> list[Check]:
     """Checks on an ``EvalResult``: perturbation sizes and gradient-masking signs.
@@ -201,9 +226,10 @@ def post_checks(result, *, eps: float, strength: Mapping[str, tuple[str, int]] |
     Args:
         result: ``robustkit.evaluation.EvalResult``.
         eps: the budget every ``x_adv`` must respect (same norm as the attacks).
-        strength: attack name -> ``(family, effort)`` for iterative gradient attacks, e.g.
-            ``{"pgd20": ("pgd-ce", 20), "pgd100x5": ("pgd-ce", 500)}``: they enter the
-            gradient-gap check, and within a family more effort must not give a higher accuracy.
+        strength: attack name -> ``(family, steps, restarts)`` for iterative gradient attacks,
+            e.g. ``{"pgd20": ("pgd-ce", 20, 1), "pgd100x5": ("pgd-ce", 100, 5)}``: those with 2
+            or more steps enter the gradient-gap check, and within a family an attack with at
+            least the steps and the restarts of another must not give a higher accuracy.
         black_box: attack names (before any ``(``) treated as black-box attacks; AutoAttack's
             ``square`` sub-attack always is.
         min_samples: within a family, an accuracy reversal is a warning only when larger than
