@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import math
 import platform
 import time
 from pathlib import Path
@@ -52,11 +53,20 @@ MASKING_CHECKS = ("black_box:", "gradient_gap:", "monotone:")
 
 
 def format_eps(eps: float) -> str:
-    """``8/255`` when ε is a whole number of 255ths (to 1e-9), else a short decimal (``0.5``)."""
+    """ε as RobustBench writes it: ``"8/255"`` for a whole number of 255ths in (0, 1) (to 1e-9)
+    that six significant digits cannot write exactly, else the short decimal (``"0.5"``,
+    ``"0.3"``, ``"0.2"`` rather than ``"51/255"``, ``"0"``, ``"1e-12"`` rather than ``"0/255"``).
+
+    Example:
+        >>> format_eps(8 / 255), format_eps(0.031), format_eps(0.2)
+        ('8/255', '0.031', '0.2')
+    """
+    text = f"{eps:.6g}"
     k = eps * 255
-    if eps > 0 and abs(k - round(k)) < 1e-9 and eps < 1:
-        return f"{round(k)}/255"
-    return f"{eps:.6g}"
+    n = round(k) if math.isfinite(k) else 0
+    if 1 <= n < 255 and abs(k - n) < 1e-9 and float(text) != eps:
+        return f"{n}/255"
+    return text
 
 
 def sha256_file(path: str | Path) -> str:
