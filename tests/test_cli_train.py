@@ -45,12 +45,27 @@ def test_smoke_run_writes_the_run_directory(tmp_path, capsys):
     assert str(tmp_path) in out and "eval/pgd3" in out  # the summary says where things are
 
 
-def test_resume_continues_where_the_run_stopped(tmp_path):
+def test_resume_continues_where_the_run_stopped(tmp_path, monkeypatch):
+    """A 2-epoch run stopped (Ctrl-C) in its second epoch and resumed from its last.pt ends as
+    the uninterrupted run. Both runs are configured for 2 epochs: SRD-DAT's schedules depend on
+    trainer.epochs, so extending a finished 1-epoch run is not the same run."""
+    from robustkit.training.trainer import Trainer
+
     first, resumed, straight = tmp_path / "first", tmp_path / "resumed", tmp_path / "straight"
-    fast = ["log.tensorboard=false"]
-    assert _train(first, *fast) == 0
-    assert _train(resumed, *fast, "trainer.epochs=2", f"trainer.resume={first / 'last.pt'}") == 0
-    assert _train(straight, *fast, "trainer.epochs=2") == 0
+    fast = ["log.tensorboard=false", "trainer.epochs=2"]
+    real = Trainer._train_step
+
+    def train_step(self, batch, epoch):
+        if self.state.step == 5:  # in epoch 2 (4 steps per epoch): last.pt holds epoch 1
+            raise KeyboardInterrupt
+        return real(self, batch, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_step", train_step)
+    assert _train(first, *fast) == 130
+    monkeypatch.undo()
+    assert load_checkpoint(first / "last.pt")["epoch"] == 1
+    assert _train(resumed, *fast, f"trainer.resume={first / 'last.pt'}") == 0
+    assert _train(straight, *fast) == 0
     a, b = load_checkpoint(resumed / "last.pt"), load_checkpoint(straight / "last.pt")
     assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 8
     for key, value in b["model"].items():
