@@ -44,7 +44,9 @@ def _one_line(capsys, command: str) -> str:
     (["optim.lr=.inf"], "'optim.lr' must be a finite number > 0, got inf"),
     (["optim.lr=nan"], "'optim.lr' must be a finite number, got 'nan'"),
     (["optim.momentum=1.5"], "'optim.momentum' must be a finite number in [0, 1)"),
-    (["trainer.eval_every=-1"], "'trainer.eval_every' must be >= 0"),
+    (["trainer.eval_every=-1"], "'trainer.eval_every' must be >= 1"),
+    (["trainer.eval_every=0"], "'trainer.eval_every' must be >= 1 (null switches the held-out "
+                               "evaluation off), got 0"),
     (["trainer.epochs=-3"], "'trainer.epochs' must be >= 1"),
     (["data.batch_size=-64"], "'data.batch_size' must be >= 1"),
     (["trainer.out_dir=/proc/x"], "'trainer.out_dir': /proc/x is under /proc"),

@@ -234,7 +234,7 @@ def test_the_lr_printed_and_logged_per_epoch_is_the_one_it_used(tmp_path, capsys
     """multistep x0.5 after epochs 1 and 2 (smoke: lr 0.01, sample-mnist, 2 steps per epoch):
     the progress lines on stderr and metrics.jsonl say 0.01, 0.005, 0.0025 (#18 c)."""
     assert _train(tmp_path, "log.progress=true", "log.tensorboard=false", "data.limit=128",
-                  "trainer.epochs=3", "trainer.eval_every=0", "sensitivity.enabled=false",
+                  "trainer.epochs=3", "trainer.eval_every=null", "sensitivity.enabled=false",
                   "saliency.enabled=false", "optim.schedule=multistep",
                   "optim.milestones=[1, 2]", "optim.gamma=0.5") == 0
     err = capsys.readouterr().err
@@ -267,6 +267,24 @@ def test_cli_final_epoch_ends_in_last_pt_and_is_evaluated(tmp_path, epochs, chec
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == state.best_epoch == first_best
 
 
+def test_eval_every_null_runs_no_held_out_evaluation(tmp_path, capsys):
+    """#18: trainer.eval_every=null is the way to switch the held-out evaluation off (0 is
+    refused at load): no EvalCallback, no eval/* in any epoch, no best.pt, and the final epoch
+    still in last.pt (2 epochs, checkpoint_every 5: last.pt only because it is the final one)."""
+    assert _train(tmp_path, "log.tensorboard=false", "data.limit=128", "trainer.epochs=2",
+                  "trainer.checkpoint_every=5", "trainer.eval_every=null",
+                  "sensitivity.enabled=false", "saliency.enabled=false") == 0
+    assert "(config.yaml, last.pt, metrics.jsonl)" in capsys.readouterr().out
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 2 and last["best"] is None and last["best_epoch"] is None
+    assert [sorted(k for k in h if k.startswith("eval/")) for h in last["history"]] == [[], []]
+    assert not (tmp_path / "best.pt").exists()
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines if r["type"] == "epoch"] == [1, 2]
+    assert not any(k.startswith("eval/") for r in lines for k in r)
+    assert (load_config(SMOKE, ["trainer.eval_every=null"]).trainer.eval_every is None)
+
+
 def test_eval_n_scores_exactly_that_many_images(tmp_path, caplog):
     """#18 h: trainer.eval_n=200 with held-out batches of 128 scores 200 images (128 + 72), not
     two whole batches (256); the log says n=200 (sample-mnist smoke run)."""
@@ -289,7 +307,7 @@ def test_the_log_names_the_training_images_used_under_data_limit(tmp_path, caplo
         assert _train(tmp_path / "dry", "data.limit=100", "--dry-run") == 0
         assert "on 100 sample-mnist training images" in capsys.readouterr().out
         assert _train(tmp_path / "run", "log.tensorboard=false", "data.limit=100",
-                      "trainer.eval_every=0", "sensitivity.enabled=false",
+                      "trainer.eval_every=null", "sensitivity.enabled=false",
                       "saliency.enabled=false") == 0
     said = [r.getMessage() for r in caplog.records]
     data = [m for m in said if m.startswith("sample-mnist: ")]

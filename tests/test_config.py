@@ -238,7 +238,7 @@ def test_held_out_pgd_that_cannot_reach_eps_is_rejected(overrides):
     ["trainer.eval_steps=4", "trainer.eval_alpha=null"],  # 4 x eps/4 = eps exactly
     ["trainer.eval_steps=3", "trainer.eval_alpha=0.1"],  # 0.30000000000000004 >= 0.3
     ["trainer.eval_steps=30", "trainer.eval_alpha=0.01"],
-    ["trainer.eval_steps=1", "trainer.eval_every=0"],  # no held-out evaluation at all
+    ["trainer.eval_steps=1", "trainer.eval_every=null"],  # no held-out evaluation at all
 ])
 def test_held_out_pgd_that_reaches_eps_is_accepted(overrides):
     load_config(SMOKE, overrides)
@@ -378,7 +378,10 @@ def test_evaluate_file_errors(tmp_path):
     ("data.holdout=-1", r"'data.holdout' must be >= 0"),
     ("data.num_workers=-1", r"'data.num_workers' must be >= 0"),
     ("data.limit=0", r"'data.limit' must be >= 1"),
-    ("trainer.eval_every=-1", r"'trainer.eval_every' must be >= 0"),
+    ("trainer.eval_every=-1", r"'trainer.eval_every' must be >= 1 \(null switches the held-out "
+                              r"evaluation off\), got -1"),
+    ("trainer.eval_every=0", r"'trainer.eval_every' must be >= 1 \(null switches the held-out "
+                             r"evaluation off\), got 0"),
     ("trainer.eval_steps=0", r"'trainer.eval_steps' must be >= 1"),
     ("trainer.eval_n=0", r"'trainer.eval_n' must be >= 1"),
     ("trainer.checkpoint_every=0", r"'trainer.checkpoint_every' must be >= 1"),
@@ -403,7 +406,8 @@ def test_out_of_range_and_non_finite_numbers_are_refused_at_load(tmp_path, overr
 
 @pytest.mark.parametrize("overrides", [
     ["optim.momentum=0", "optim.gamma=1", "optim.weight_decay=0", "optim.warmup_epochs=1"],
-    ["trainer.eval_every=0"],  # 0: never evaluate (documented), not out of range
+    ["trainer.eval_every=1"],  # the least interval
+    ["trainer.eval_every=null"],  # no held-out evaluation (0 is refused: see above)
     ["trainer.eval_every=7", "trainer.checkpoint_every=9"],  # beyond the last epoch: the last
     ["trainer.eval_norm=L2", "trainer.eval_eps=2.0", "trainer.eval_alpha=null",
      "trainer.eval_steps=4"],  # L2 budgets above 1 are pixel-unit norms, not out of range

@@ -152,7 +152,7 @@ def test_a_missing_best_pt_restarts_best_tracking(tmp_path, monkeypatch, capsys)
 
 
 def test_the_summary_names_only_files_that_were_written(tmp_path, capsys):
-    assert _train(tmp_path, "log.jsonl=false", "trainer.eval_every=0") == 0
+    assert _train(tmp_path, "log.jsonl=false", "trainer.eval_every=null") == 0
     summary = capsys.readouterr().out
     assert "(config.yaml, last.pt)" in summary
     for absent in ("best.pt", "metrics.jsonl", "tensorboard"):

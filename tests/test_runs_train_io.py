@@ -72,7 +72,7 @@ def finished(tmp_path_factory) -> Path:
     torch.set_num_threads(1)
     base = tmp_path_factory.mktemp("finished")
     assert _train(base / "small") == 0
-    assert _train(base / "other", "model.name=cifar_cnn", "trainer.eval_every=0") == 0
+    assert _train(base / "other", "model.name=cifar_cnn", "trainer.eval_every=null") == 0
     return base
 
 

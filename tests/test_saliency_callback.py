@@ -266,7 +266,7 @@ def test_cli_wires_it_before_the_loggers_and_into_tensorboard(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("overrides, every", [
-    (["trainer.epochs=3", "trainer.eval_every=0"], 3),
+    (["trainer.epochs=3", "trainer.eval_every=null"], 3),
     (["trainer.eval_every=2"], 2),
     (["trainer.eval_every=2", "saliency.every=5"], 5),
 ])
@@ -295,5 +295,5 @@ def test_cli_can_switch_it_off(tmp_path):
     assert not any(isinstance(c, SaliencyCallback) for c in r.trainer.callbacks)
     assert all(c.image_fn is None for c in r.trainer.callbacks
                if isinstance(c, TensorBoardCallback))
-    r = _build(tmp_path, "data.holdout=0", "trainer.eval_every=0")
+    r = _build(tmp_path, "data.holdout=0", "trainer.eval_every=null")
     assert not any(isinstance(c, SaliencyCallback) for c in r.trainer.callbacks)

@@ -251,7 +251,7 @@ def test_cli_wires_the_probe_pgd_before_the_loggers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("overrides, every", [
-    (["trainer.epochs=3", "trainer.eval_every=0"], 3),  # no evaluation: after the last epoch
+    (["trainer.epochs=3", "trainer.eval_every=null"], 3),  # no evaluation: after the last epoch
     (["trainer.eval_every=2"], 2),
     (["trainer.eval_every=2", "sensitivity.every=5"], 5),
 ])
@@ -274,5 +274,5 @@ def test_cli_rejects_bad_settings(tmp_path, overrides, match):
 def test_cli_can_switch_it_off(tmp_path):
     r = _build(tmp_path, "sensitivity.enabled=false")
     assert not any(isinstance(c, SensitivityCallback) for c in r.trainer.callbacks)
-    r = _build(tmp_path, "data.holdout=0", "trainer.eval_every=0")
+    r = _build(tmp_path, "data.holdout=0", "trainer.eval_every=null")
     assert not any(isinstance(c, SensitivityCallback) for c in r.trainer.callbacks)

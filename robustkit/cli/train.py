@@ -403,6 +403,12 @@ def _probe_perturb(cfg: DictConfig, info: Any, model: torch.nn.Module,
     return perturb
 
 
+def _eval_interval(t: DictConfig) -> int:
+    """The probes' default interval: ``trainer.eval_every``, or with no held-out evaluation
+    (``eval_every: null``) ``trainer.epochs``, so they run after the last epoch only."""
+    return t.eval_every if t.eval_every is not None else t.epochs
+
+
 def _sensitivity(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Module) -> list[Any]:
     """``[SensitivityCallback]`` from the ``sensitivity`` section, or ``[]`` (disabled, no
     held-out split). Rank 0 measures on the bare model (the callback skips other ranks)."""
@@ -415,8 +421,8 @@ def _sensitivity(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Modul
     if loaders.holdout is None or len(loaders.holdout.dataset) == 0:
         log.warning("sensitivity: no held-out split (data.holdout=0): no sensitivity/* logged")
         return []
-    # None: with the held-out evaluation; eval_every 0 (never): after the last epoch only
-    every = s.every if s.every is not None else (t.eval_every if t.eval_every > 0 else t.epochs)
+    # None: with the held-out evaluation; eval_every null (none): after the last epoch only
+    every = s.every if s.every is not None else _eval_interval(t)
     if not (isinstance(s.layers, str) or OmegaConf.is_list(s.layers)):
         raise ConfigError(f"config key 'sensitivity.layers' must be 'auto' or a list of module "
                           f"names, got {s.layers!r}")
@@ -443,7 +449,7 @@ def _saliency(cfg: DictConfig, loaders: Any, info: Any, model: torch.nn.Module) 
     if loaders.holdout is None or len(loaders.holdout.dataset) == 0:
         log.warning("saliency: no held-out split (data.holdout=0): no saliency panel logged")
         return []
-    every = s.every if s.every is not None else (t.eval_every if t.eval_every > 0 else t.epochs)
+    every = s.every if s.every is not None else _eval_interval(t)
     names = [s.explainers] if isinstance(s.explainers, str) else list(s.explainers or [])
     bad = [str(n) for n in names if n not in EXPLAINERS]
     if not names or bad:
@@ -469,7 +475,7 @@ def _callbacks(cfg: DictConfig, loaders: Any, info: Any, out_dir: Path,
     t = cfg.trainer
     callbacks: list[Any] = []
     # Order matters: evaluation fills eval/* before the loggers and the checkpoint read it.
-    if t.eval_every > 0 and loaders.holdout is not None:
+    if t.eval_every is not None and loaders.holdout is not None:
         with user_input(ConfigError, "trainer.eval_*"):
             callbacks.append(EvalCallback(
                 loaders.holdout, _holdout_attacks(cfg, info, model), every=t.eval_every,

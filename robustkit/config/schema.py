@@ -82,7 +82,7 @@ class TrainerConfig:
     amp: str = "off"  # off | bf16 | fp16
     grad_clip: float | None = None  # max global gradient norm
     device: str | None = None  # None/"auto": CUDA when available; torchrun: the local rank's GPU
-    eval_every: int = 1  # epochs between held-out evaluations (0: never)
+    eval_every: int | None = 1  # epochs between held-out evaluations (>= 1); None: none at all
     eval_steps: int = 20  # PGD-k on the holdout split; eval_steps * eval_alpha must reach eps
     eval_eps: float | None = None  # None: the dataset's default eps for eval_norm; Linf: (0, 1]
     eval_alpha: float | None = None  # None: eps / 4, as robustkit evaluate's pgdK
@@ -100,8 +100,8 @@ class SensitivityConfig:
 
     enabled: bool = True  # on in every config: a probe costs about steps forward-backward
     #                       passes plus 2 forwards per probe image
-    every: int | None = None  # epochs between probes; None: trainer.eval_every (0 there: after
-    #                           the last epoch only); always after the last epoch
+    every: int | None = None  # epochs between probes; None: trainer.eval_every (null there:
+    #                           after the last epoch only); always after the last epoch
     n: int = 256  # the first n held-out images (data.holdout): the same probe set in every run
     layers: Any = "auto"  # "auto": every conv and linear module; or a list of module names
     steps: int = 10  # PGD steps at the held-out eps (trainer.eval_eps / eval_norm), alpha =
@@ -116,8 +116,8 @@ class SaliencyConfig:
     nothing is added to checkpoints."""
 
     enabled: bool = True  # on in every config: cheap (a few hundred input gradients per panel)
-    every: int | None = None  # epochs between panels; None: trainer.eval_every (0 there: after
-    #                           the last epoch only); always after the last epoch
+    every: int | None = None  # epochs between panels; None: trainer.eval_every (null there:
+    #                           after the last epoch only); always after the last epoch
     n: int = 8  # the first n held-out images (data.holdout): the same panel in every run
     explainers: list[str] = field(default_factory=lambda: ["gradient", "smoothgrad",
                                                            "adaptgrad"])  # saliency.EXPLAINERS

@@ -49,7 +49,7 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "optim.warmup_epochs": (0, _INF, False, True),
     "trainer.epochs": (1, _INF, False, True),
     "trainer.grad_clip": (0, _INF, True, True),
-    "trainer.eval_every": (0, _INF, False, True),  # 0: never
+    "trainer.eval_every": (1, _INF, False, True),  # null (not 0): no held-out evaluation
     "trainer.eval_steps": (1, _INF, False, True),
     "trainer.eval_eps": (0, _INF, True, True),  # Linf: also <= 1 (pixel units), below
     "trainer.eval_alpha": (0, _INF, True, True),
@@ -63,6 +63,10 @@ _RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "saliency.n": (1, _INF, False, True),
     "saliency.n_samples": (1, _INF, False, True),
     "saliency.steps": (1, _INF, False, True),
+}
+# What an out-of-range message adds after the interval, for keys whose "off" is not a number.
+_HINTS: dict[str, str] = {
+    "trainer.eval_every": "null switches the held-out evaluation off",
 }
 
 
@@ -81,7 +85,9 @@ def _check_range(value: Any, key: str, bounds: tuple[float, float, bool, bool]) 
     ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
         value < high if high_open else value <= high)
     if not ok:
-        raise ConfigError(f"config key {key!r} must be {finite}{_interval(*bounds)}, got {value}")
+        hint = f" ({_HINTS[key]})" if key in _HINTS else ""
+        raise ConfigError(f"config key {key!r} must be {finite}{_interval(*bounds)}{hint}, "
+                          f"got {value}")
 
 
 def _check_no_nan(value: Any, key: str) -> None:
@@ -152,7 +158,7 @@ def _validate(cfg: DictConfig) -> None:
     for section in ("model", "attack", "objective"):
         _check_no_nan(OmegaConf.to_container(cfg[section].params), f"{section}.params")
     _check_out_dir(t.out_dir)
-    if t.eval_every > 0:
+    if t.eval_every is not None:  # null: no held-out evaluation, nothing to reach
         _check_eval_reach(t, DATASETS[cfg.data.name].eps[t.eval_norm])
 
 
