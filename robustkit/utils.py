@@ -154,6 +154,22 @@ def safe_name(name: str, what: str = "name") -> str:
     return f"{safe}-{digest}"
 
 
+def check_plain_name(name: str, what: str = "name") -> str:
+    """``name`` when it is a name, not a path; ``ValueError`` naming ``what`` otherwise.
+
+    A run, entry or model name becomes part of file and folder names (always through
+    :func:`safe_name` or under the output folder); a separator, ``.``/``..``, an empty string or
+    a control character says the user meant a path, so it is refused rather than renamed.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what} {name!r}: must be a non-empty name")
+    if "/" in name or "\\" in name or name.strip() in (".", "..") or any(
+            ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise ValueError(f"{what} {name!r}: a name, not a path (no '/', '\\', '.', '..' or "
+                         "control characters)")
+    return name
+
+
 def parse_number(value: str | float | int) -> float:
     """Parse ``0.3``, ``"0.5"`` or a fraction such as ``"8/255"`` into a float.
 

@@ -175,3 +175,26 @@ def test_sensitivity_with_odd_labels_writes_only_inside_out(tmp_path):
     assert outside(tmp_path, out) == []
     runs = sorted(p.name for p in (out / "tb").iterdir())
     assert runs == sorted([safe_name("a b"), "a_b"])
+
+
+@pytest.mark.parametrize("name", ["../../../../X", "..", ".", "a/b", "abs", "a\x01b", " "])
+def test_train_refuses_a_path_as_run_name(tmp_path, capsys, monkeypatch, name):
+    """``name`` becomes ``runs/<name>``: ``name=..`` was the current folder, ``name=/abs`` an
+    absolute one. Refused at load (config and override alike), nothing written."""
+    from robustkit.config import build_config
+    from robustkit.errors import ConfigError
+
+    name = str(tmp_path / "abs") if name == "abs" else name
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="name"):
+        build_config({"name": name})
+    smoke = str(Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml")
+    if name.strip():  # an empty override means "not given" (the file's stem)
+        code = main(["train", "-c", smoke, f"name={name}", "trainer.device=cpu", "--dry-run"])
+        assert code == 2  # a control character in an override was a yaml traceback
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "name" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+    # an explicit trainer.out_dir is the way to choose the folder; the name stays a name
+    cfg = build_config({"name": "ok"}, [f"trainer.out_dir={tmp_path / 'elsewhere'}"])
+    assert cfg.trainer.out_dir == str(tmp_path / "elsewhere")

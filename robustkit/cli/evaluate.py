@@ -24,6 +24,7 @@ from typing import Any
 
 from robustkit.cli import CLIError, user_input
 from robustkit.errors import ConfigError, DataError, ModelError
+from robustkit.utils import check_plain_name
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +121,10 @@ def check_name(name: str, flag: str = "--name") -> str:
     folders), always through ``utils.safe_name``; a separator, ``.``/``..`` or a control
     character says the user meant a path, so it is refused rather than silently renamed.
     """
-    if not name.strip():
-        raise CLIError(f"{flag} {name!r}: must not be empty")
-    if "/" in name or "\\" in name or name.strip() in (".", "..") or any(
-            ord(ch) < 32 or ord(ch) == 127 for ch in name):
-        raise CLIError(f"{flag} {name!r}: a name, not a path (no '/', '\\', '.', '..' or "
-                       "control characters); it names the entry and its files inside --out")
-    return name
+    try:
+        return check_plain_name(name, flag)
+    except ValueError as err:
+        raise CLIError(f"{err}; it names the entry and its files inside --out") from None
 
 
 def _model_code_sha256(spec: str) -> str | None:

@@ -67,7 +67,7 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. seed=1)")
     try:
         return typing.cast(dict, OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides))))
-    except OmegaConfBaseException as err:
+    except (OmegaConfBaseException, yaml.YAMLError) as err:  # YAML: e.g. a control character
         raise ConfigError(f"cannot parse overrides {list(overrides)}: {_first_line(err)}") from None
 
 

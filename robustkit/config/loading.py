@@ -16,7 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from robustkit.config._merge import _config_key, _merge, _parse_overrides, _read_mapping
 from robustkit.config.schema import EvalConfig, TrainConfig
 from robustkit.config.validate import _validate, _validate_eval
-from robustkit.utils import atomic_write
+from robustkit.errors import ConfigError
+from robustkit.utils import atomic_write, check_plain_name
 
 __all__ = ["load_config", "build_config", "load_eval_config", "save_config", "to_container"]
 
@@ -57,6 +58,10 @@ def build_config(
         merged = _merge(merged, layer, TrainConfig, _config_key)
     if merged.name is None:
         merged.name = name or "run"
+    try:  # the name becomes runs/<name>: a path there would leave runs/ (name=.., name=/abs)
+        check_plain_name(merged.name, "name")
+    except ValueError as err:
+        raise ConfigError(f"{err}; set trainer.out_dir to choose the run folder") from None
     if merged.trainer.out_dir is None:
         merged.trainer.out_dir = str(Path("runs") / merged.name)
     _validate(merged)
