@@ -230,3 +230,46 @@ def test_top_k_refuses_a_non_finite_sigma(value):
     with pytest.raises(ValueError, match=r"sigma contains NaN or infinite values \(neuron\(s\) "
                                          r"\[2\]\)"):
         top_k_neurons(sigma, k=1)
+
+
+def test_layers_have_one_name_and_a_unique_end_of_it_is_an_alias():
+    """The shipped SmallCNN's layers are model.feature_extractor.conv2 ...: the README's
+    sigma["model.conv2"] was a KeyError. Outputs key by the full name; "conv2" (or any unique
+    dotted end of the name) is accepted as input wherever a layer is named."""
+    model = _model()
+    full = "model.feature_extractor.conv2"
+    assert resolve_layers(model, ["conv2"]) == [full]
+    assert resolve_layers(model, ["feature_extractor.conv2", "fc3"]) == [
+        full, "model.classifier.fc3"]
+    assert resolve_layers(model, [full]) == [full]  # the full name is its own alias
+    with pytest.raises(ValueError, match=r"'relu1' is ambiguous.*model\.feature_extractor\.relu1"
+                                         r", model\.classifier\.relu1"):
+        resolve_layers(model, ["relu1"])
+    with pytest.raises(ValueError, match="twice"):
+        resolve_layers(model, ["conv2", full])
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \['v2'\]"):
+        resolve_layers(model, ["v2"])  # a dotted end, not any end of the string
+    with pytest.raises(ValueError, match=r"unknown layer\(s\) \[''\]"):
+        resolve_layers(model, [""])  # the model itself is not a layer
+    x, x_adv = _pairs(4)
+    sigma = neuron_sensitivity(model, x, x_adv, ["conv2"])
+    assert list(sigma) == [full]
+    torch.testing.assert_close(sigma[full], neuron_sensitivity(model, x, x_adv, [full])[full])
+    assert list(per_sample_sensitivity(model, x, x_adv, ["conv2"])) == [full]
+    with FeatureTap(model, ["conv2"]) as tap:
+        model(x)
+        assert list(tap.take()) == [full]
+    y = torch.zeros(4, dtype=torch.long)
+    by_alias, by_name = (
+        intervention_test(model, x, x_adv, y, name, sigma[full],
+                          generator=torch.Generator().manual_seed(0)) for name in ("conv2", full))
+    assert by_alias == by_name
+
+
+def test_an_exact_module_name_wins_over_an_alias():
+    outer = nn.Sequential()
+    outer.add_module("fc", nn.Linear(3, 3))
+    outer.add_module("head", nn.Sequential())
+    outer.head.add_module("fc", nn.Linear(3, 3))
+    assert resolve_layers(outer, ["fc"]) == ["fc"]
+    assert resolve_layers(outer, ["head.fc"]) == ["head.fc"]

@@ -19,7 +19,7 @@ activations, so only relative values compare across models [R].
 
 Example:
     >>> sigma = neuron_sensitivity(model, x, x_adv, "auto")          # {layer: (C,)}
-    >>> top = top_k_neurons(sigma["model.conv2"], ratio=0.1)
+    >>> top = top_k_neurons(sigma["model.feature_extractor.conv2"], ratio=0.1)  # SmallCNN
 """
 
 from __future__ import annotations
@@ -68,7 +68,8 @@ class SensitivityMeter:
 
     Args:
         model: the measured model (run in eval mode, without gradients; its mode is restored).
-        layers: module names or ``"auto"`` (every conv and linear module).
+        layers: module names, unique aliases (``resolve_layers``: ``"conv2"``) or ``"auto"``
+            (every conv and linear module); results are keyed by the full names.
         reduction: ``"elementwise"`` (paper style) or ``"spatial_mean"`` (MindArmour).
 
     Example:
@@ -137,7 +138,8 @@ def neuron_sensitivity(model: nn.Module, x: Tensor, x_adv: Tensor,
     Args:
         model: maps ``(N, C, H, W)`` in [0, 1] to logits.
         x, x_adv: benign and adversarial inputs, same shape.
-        layers: module names or ``"auto"``.
+        layers: module names, unique aliases (``resolve_layers``) or ``"auto"``; results are
+            keyed by the full module names.
         reduction: ``"elementwise"`` (default) or ``"spatial_mean"`` (MindArmour).
         relative: divide by the clean features' magnitude (compare models).
         batch_size: pairs per forward pass (the result does not depend on it).
@@ -206,15 +208,16 @@ def per_sample_sensitivity(model: nn.Module, x: Tensor, x_adv: Tensor,
     Args:
         model: maps ``(N, C, H, W)`` in [0, 1] to logits (run in eval mode, mode restored).
         x, x_adv: benign and adversarial inputs, same shape.
-        layers: module names or ``"auto"``.
+        layers: module names, unique aliases (``resolve_layers``) or ``"auto"``; results are
+            keyed by the full module names.
         reduction: ``"elementwise"`` (default) or ``"spatial_mean"`` (MindArmour).
         batch_size: pairs per forward pass (the result does not depend on it).
 
     Shape: returns ``{layer: (N, C)}`` on the CPU.
 
     Example:
-        >>> rows = per_sample_sensitivity(model, x, x_adv, ["model.conv2"])["model.conv2"]
-        >>> per_image_mean = rows.mean(1)          # (N,): bootstrap these
+        >>> rows = per_sample_sensitivity(model, x, x_adv, ["conv2"])  # {full name: (N, C)}
+        >>> per_image_mean = rows["model.feature_extractor.conv2"].mean(1)  # (N,): bootstrap
     """
     _check_pairs(x, x_adv)
     if reduction not in ("elementwise", "spatial_mean"):

@@ -2,13 +2,15 @@
 
 A context manager: forward hooks are registered on entry and removed on exit, also when the
 block raises, so a model never keeps a hook it was not built with (captum's no-side-effect rule).
-Names resolve with ``get_submodule`` on the bare module (DDP / ``torch.compile`` wrappers are
-unwrapped), so ``"model.layer3"`` means the same thing in training, evaluation and analysis.
+Names resolve on the bare module (DDP / ``torch.compile`` wrappers are unwrapped), so
+``"model.layer3"`` means the same thing in training, evaluation and analysis; a unique end of a
+name (``"layer3"``) is accepted as an alias and stored as the full name (``resolve_layers``).
 
 Example:
-    >>> with FeatureTap(model, ["model.conv1", "model.fc1"]) as tap:
+    >>> with FeatureTap(model, ["conv1", "fc1"]) as tap:      # the shipped SmallCNN
     ...     logits = model(x)
-    ...     feats = tap.take()     # {"model.conv1": (N, C, H, W), "model.fc1": (N, C)}
+    ...     feats = tap.take()  # {"model.feature_extractor.conv1": (N, C, H, W),
+    ...                         #  "model.classifier.fc1": (N, C)}
 """
 
 from __future__ import annotations
@@ -28,11 +30,31 @@ _AUTO_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def resolve_layers(model: nn.Module, layers: Sequence[str] | Literal["auto"]) -> list[str]:
-    """The module names ``layers`` stands for, in model order; ``ValueError`` lists valid ones.
+    """The full module names ``layers`` stands for; ``ValueError`` lists the valid ones.
+
+    A layer has one name in every output (result keys, JSON, tables, TensorBoard tags): its full
+    module name, e.g. ``"model.feature_extractor.conv2"`` for the shipped SmallCNN. As input a
+    short alias is accepted wherever a layer is named (here, so also ``FeatureTap``,
+    ``neuron_sensitivity``, ``intervention_test``, ``sensitivity.compare``, ``--layers`` and the
+    ``sensitivity.layers`` config key): a trailing part of the dotted name that matches exactly
+    one module (``"conv2"`` or ``"feature_extractor.conv2"``). An exact module name always wins;
+    an alias that matches several modules is refused, listing them.
 
     Args:
         model: the (possibly wrapped) model.
-        layers: module names (``"model.layer3"``) or ``"auto"`` (every conv and linear module).
+        layers: module names or aliases (``"model.layer3"``, ``"layer3"``), or ``"auto"``
+            (every conv and linear module, in model order).
+
+    Returns:
+        Full module names, in the order given (``"auto"``: model order).
+
+    Raises:
+        ValueError: ``layers`` empty, an unknown or ambiguous name (listing the conv/linear
+            layers, or the candidates), or one module named twice.
+
+    Example:
+        >>> resolve_layers(create_model("small_cnn", 10, in_channels=1, input_size=28), ["conv2"])
+        ['model.feature_extractor.conv2']
     """
     bare = unwrap(model)
     if isinstance(layers, str):
@@ -42,17 +64,27 @@ def resolve_layers(model: nn.Module, layers: Sequence[str] | Literal["auto"]) ->
         if not names:
             raise ValueError("layers='auto' found no convolution or linear module")
         return names
-    names = list(layers)
-    if not names:
+    requested = list(layers)
+    if not requested:
         raise ValueError("layers must name at least one module")
-    known = dict(bare.named_modules())
-    bad = [n for n in names if n not in known or n == ""]
+    known = [n for n, _ in bare.named_modules() if n]  # "" is the model itself, not a layer
+    names, bad = [], []
+    for name in requested:
+        hits = [name] if name in known else [n for n in known if n.endswith(f".{name}")]
+        if len(hits) > 1:
+            raise ValueError(f"layer {name!r} is ambiguous: it ends {len(hits)} module names "
+                             f"({', '.join(hits)}); give more of the name")
+        if hits:
+            names.append(hits[0])
+        else:
+            bad.append(name)
     if bad:
         valid = [n for n, m in bare.named_modules() if isinstance(m, _AUTO_TYPES)]
         raise ValueError(f"unknown layer(s) {bad}; conv/linear layers of this model: "
-                         f"{', '.join(valid) or 'none'} (any module name works)")
+                         f"{', '.join(valid) or 'none'} (any module name, or a unique end of "
+                         "one such as 'conv2', works)")
     if len(set(names)) != len(names):
-        raise ValueError(f"layers lists a module twice: {names}")
+        raise ValueError(f"layers names a module twice: {requested} -> {names}")
     return names
 
 
@@ -61,7 +93,8 @@ class FeatureTap:
 
     Args:
         model: the model whose modules are tapped (wrappers are unwrapped).
-        layers: module names or ``"auto"`` (every conv and linear module).
+        layers: module names, unique aliases (``resolve_layers``) or ``"auto"`` (every conv and
+            linear module); ``take()`` keys the outputs by the full names.
         detach: store detached outputs (measurement, default) or keep them in the graph
             (training regularisers such as SNS need gradients through them).
 
