@@ -222,7 +222,7 @@ def test_index_html_renders_in_chromium(run_dir, chromium_images):
 def test_statistics_pair_only_images_finite_for_both():
     """A NaN (a constant map's Spearman ρ) drops that image from the mean of its model and from
     the pair for both models, so the differences stay paired image by image."""
-    from robustkit.cli.inspect import _statistics
+    from robustkit.saliency.compare import _statistics
 
     a = [0.1, 0.5, math.nan, 0.2, 0.9, 0.4]
     b = [0.3, math.nan, 0.8, 0.6, 1.0, 0.1]

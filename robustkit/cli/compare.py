@@ -1,12 +1,12 @@
 """What the commands that compare several models share (``robustkit sensitivity`` and
 ``robustkit inspect``): repeated ``--model``/``--checkpoint``/``--name`` flags tied to the model
-before them, labels as ``robustkit evaluate`` names models, ``--dataset``/``--eps`` parsing, and
-the full-strength white-box PGD both commands measure on (methods.md §4.1 [R]: α = ε/4, uniform
-random start, no early stop, last iterate).
+before them, labels as ``robustkit evaluate`` names models, ``--dataset``/``--eps``/``--attack``
+parsing and the first N test images. The attack itself (the full-strength PGD of methods.md §4.1)
+is the library's (``robustkit.sensitivity.pairs``).
 
 Example:
     >>> entries = model_entries(args.entries); labels = model_labels(entries)
-    >>> x_adv = attack_all(attack_spec("pgd20"), model, x, y, 0.3, 0, 64, "cpu", bar)
+    >>> x, y, boxes = load_images("sample-mnist", None, 16)
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.cli import CLIError, user_input
-from robustkit.errors import ConfigError, ModelError
+from robustkit.errors import ConfigError, DataError, ModelError
 
-__all__ = ["PerModel", "attack_all", "attack_kwargs", "attack_spec", "build_attack",
-           "dataset_and_eps", "integer", "load_model_arg", "model_entries",
-           "model_labels"]
+__all__ = ["PerModel", "attack_spec", "dataset_and_eps", "integer", "load_images",
+           "load_model_arg", "model_entries", "model_labels"]
 
 
 class PerModel(argparse.Action):
@@ -92,35 +91,11 @@ def model_labels(models: list[dict[str, Any]]) -> list[str]:
 
 
 def attack_spec(text: str):
-    from robustkit.attacks.specs import parse_attacks
+    """``--attack``: one ``pgdK`` or ``cwK`` (``sensitivity.pairs.parse_pair_attack``)."""
+    from robustkit.sensitivity.pairs import parse_pair_attack
 
     with user_input(ConfigError, "--attack"):
-        specs = parse_attacks(text)
-    if len(specs) != 1 or specs[0].kind not in ("pgd", "cw") or specs[0].restarts != 1:
-        raise CLIError(f"--attack {text!r}: expected one pgdK or cwK (K steps, e.g. pgd20); "
-                       "restarts and other attacks do not apply (one run's last iterate is kept)")
-    return specs[0]
-
-
-def attack_kwargs(spec, eps: float) -> dict[str, Any]:
-    """The paper's full-strength PGD (methods.md §4.1 [R]), as ``PGD`` keyword arguments."""
-    from robustkit.attacks.specs import ALPHA_FRACTION
-
-    return dict(eps=eps, alpha=ALPHA_FRACTION * eps, steps=spec.steps, random_start=True,
-                norm="Linf", loss="ce" if spec.kind == "pgd" else "cw", restarts=1,
-                # every image attacked for all K steps and the last iterate kept: sigma measures
-                # the full-strength perturbation, not the first one that fooled the model
-                stop_on_success=False, select="last")
-
-
-def build_attack(spec, model, eps: float, seed: int):
-    """The attack; its random starts come from a CPU generator seeded with ``seed`` (the same
-    draws on CPU and GPU)."""
-    import torch
-
-    from robustkit.attacks import PGD
-
-    return PGD(model, generator=torch.Generator().manual_seed(seed), **attack_kwargs(spec, eps))
+        return parse_pair_attack(text)
 
 
 def dataset_and_eps(args):
@@ -156,15 +131,18 @@ def load_model_arg(spec: str, checkpoint: str | None, info, dataset: str, device
                           device=device)
 
 
-def attack_all(spec, model, x, y, eps: float, seed: int, batch_size: int, device, bar):
-    """x' for every image, batch by batch (the generator is seeded once per model)."""
+def load_images(dataset: str, root: str | None, n: int):
+    """``(x, y, boxes)``: the first ``n`` test images of ``dataset`` in file order, as tensors
+    (``boxes`` ``(n, 4)`` or ``None``); ``--n-examples`` beyond the split is one line."""
     import torch
 
-    attack = build_attack(spec, model, eps, seed)
-    parts = []
-    with bar:
-        for i in range(0, x.shape[0], batch_size):
-            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            parts.append(attack(xb, yb).cpu())
-            bar.update(xb.shape[0])
-    return torch.cat(parts)
+    from robustkit.data import first_n, load_dataset
+
+    with user_input(DataError, f"--dataset {dataset}"):
+        test = load_dataset(dataset, "test", root)
+    if n > len(test):
+        raise CLIError(f"--n-examples {n} exceeds the {len(test)} test images of {dataset} found")
+    data = first_n(test, n)
+    x = torch.stack([data[i][0] for i in range(n)])
+    y = torch.stack([torch.as_tensor(data[i][1]) for i in range(n)]).long()
+    return x, y, getattr(data, "boxes", None)

@@ -1,10 +1,10 @@
 """``robustkit sensitivity``: neuron sensitivity of one or more models (methods.md §4, issue #12).
 
-Wiring only: the flags become models, one set of benign images and, per model, its adversarial
-pairs; the library (``robustkit.sensitivity``) measures σ, ranks neurons and runs the intervention
-test, ``scipy.stats.bootstrap`` gives the confidence intervals and ``robustkit.reports.sensitivity``
-draws the figures and TensorBoard histograms. Prints a table and writes ``<out>/sensitivity.json``,
-three PNG figures, ``<out>/tb/<label>/`` and, with ``--save-adv``, ``<out>/adv.pt``.
+Wiring only: the flags become models and one set of benign images; ``robustkit.sensitivity.
+compare`` makes the adversarial pairs, measures σ, ranks neurons, runs the intervention test and
+the bootstrap; the CLI prints ``report.table()`` and ``report.save(out)`` writes
+``<out>/sensitivity.json``, three PNG figures, ``<out>/tb/<label>/`` and, with ``--save-adv``,
+``<out>/adv.pt``: exactly what ``compare(...).save(out)`` writes in Python.
 
 Adversarial pairs follow the paper's measurement (methods.md §4.1 [R]): PGD, L∞, α = ε/4, a
 uniform random start, no early stop and the *last* iterate (full strength on every image, unlike
@@ -17,22 +17,19 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
 
 from robustkit.cli import CLIError, user_input
 from robustkit.cli.compare import (
     PerModel,
-    attack_all,
-    attack_kwargs,
     attack_spec,
     dataset_and_eps,
     integer,
+    load_images,
     load_model_arg,
     model_entries,
     model_labels,
 )
-from robustkit.errors import ConfigError, DataError
-from robustkit.reports.stats import CONFIDENCE, N_RESAMPLES, bootstrap_ci
+from robustkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +49,10 @@ adversarial pairs (x, x'): the first N test images; x' by --attack pgdK (CE loss
   Default: white-box against each measured model. --source-model M: one x' set made on M (a
   --model label or spec, or any other model, with --source-checkpoint), so every model is
   measured on identical pairs (a transfer attack for the others).
+
+layers: --layers auto, or module names; a layer has one name in every output, its full module
+  name (model.feature_extractor.conv2 in the shipped SmallCNN); a unique end of it (conv2,
+  feature_extractor.conv2) is accepted as an alias.
 
 measured per model and layer (neuron = output channel; methods.md section 4):
   sigma_m     1/N sum_n 1/(HW) |F_m(x_n) - F_m(x'_n)|_1 (--reduction elementwise), or MindArmour's
@@ -105,7 +106,8 @@ def add_parser(sub) -> None:
     a("--attack", default="pgd20", help="pgdK or cwK: K steps, alpha = eps/4, random start, "
                                         "last iterate, no early stop (default pgd20)")
     a("--layers", default="auto", help="auto (every conv and linear module, default) or comma-"
-                                       "separated module names, e.g. model.layer3,model.layer4")
+                                       "separated module names or unique ends of them, e.g. "
+                                       "model.layer3,layer4")
     a("--reduction", choices=("elementwise", "spatial_mean"), default="elementwise",
       help="sigma convention: elementwise (paper, default) or spatial_mean (MindArmour)")
     a("--n-examples", metavar="N", default="1000", help="first N test images (default 1000)")
@@ -156,19 +158,48 @@ def run(args) -> int:
     with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
         device = resolve_device(args.device)
     out = check_writable(Path(args.out), "--out")  # before any model or data is loaded
-    settings = {"dataset": args.dataset, "split": "test", "n": n, "eps": eps, "norm": "Linf",
-                "reduction": args.reduction, "ratio": ratio, "draws": draws, "seed": seed,
-                "batch_size": batch_size, "layers": layers, "device": str(device)}
-    return _run(args, entries, labels, spec, settings, out, device)
+
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    from robustkit.cli.progress import tqdm_factory
+    from robustkit.evaluation.results import format_eps
+    from robustkit.sensitivity import common_layers, compare
+    from robustkit.utils import seed_everything
+
+    x, y, _ = load_images(args.dataset, args.data_root, n)
+    seed_everything(seed)  # a FILE.py:FN factory that does not seed still builds the same model
+    models = {lb: load_model_arg(e["spec"], e["checkpoint"], info, args.dataset, device)
+              for lb, e in zip(labels, entries, strict=True)}
+    with user_input(ConfigError, "--layers"):
+        common_layers(models, layers)  # a bad name is one line naming the flag, before any work
+    source, source_model = _source(args, entries, labels, info, device)
+    logger.info("neuron sensitivity of %s on the first %d %s test images; %s, Linf eps=%s, %s",
+                ", ".join(labels), n, args.dataset, spec.name, format_eps(eps),
+                f"x' transferred from {source}" if source else "white-box on each model")
+    with logging_redirect_tqdm():
+        report = compare(
+            models, x, y, attack=spec.name, eps=eps, source=source, source_model=source_model,
+            layers=layers, reduction=args.reduction, ratio=ratio, draws=draws,
+            batch_size=batch_size, seed=seed,
+            model_info={lb: {"model": e["spec"], "checkpoint": e["checkpoint"]}
+                        for lb, e in zip(labels, entries, strict=True)},
+            about={"dataset": args.dataset, "split": "test", "device": str(device)},
+            progress=tqdm_factory(False if args.no_progress else None))
+    path = report.save(out, save_adv=args.save_adv)
+    print(report.table())
+    figures = ", ".join(str(out / f) for f in report.to_dict()["figures"])
+    print(f"results: {path}\nfigures: {figures}\nTensorBoard: tensorboard --logdir {out / 'tb'}")
+    return 0
 
 
-def _source(args, entries, labels, models, info, device):
-    """``(label, model)`` of ``--source-model``, or ``None`` (white-box on each model)."""
+def _source(args, entries, labels, info, device):
+    """``(label, model)`` of ``--source-model``: ``(label, None)`` for a measured ``--model``,
+    ``(None, None)`` without the flag (white-box on each model)."""
     from robustkit.cli.evaluate import _default_name
 
     name = args.source_model
     if name is None:
-        return None
+        return None, None
     hits = [i for i, lb in enumerate(labels) if lb == name] or [
         i for i, m in enumerate(entries) if m["spec"] == name]
     if len(hits) > 1:
@@ -178,214 +209,6 @@ def _source(args, entries, labels, models, info, device):
         if args.source_checkpoint is not None:
             raise CLIError(f"--source-model {name!r} is a measured --model (with its own "
                            "weights); --source-checkpoint applies only to another model")
-        return labels[hits[0]], models[labels[hits[0]]]
+        return labels[hits[0]], None
     return _default_name(name), load_model_arg(name, args.source_checkpoint, info, args.dataset,
                                                device)
-
-
-def _run(args, entries, labels, spec, settings, out: Path, device) -> int:
-    import torch
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from robustkit.cli.progress import tqdm_factory
-    from robustkit.data import DATASETS, first_n, load_dataset
-    from robustkit.evaluation.results import format_eps
-    from robustkit.sensitivity import resolve_layers
-    from robustkit.utils import seed_everything
-
-    info = DATASETS[settings["dataset"]]
-    n, eps, seed = settings["n"], settings["eps"], settings["seed"]
-    with user_input(DataError, f"--dataset {settings['dataset']}"):
-        test = load_dataset(settings["dataset"], "test", args.data_root)
-    if n > len(test):
-        raise CLIError(f"--n-examples {n} exceeds the {len(test)} test images of "
-                       f"{settings['dataset']} found")
-    data = first_n(test, n)
-    x = torch.stack([data[i][0] for i in range(n)])
-    y = torch.stack([torch.as_tensor(data[i][1]) for i in range(n)]).long()
-
-    seed_everything(seed)  # a FILE.py:FN factory that does not seed still builds the same model
-    models = {lb: load_model_arg(e["spec"], e["checkpoint"], info, settings["dataset"], device)
-              for lb, e in zip(labels, entries, strict=True)}
-    own: dict[str, list[str]] = {}
-    for lb, model in models.items():
-        with user_input(ConfigError, f"--layers (model {lb})"):
-            own[lb] = resolve_layers(model, settings["layers"])
-    common = [ly for ly in own[labels[0]] if all(ly in own[lb] for lb in labels)]
-    skipped = {lb: [ly for ly in own[lb] if ly not in common] for lb in labels}
-    if not common:
-        raise CLIError("the models share no layer to compare: " + "; ".join(
-            f"{lb}: {', '.join(own[lb])}" for lb in labels))
-    if any(skipped.values()):
-        logger.warning("the models have different layer sets; comparing only the %d common "
-                       "layers (%s); skipped: %s", len(common), ", ".join(common), "; ".join(
-                           f"{lb}: {', '.join(s)}" for lb, s in skipped.items() if s))
-    source = _source(args, entries, labels, models, info, device)
-
-    settings.update(eps_text=format_eps(eps), attack=spec.name,
-                    attack_settings={"name": spec.name, "class": "PGD", "family": spec.kind,
-                                     **attack_kwargs(spec, eps), "generator_seed": seed},
-                    source_model=source[0] if source else None,
-                    ci={"over": "images", "method": "BCa", "confidence_level": CONFIDENCE,
-                        "n_resamples": N_RESAMPLES, "seed": seed})
-    logger.info("neuron sensitivity of %s on the first %d %s test images; %s, Linf eps=%s, "
-                "%s", ", ".join(labels), n, settings["dataset"], spec.name, settings["eps_text"],
-                f"x' transferred from {source[0]}" if source else "white-box on each model")
-    progress = tqdm_factory(False if args.no_progress else None)
-    report: dict[str, Any] = {"models": {}}
-    sigmas: dict[str, dict[str, Any]] = {}
-    relative: dict[str, dict[str, Any]] = {}
-    adv: dict[str, Any] = {}
-    with logging_redirect_tqdm():
-        shared = None
-        if source is not None:  # one x' set for every model: made once, on the source model
-            shared = attack_all(spec, source[1], x, y, eps, seed, settings["batch_size"],
-                                 device, progress(f"x' on {source[0]}", n))
-        for i, lb in enumerate(labels):
-            model = models[lb]
-            where = f"[{i + 1}/{len(labels)}] {lb}"
-            x_adv = shared if shared is not None else attack_all(
-                spec, model, x, y, eps, seed, settings["batch_size"], device,
-                progress(f"{where} attack", n))
-            adv[lb] = x_adv
-            entry, sigmas[lb], relative[lb] = _measure(
-                model, x, x_adv, y, common, settings, device,
-                progress(f"{where} measure", n * (2 + len(common))))
-            layer_stats = entry.pop("layers")
-            report["models"][lb] = {
-                "model": entries[i]["spec"], "checkpoint": entries[i]["checkpoint"],
-                "attack": spec.name, "eps": eps, "n": n, **entry,
-                "reduction": settings["reduction"],
-                "source_model": source[0] if source else None,
-                "skipped_layers": skipped[lb], "layers": layer_stats}
-    report["common_layers"] = common
-    report["pairs"] = _pairs(labels, sigmas, common, settings["ratio"])
-    report["settings"] = settings
-    return _write(report, sigmas, relative, adv, y, out, args.save_adv)
-
-
-def _measure(model, x, x_adv, y, layers: list[str], settings: dict[str, Any], device, bar):
-    """Accuracies, σ, relative σ, per-image means, CI, top-k and intervention of one model."""
-    import numpy as np
-    import torch
-
-    from robustkit.sensitivity import SensitivityMeter, intervention_test, top_k_neurons
-    from robustkit.sensitivity.measure import per_sample_sensitivity
-    from robustkit.utils import eval_mode
-
-    n, bs, reduction = x.shape[0], settings["batch_size"], settings["reduction"]
-    ratio, draws, seed = settings["ratio"], settings["draws"], settings["seed"]
-    meter = SensitivityMeter(model, layers, reduction)
-    rows: dict[str, list] = {ly: [] for ly in layers}
-    clean_ok = adv_ok = 0
-    batches = [(x[i:i + bs].to(device), x_adv[i:i + bs].to(device), y[i:i + bs].to(device))
-               for i in range(0, n, bs)]
-    with bar:
-        for xb, xab, yb in batches:
-            meter.update(xb, xab)
-            for ly, r in per_sample_sensitivity(model, xb, xab, layers, reduction,
-                                                batch_size=xb.shape[0]).items():
-                rows[ly].append(r.mean(1))  # (nb,): each image's mean over the layer's neurons
-            with torch.no_grad(), eval_mode(model):
-                clean_ok += int((model(xb).argmax(1) == yb).sum())
-                adv_ok += int((model(xab).argmax(1) == yb).sum())
-            bar.update(2 * xb.shape[0])
-        sigma, rel = meter.compute(), meter.compute(relative=True)
-        out: dict[str, Any] = {"clean_accuracy": clean_ok / n, "adv_accuracy": adv_ok / n,
-                               "layers": {}}
-        # spatial_mean sums over images (MindArmour), so its layer mean is n x the image mean
-        scale = n if reduction == "spatial_mean" else 1
-        for ly in layers:
-            s = sigma[ly]
-            top = top_k_neurons(s, ratio=ratio)
-            topk = rand = 0.0
-            for xb, xab, yb in batches:
-                # The same seed for every batch draws the same k random neurons for all images,
-                # so the batched accuracies are those of one pass over all n images.
-                r = intervention_test(model, xb, xab, yb, ly, s, ratio=ratio, draws=draws,
-                                      generator=torch.Generator().manual_seed(seed))
-                topk += round(r["topk"] * xb.shape[0])
-                rand += r["random"] * xb.shape[0]
-                bar.update(xb.shape[0])
-            per_image = torch.cat(rows[ly]).numpy()
-            lo, hi = bootstrap_ci(per_image, seed)
-            out["layers"][ly] = {
-                "mean": float(s.mean()), "median": float(np.median(s.numpy())),
-                "relative_mean": float(rel[ly].mean()), "topk_mean": float(s[top].mean()),
-                "ci95": [lo * scale, hi * scale],
-                "intervention": {"topk": topk / n, "random": rand / n},
-                "channels": s.numel(), "k": top.numel(), "topk_neurons": top.tolist()}
-    return out, sigma, rel
-
-
-def _pairs(labels: list[str], sigmas, common: list[str], ratio: float) -> list[dict[str, Any]]:
-    """Jaccard overlap of the top-k sets of the first model and each other one, per layer."""
-    from robustkit.sensitivity import jaccard, top_k_neurons
-
-    pairs = []
-    for other in labels[1:]:
-        overlap: dict[str, float | None] = {}
-        for ly in common:
-            a, b = sigmas[labels[0]][ly], sigmas[other][ly]
-            if a.numel() != b.numel():  # neuron m of one model is not neuron m of the other
-                logger.warning("%s: %s has %d neurons, %s %d; no top-k overlap", ly, labels[0],
-                               a.numel(), other, b.numel())
-                overlap[ly] = None
-                continue
-            overlap[ly] = jaccard(top_k_neurons(a, ratio), top_k_neurons(b, ratio))
-        pairs.append({"a": labels[0], "b": other, "jaccard": overlap})
-    return pairs
-
-
-def _write(report, sigmas, relative, adv, y, out: Path, save_adv: bool) -> int:
-    import io
-
-    import torch
-
-    from robustkit.reports.sensitivity import FIGURES, write_figures, write_tensorboard
-    from robustkit.utils import atomic_write, atomic_write_json, output_errors
-
-    report["figures"] = list(FIGURES)
-    report["tensorboard"] = "tb"
-    path = out / "sensitivity.json"
-    with output_errors(path):
-        atomic_write_json(path, report)
-    figures = write_figures(report, sigmas, out)
-    write_tensorboard(sigmas, relative, out / "tb")
-    if save_adv:
-        buf = io.BytesIO()
-        torch.save({"x_adv": adv, "y": y}, buf)
-        with output_errors(out / "adv.pt"):
-            atomic_write(out / "adv.pt", buf.getvalue())
-    _print_table(report)
-    print(f"results: {path}\nfigures: {', '.join(str(f) for f in figures)}\n"
-          f"TensorBoard: tensorboard --logdir {out / 'tb'}")
-    logger.info("wrote %s", path)
-    return 0
-
-
-def _print_table(report: dict[str, Any]) -> None:
-    s = report["settings"]
-    how = f"x' from {s['source_model']}" if s["source_model"] else "white-box"
-    print(f"\nneuron sensitivity on the first {s['n']} {s['dataset']} test images: "
-          f"{s['attack']} ({how}), Linf eps = {s['eps_text']}, {s['reduction']} sigma, "
-          f"top-k ratio {s['ratio']:g}")
-    width = max(len("model"), *(len(lb) for lb in report["models"])) + 2
-    print(f"  {'model':<{width}}{'clean':>9}{'adversarial':>13}")
-    for lb, m in report["models"].items():
-        print(f"  {lb:<{width}}{100 * m['clean_accuracy']:>8.2f}%{100 * m['adv_accuracy']:>12.2f}%")
-    lw = max(len("layer"), *(len(ly) for ly in report["common_layers"])) + 2
-    print(f"\n  {'layer':<{lw}}{'model':<{width}}{'mean sigma [95% CI]':<36}{'relative':>10}"
-          f"{'top-k':>11}{'restore top-k / random':>26}")
-    for ly in report["common_layers"]:
-        for lb, m in report["models"].items():
-            e = m["layers"][ly]
-            ci = f"{e['mean']:.4g} [{e['ci95'][0]:.4g}, {e['ci95'][1]:.4g}]"
-            iv = (f"{100 * e['intervention']['topk']:.1f}% / "
-                  f"{100 * e['intervention']['random']:.1f}%")
-            print(f"  {ly:<{lw}}{lb:<{width}}{ci:<36}{e['relative_mean']:>10.4g}"
-                  f"{e['topk_mean']:>11.4g}{iv:>26}")
-    for pair in report["pairs"]:
-        shown = ", ".join(f"{ly} {j:.2f}" if j is not None else f"{ly} -"
-                          for ly, j in pair["jaccard"].items())
-        print(f"  top-k overlap (Jaccard) {pair['a']} vs {pair['b']}: {shown}")

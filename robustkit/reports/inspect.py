@@ -31,8 +31,8 @@ import numpy as np
 
 from robustkit.reports.html import ci, head, num, tail
 
-__all__ = ["grid_figure", "save_png", "write_html", "write_tensorboard", "grid_filename",
-           "CMAP"]
+__all__ = ["grid_figure", "grid_title", "save_png", "write_csv", "write_html", "html_tables",
+           "text_table", "write_tensorboard", "grid_filename", "CMAP"]
 
 # Diverging: positive evidence red, negative blue, zero white (maps are in [-1, 1]).
 CMAP = "RdBu_r"
@@ -58,6 +58,44 @@ def grid_filename(explainer: str) -> str:
     from robustkit.utils import safe_name
 
     return f"grid_{safe_name(explainer, 'explainer')}.png"
+
+
+def _attack_text(s: Mapping[str, Any]) -> str:
+    """``pgd20 white-box, L∞ ε = 0.3``, or ``given x'``."""
+    if not s.get("attack"):
+        return "given x'"
+    return f"{s['attack']} white-box, L∞ ε = {s['eps_text']}"
+
+
+def _images_text(s: Mapping[str, Any], shown: int | None = None) -> str:
+    """``first 8 sample-mnist test images`` (``first 3 of the 8 ...`` when fewer are shown)."""
+    n = s["n"]
+    first = f"first {n}" if shown is None or shown == n else f"first {shown} of the {n}"
+    return f"{first} {s['dataset']} {s.get('split', 'test')} images" if s.get("dataset") \
+        else f"{first} images"
+
+
+def grid_title(explainer: str, settings: Mapping[str, Any], rows: int) -> str:
+    """The title of ``explainer``'s grid showing the first ``rows`` images."""
+    return (f"{explainer}: maps of the true label's logit on x and on x' "
+            f"({_attack_text(settings)}); {_images_text(settings, rows)}")
+
+
+def write_csv(rows: Sequence[Sequence[Any]], path: str | os.PathLike) -> Path:
+    """``metrics.csv``: ``index,model,explainer,input,metric,value``, one row per image, model,
+    explainer, input and metric; values as Python's ``repr`` (round-trips exactly)."""
+    import csv
+
+    from robustkit.utils import atomic_write, output_errors
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "model", "explainer", "input", "metric", "value"])
+    w.writerows([idx, lb, ex, key, metric, repr(val)] for idx, lb, ex, key, metric, val in rows)
+    path = Path(path)
+    with output_errors(path):
+        atomic_write(path, buf.getvalue().encode())
+    return path
 
 
 def grid_figure(images, maps: Mapping[str, Mapping[str, Any]],
@@ -140,41 +178,23 @@ def write_tensorboard(figures: Mapping[str, Any], log_dir: str | os.PathLike) ->
     return folder
 
 
-def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
-               path: str | os.PathLike, csv_name: str = "metrics.csv") -> Path:
-    """``index.html``: the settings, the accuracy table, the grids and the metric tables.
-
-    Args:
-        summary: the ``summary.json`` content.
-        grids: ``{explainer: PNG file name}``, files in the same folder as ``path``.
-        path: where to write (atomically).
-        csv_name: the per-image CSV's file name, linked from the page.
-    """
-    from robustkit.utils import atomic_write, output_errors
-
+def _models_table(summary: Mapping[str, Any]) -> list[str]:
     e = html.escape
-    s = summary.get("settings", {})
-    parts = [head("robustkit inspect"),
-             "<h1>Saliency of robust and standard models</h1>",
-             f"<p>first {e(str(summary['n']))} {e(str(s.get('dataset', '')))} test images; "
-             f"target: the true label; x' = {e(str(s.get('attack', '')))} white-box on each "
-             f"model (L∞ ε = {e(str(s.get('eps_text', '')))}, last iterate); reference model: "
-             f"{e(str(s.get('reference', '')))}. Per-image values: "
-             f'<a href="{e(csv_name)}">{e(csv_name)}</a>; summary: '
-             '<a href="summary.json">summary.json</a>.</p>',
-             "<h2>Models</h2><table><tr><th>model</th><th>clean accuracy</th>"
+    parts = ["<table><tr><th>model</th><th>clean accuracy</th>"
              "<th>adversarial accuracy</th><th>kind</th></tr>"]
     for label, m in summary["models"].items():
         parts.append(f"<tr><td>{e(label)}</td><td class=n>{100 * m['clean_accuracy']:.1f}%</td>"
                      f"<td class=n>{100 * m['adv_accuracy']:.1f}%</td>"
                      f"<td>{e(str(m['kind']))} ({e(str(m.get('kind_source', '')))})</td></tr>")
     parts.append("</table>")
-    for explainer, name in grids.items():
-        parts += [f"<h2>{e(explainer)}</h2>",
-                  f'<img src="{e(name)}" alt="{e(explainer)} saliency grid">']
-    parts += ["<h2>Metrics (mean over images, 95% bootstrap CI)</h2>",
-              "<table><tr><th>explainer</th><th>metric</th><th>input</th><th>model</th>"
-              "<th>n</th><th>mean</th><th>95% CI</th></tr>"]
+    return parts
+
+
+def _metric_tables(summary: Mapping[str, Any]) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Metrics (mean over images, 95% bootstrap CI)</h2>",
+             "<table><tr><th>explainer</th><th>metric</th><th>input</th><th>model</th>"
+             "<th>n</th><th>mean</th><th>95% CI</th></tr>"]
     for r in summary["metrics"]:
         parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
                      f"<td>{e(r['input'])}</td><td>{e(r['model'])}</td>"
@@ -189,8 +209,93 @@ def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
                      f"<td class=n>{r['n']}</td><td class=n>{num(r['diff_mean'])}</td>"
                      f"<td class=n>{ci(r['ci95'])}</td><td class=n>{num(r.get('d_z'))}</td>"
                      f"<td class=n>{num(r['wilcoxon_p'])}</td></tr>")
-    parts += ["</table>", tail()]
+    parts.append("</table>")
+    return parts
+
+
+def _intro(summary: Mapping[str, Any]) -> str:
+    e = html.escape
+    s = summary.get("settings", {})
+    how = (f"x' = {e(str(s['attack']))} white-box on each model (L∞ ε = "
+           f"{e(str(s.get('eps_text', '')))}, last iterate)" if s.get("attack")
+           else "x' given")
+    where = f"{e(str(s['dataset']))} test images" if s.get("dataset") else "images"
+    return (f"first {e(str(summary['n']))} {where}; target: the true label; {how}; reference "
+            f"model: {e(str(s.get('reference', '')))}.")
+
+
+def html_tables(summary: Mapping[str, Any]) -> str:
+    """An HTML fragment for notebooks (``SaliencyReport._repr_html_``): the settings line, the
+    models' accuracies and kinds, the metric means and the paired differences."""
+    return "\n".join([f"<p><b>Saliency</b>: {_intro(summary)}</p>", *_models_table(summary),
+                       *_metric_tables(summary)])
+
+
+def write_html(summary: Mapping[str, Any], grids: Mapping[str, str],
+               path: str | os.PathLike, csv_name: str = "metrics.csv") -> Path:
+    """``index.html``: the settings, the accuracy table, the grids and the metric tables.
+
+    Args:
+        summary: the ``summary.json`` content.
+        grids: ``{explainer: PNG file name}``, files in the same folder as ``path``.
+        path: where to write (atomically).
+        csv_name: the per-image CSV's file name, linked from the page.
+    """
+    from robustkit.utils import atomic_write, output_errors
+
+    e = html.escape
+    parts = [head("robustkit inspect"),
+             "<h1>Saliency of robust and standard models</h1>",
+             f"<p>{_intro(summary)} Per-image values: "
+             f'<a href="{e(csv_name)}">{e(csv_name)}</a>; summary: '
+             '<a href="summary.json">summary.json</a>.</p>',
+             "<h2>Models</h2>", *_models_table(summary)]
+    for explainer, name in grids.items():
+        parts += [f"<h2>{e(explainer)}</h2>",
+                  f'<img src="{e(name)}" alt="{e(explainer)} saliency grid">']
+    parts += [*_metric_tables(summary), tail()]
     path = Path(path)
     with output_errors(path):
         atomic_write(path, "\n".join(parts).encode())
     return path
+
+
+def _fmt(v, interval) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" + (f" [{interval[0]:.4g}, {interval[1]:.4g}]" if interval else "")
+
+
+def text_table(summary: Mapping[str, Any]) -> str:
+    """The table ``robustkit inspect`` prints: accuracies and kinds, then per explainer, metric
+    and input each model's mean [95 % CI] and each paired difference with d_z and p."""
+    s = summary["settings"]
+    attack = (f"{s['attack']} white-box, Linf eps = {s['eps_text']}" if s.get("attack")
+              else "given x'")
+    where = f"{s['dataset']} test images" if s.get("dataset") else "images"
+    lines = [f"\nsaliency on the first {s['n']} {where}: {attack}, target = true label"]
+    labels = list(summary["models"])
+    width = max(len("model"), *(len(lb) for lb in labels)) + 2
+    lines.append(f"  {'model':<{width}}{'clean':>9}{'adversarial':>13}  kind")
+    for lb, m in summary["models"].items():
+        lines.append(f"  {lb:<{width}}{100 * m['clean_accuracy']:>8.2f}%"
+                     f"{100 * m['adv_accuracy']:>12.2f}%  {m['kind']} ({m['kind_source']})")
+    means = {(r["explainer"], r["metric"], r["input"], r["model"]): r
+             for r in summary["metrics"]}
+    cw = 30
+    header = "".join(f"{lb[:cw - 2]:<{cw}}" for lb in labels)
+    pair_heads = "".join(f"{(b + ' - ' + labels[0])[:cw - 2]:<{cw}}{'d_z':>7}{'p':>8}  "
+                         for b in labels[1:])
+    lines.append(f"\n  {'explainer':<14}{'metric':<20}{'input':<7}{header}{pair_heads}")
+    for ex, metric, key in dict.fromkeys((r["explainer"], r["metric"], r["input"])
+                                         for r in summary["metrics"]):
+        rs = [means[(ex, metric, key, lb)] for lb in labels]
+        cells = "".join(f"{_fmt(r['mean'], r['ci95']):<{cw}}" for r in rs)
+        diffs = ""
+        for p in summary["pairs"]:
+            if (p["explainer"], p["metric"], p["input"]) == (ex, metric, key):
+                pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3g}"
+                dz = "-" if p.get("d_z") is None else f"{p['d_z']:.2f}"
+                diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{dz:>7}{pv:>8}  "
+        lines.append(f"  {ex:<14}{metric:<20}{key:<7}{cells}{diffs}")
+    return "\n".join(lines)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import io
 import math
 import os
@@ -27,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_figures", "layer_means_figure", "histograms_figure", "intervention_figure",
-           "write_tensorboard", "FIGURES", "LOG_RANGE"]
+__all__ = ["figures", "write_figures", "layer_means_figure", "histograms_figure",
+           "intervention_figure", "write_tensorboard", "text_table", "html_tables", "FIGURES",
+           "LOG_RANGE"]
 
 # File names of the three figures, in the order write_figures returns them.
 FIGURES = ("sigma_mean.png", "sigma_hist.png", "intervention.png")
@@ -54,23 +56,33 @@ def _figure(width: float, height: float):
     return fig
 
 
-def _short(layers: Sequence[str]) -> list[str]:
-    """Layer names without their shared dotted prefix (``model.``), for axis labels."""
-    if len(layers) < 2:
-        return list(layers)
-    parts = [name.split(".") for name in layers]
-    shared = 0
-    while all(len(p) > shared + 1 and p[shared] == parts[0][shared] for p in parts):
-        shared += 1
-    return [".".join(p[shared:]) for p in parts]
+def _layer_ticks(ax, x, layers: Sequence[str]) -> None:
+    """Layer names as x tick labels: the full module names, the one name a layer has in every
+    output (the JSON, the tables, TensorBoard); slanted when many or long."""
+    slant = len(layers) > 4 or max(len(ly) for ly in layers) > 14
+    ax.set_xticks(x, list(layers), rotation=30 if slant else 0, ha="right" if slant else "center",
+                  fontsize=8)
+
+
+def _attack_text(s: Mapping[str, Any]) -> str:
+    """``pgd20 (white-box on each model), L∞ ε = 0.3``, or ``given x'``."""
+    if not s.get("attack"):
+        return "given x'"
+    how = (f"transferred from {s['source_model']}" if s.get("source_model")
+           else "white-box on each model")
+    return f"{s['attack']} ({how}), L∞ ε = {s['eps_text']}"
+
+
+def _images_text(s: Mapping[str, Any]) -> str:
+    """``first 200 sample-mnist test images``, or ``200 images`` without a dataset."""
+    if s.get("dataset"):
+        return f"first {s['n']} {s['dataset']} {s.get('split', 'test')} images"
+    return f"{s['n']} images"
 
 
 def _subtitle(report: Mapping[str, Any]) -> str:
     s = report["settings"]
-    how = (f"transferred from {s['source_model']}" if s.get("source_model")
-           else "white-box on each model")
-    return (f"{s['attack']} ({how}), L∞ ε = {s['eps_text']}, n = {s['n']}\n"
-            f"first {s['n']} {s['dataset']} test images, {s['reduction']} σ")
+    return f"{_attack_text(s)}, n = {s['n']}\n{_images_text(s)}, {s['reduction']} σ"
 
 
 def _wide(values: np.ndarray) -> bool:
@@ -98,8 +110,7 @@ def layer_means_figure(report: Mapping[str, Any]):
     if _wide(means):
         ax.set_yscale("log")
         ax.yaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0, ha="right"
-                  if len(layers) > 4 else "center")
+    _layer_ticks(ax, x, layers)
     ax.set_xlabel("layer")
     ax.set_ylabel("mean neuron sensitivity σ" + (" (log scale)" if _wide(means) else ""))
     ax.set_title(f"Mean neuron sensitivity σ per layer (95 % bootstrap CI over images)\n"
@@ -138,7 +149,7 @@ def histograms_figure(report: Mapping[str, Any],
         if log:
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on small panels
-        ax.set_title(_short(layers)[j], fontsize=9)
+        ax.set_title(layer, fontsize=9)
         ax.set_xlabel("σ per neuron" + (" (log scale)" if log else ""), fontsize=8)
         ax.set_ylabel("neurons", fontsize=8)
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of neurons
@@ -172,8 +183,7 @@ def intervention_figure(report: Mapping[str, Any]):
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("accuracy")
         ax.set_title(m, fontsize=9)
-        ax.set_xticks(x, _short(layers), rotation=45 if len(layers) > 4 else 0,
-                      ha="right" if len(layers) > 4 else "center", fontsize=8)
+        _layer_ticks(ax, x, layers)
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xlabel("layer whose neurons are restored")
     handles, names = axes[0].get_legend_handles_labels()
@@ -193,6 +203,19 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def figures(report: Mapping[str, Any], sigmas: Mapping[str, Mapping[str, Any]]
+            ) -> dict[str, Any]:
+    """The three figures: ``{"sigma_mean", "sigma_hist", "intervention"}`` (``FIGURES``' stems).
+
+    Args:
+        report: the ``sensitivity.json`` content (``models``, ``common_layers``, ``settings``).
+        sigmas: ``{model label: {layer: (C,) σ per neuron}}`` (tensors or arrays).
+    """
+    made = (layer_means_figure(report), histograms_figure(report, sigmas),
+            intervention_figure(report))
+    return {name.removesuffix(".png"): fig for name, fig in zip(FIGURES, made, strict=True)}
+
+
 def write_figures(report: Mapping[str, Any], sigmas: Mapping[str, Mapping[str, Any]],
                   out_dir: str | os.PathLike) -> list[Path]:
     """Write the three PNG figures (``FIGURES``) into ``out_dir``; returns their paths.
@@ -203,9 +226,8 @@ def write_figures(report: Mapping[str, Any], sigmas: Mapping[str, Mapping[str, A
         out_dir: existing folder; each file is written atomically.
     """
     out = Path(out_dir)
-    figures = (layer_means_figure(report), histograms_figure(report, sigmas),
-               intervention_figure(report))
-    return [_save(fig, out / name) for fig, name in zip(figures, FIGURES, strict=True)]
+    return [_save(fig, out / name)
+            for fig, name in zip(figures(report, sigmas).values(), FIGURES, strict=True)]
 
 
 def _folder(label: str) -> str:
@@ -249,3 +271,65 @@ def _tensor(values: Any):
     import torch
 
     return torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+
+def text_table(report: Mapping[str, Any]) -> str:
+    """The table ``robustkit sensitivity`` prints: accuracies per model, then per layer and
+    model mean σ [95 % CI], relative σ, top-k mean σ, the intervention, and the overlaps."""
+    s = report["settings"]
+    if s.get("attack"):
+        how = f"x' from {s['source_model']}" if s.get("source_model") else "white-box"
+        attack = f"{s['attack']} ({how}), Linf eps = {s['eps_text']}"
+    else:
+        attack = "given x'"
+    lines = [f"\nneuron sensitivity on the {_images_text(s)}: {attack}, {s['reduction']} "
+             f"sigma, top-k ratio {s['ratio']:g}"]
+    width = max(len("model"), *(len(lb) for lb in report["models"])) + 2
+    lines.append(f"  {'model':<{width}}{'clean':>9}{'adversarial':>13}")
+    for lb, m in report["models"].items():
+        lines.append(f"  {lb:<{width}}{100 * m['clean_accuracy']:>8.2f}%"
+                     f"{100 * m['adv_accuracy']:>12.2f}%")
+    lw = max(len("layer"), *(len(ly) for ly in report["common_layers"])) + 2
+    lines.append(f"\n  {'layer':<{lw}}{'model':<{width}}{'mean sigma [95% CI]':<36}"
+                 f"{'relative':>10}{'top-k':>11}{'restore top-k / random':>26}")
+    for ly in report["common_layers"]:
+        for lb, m in report["models"].items():
+            e = m["layers"][ly]
+            ci = f"{e['mean']:.4g} [{e['ci95'][0]:.4g}, {e['ci95'][1]:.4g}]"
+            iv = (f"{100 * e['intervention']['topk']:.1f}% / "
+                  f"{100 * e['intervention']['random']:.1f}%")
+            lines.append(f"  {ly:<{lw}}{lb:<{width}}{ci:<36}{e['relative_mean']:>10.4g}"
+                         f"{e['topk_mean']:>11.4g}{iv:>26}")
+    for pair in report["pairs"]:
+        shown = ", ".join(f"{ly} {j:.2f}" if j is not None else f"{ly} -"
+                          for ly, j in pair["jaccard"].items())
+        lines.append(f"  top-k overlap (Jaccard) {pair['a']} vs {pair['b']}: {shown}")
+    return "\n".join(lines)
+
+
+def html_tables(report: Mapping[str, Any]) -> str:
+    """An HTML fragment for notebooks (``SensitivityReport._repr_html_``): the accuracies and,
+    per layer and model, mean σ [95 % CI], relative σ and the intervention."""
+    from robustkit.reports.html import ci, num, table
+
+    s = report["settings"]
+    models = report["models"]
+    head = (f"<p><b>Neuron sensitivity</b>: {html.escape(_attack_text(s))}; "
+            f"{html.escape(_images_text(s))}; {html.escape(str(s['reduction']))} σ, top-k "
+            f"ratio {s['ratio']:g}</p>")
+    acc = table(["model", "clean", "adversarial"],
+                [[lb, f"{100 * m['clean_accuracy']:.1f}%", f"{100 * m['adv_accuracy']:.1f}%"]
+                 for lb, m in models.items()], [False, True, True])
+    rows = [[ly, lb, num(e["mean"]), ci(e["ci95"]), num(e["relative_mean"]),
+             num(e["topk_mean"]), f"{100 * e['intervention']['topk']:.1f}% / "
+             f"{100 * e['intervention']['random']:.1f}%"]
+            for ly in report["common_layers"] for lb, m in models.items()
+            for e in [m["layers"][ly]]]
+    layers = table(["layer", "model", "mean σ", "95% CI", "relative", "top-k mean σ",
+                    "restore top-k / random"], rows,
+                   [False, False, True, True, True, True, True])
+    pairs = [f"<p>top-k overlap (Jaccard) {html.escape(p['a'])} vs {html.escape(p['b'])}: "
+             + html.escape(", ".join(f"{ly} {'-' if j is None else f'{j:.2f}'}"
+                                     for ly, j in p["jaccard"].items())) + "</p>"
+             for p in report["pairs"]]
+    return "\n".join([head, *acc, *layers, *pairs])

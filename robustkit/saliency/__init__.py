@@ -1,5 +1,7 @@
 """Explainers (methods.md §6): Gradient, Gradient × Input, SmoothGrad, AdaptGrad and Integrated
-Gradients over any inner explainer, plus the display reductions of ``saliency.display``.
+Gradients over any inner explainer, plus the display reductions of ``saliency.display``; the
+metrics in ``saliency.metrics``; ``compare`` (-> ``SaliencyReport``) runs what ``robustkit
+inspect`` runs: several models explained, scored and compared on the same images.
 
 Every explainer maps ``(N, C, H, W)`` in [0, 1] to a detached map shaped like x, explaining the
 logit of ``target`` (default: the predicted class) in eval mode, with no side effect on x, the
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 
 from robustkit.saliency.adaptgrad import AdaptGrad
 from robustkit.saliency.base import Explainer, Target
+from robustkit.saliency.compare import SaliencyReport, compare
 from robustkit.saliency.display import absolute_map, percentile_scale, repo_scale, signed_map
 from robustkit.saliency.gradient import Gradient
 from robustkit.saliency.gradient_x_input import GradientXInput
@@ -30,7 +33,7 @@ from robustkit.saliency.smoothgrad import SmoothGrad
 
 __all__ = ["Explainer", "Target", "Gradient", "GradientXInput", "SmoothGrad", "AdaptGrad",
            "IntegratedGradients", "EXPLAINERS", "create_explainer", "signed_map", "absolute_map",
-           "percentile_scale", "repo_scale"]
+           "percentile_scale", "repo_scale", "compare", "SaliencyReport"]
 
 
 def _ig_adaptgrad(model: nn.Module, inner: Explainer | None = None, *, n_steps: int = 50,
