@@ -10,8 +10,11 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = ["UserError", "ConfigError", "ModelError", "DataError", "StateMismatchError",
-           "CheckpointError", "OutputError"]
+           "CheckpointError", "OutputError", "user_input"]
 
 
 class UserError(Exception):
@@ -42,3 +45,32 @@ class CheckpointError(UserError, ValueError):
 class OutputError(UserError, OSError):
     """An output folder or file that cannot be written: read-only, a file where a folder is
     expected, a full disk, locked by another live run, or holding a run that would be lost."""
+
+
+@contextmanager
+def user_input(
+    kind: type[UserError], where: str, catch: tuple[type[Exception], ...] = (ValueError,)
+) -> Iterator[None]:
+    """Re-raise the library's ``ValueError`` from user-given values as the user error ``kind``.
+
+    Wrap only the call that receives the user's values (a constructor, a factory, a loader):
+    the same exception from anywhere else is a bug and must keep its traceback. A
+    ``UserError`` passes through unchanged. Used by ``robustkit.cli`` and by the library calls
+    behind it (``robustkit.config.build``, ``robustkit.evaluate``).
+
+    Args:
+        kind: e.g. ``ConfigError`` or ``DataError``.
+        where: what the user wrote, prefixed to the message (``"objective.params"``).
+        catch: exception types to convert (default ``ValueError``).
+
+    Example:
+        >>> with user_input(ConfigError, "objective.params"):
+        ...     objective = create_objective(name, model, **params)
+    """
+    try:
+        yield
+    except UserError:
+        raise
+    except catch as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        raise kind(f"{where}: {message}") from err

@@ -19,44 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from robustkit.errors import UserError
+from robustkit.errors import UserError, user_input
 
 __all__ = ["main", "CLIError", "user_input"]
 
 
 class CLIError(UserError):
     """A user error found by the CLI itself (a bad flag): printed as one line, exit code 2."""
-
-
-@contextmanager
-def user_input(
-    kind: type[UserError], where: str, catch: tuple[type[Exception], ...] = (ValueError,)
-) -> Iterator[None]:
-    """Re-raise the library's ``ValueError`` from user-given values as the user error ``kind``.
-
-    Wrap only the call that receives the user's values (a constructor, a factory, a loader):
-    the same exception from anywhere else is a bug and must keep its traceback. A
-    ``UserError`` passes through unchanged.
-
-    Args:
-        kind: e.g. ``ConfigError`` or ``DataError``.
-        where: what the user wrote, prefixed to the message (``"objective.params"``).
-        catch: exception types to convert (default ``ValueError``).
-
-    Example:
-        >>> with user_input(ConfigError, "objective.params"):
-        ...     objective = create_objective(name, model, **params)
-    """
-    try:
-        yield
-    except UserError:
-        raise
-    except catch as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        raise kind(f"{where}: {message}") from err
 
 
 def _build_parser() -> argparse.ArgumentParser:
