@@ -199,8 +199,8 @@ def probe_callback(model: torch.nn.Module):
     """The ``SensitivityCallback`` that ``robustkit train`` builds for an MNIST run with the
     default ``sensitivity`` section (n 256, PGD-10, alpha eps/4, layers auto, holdout batch 128),
     built by the CLI's own wiring so that the two cannot drift apart."""
-    from robustkit.cli.train import _sensitivity
     from robustkit.config import build_config
+    from robustkit.config.callbacks import _sensitivity
 
     cfg = build_config({"data": {"name": "sample-mnist", "batch_size": 128, "holdout": 1000,
                                  "augment": False},

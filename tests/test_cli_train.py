@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from robustkit.cli import main
-from robustkit.cli.train import build
-from robustkit.config import load_config, to_container
+from robustkit.config import build, load_config, to_container
 from robustkit.training.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import yaml
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from robustkit.cli import main
-from robustkit.cli.train import build
 from robustkit.config import (
     ConfigError,
+    build,
     build_config,
     load_config,
     load_eval_config,

@@ -200,11 +200,11 @@ def test_resuming_another_runs_checkpoint_into_a_used_folder_is_refused(tmp_path
 
 
 def test_resume_auto_starts_fresh_then_resumes_and_says_so(tmp_path, caplog):
-    with caplog.at_level(logging.INFO, "robustkit.cli.train"):
+    with caplog.at_level(logging.INFO, "robustkit.config.build"):
         assert _train(tmp_path, "trainer.resume=auto") == 0
     assert "no last.pt" in caplog.text and "starting fresh" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.INFO, "robustkit.cli.train"):
+    with caplog.at_level(logging.INFO, "robustkit.config.build"):
         assert _train(tmp_path, "trainer.resume=auto", "trainer.epochs=2") == 0
     assert f"resuming from {tmp_path / 'last.pt'}" in caplog.text
     state = load_checkpoint(tmp_path / "last.pt")
@@ -224,8 +224,10 @@ def test_a_second_live_run_is_refused_before_loading_anything(tmp_path, monkeypa
 
 
 def test_the_lock_is_held_over_config_checkpoints_and_logs(tmp_path, monkeypatch):
-    import robustkit.cli.train as cli_train
+    import importlib
 
+    # the module: robustkit.config.build, the attribute, is the function of that name
+    build_module = importlib.import_module("robustkit.config.build")
     held = []
 
     def probe(what):
@@ -242,7 +244,7 @@ def test_the_lock_is_held_over_config_checkpoints_and_logs(tmp_path, monkeypatch
             return real(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(cli_train, "save_config", spy("config.yaml", cli_train.save_config))
+    monkeypatch.setattr(build_module, "save_config", spy("config.yaml", build_module.save_config))
     monkeypatch.setattr(checkpoint_callback, "save_checkpoint",
                         spy("checkpoint", checkpoint_callback.save_checkpoint))
     monkeypatch.setattr(jsonl_callback, "_append", spy("metrics.jsonl", jsonl_callback._append))
@@ -338,7 +340,7 @@ def _no_lock(out: Path) -> None:
 @pytest.mark.parametrize("failure", ["config", "model", "data", "diverged", "bug"])
 def test_a_failed_run_leaves_no_lock_behind(tmp_path, monkeypatch, failure):
     """Every failure, before anything is written or after (sample-mnist smoke run)."""
-    import robustkit.cli.train as cli_train
+    from robustkit.config import Run
     from robustkit.training.trainer import NonFiniteLossError, Trainer
 
     out = tmp_path / "run"
@@ -360,7 +362,7 @@ def test_a_failed_run_leaves_no_lock_behind(tmp_path, monkeypatch, failure):
         monkeypatch.setattr(Trainer, "_train_step", train_step)
         extra = ["trainer.epochs=2"]
     else:  # a bug: a traceback, not exit 2, but the lock goes all the same
-        monkeypatch.setattr(cli_train.Run, "describe", lambda self: {}["boom"])
+        monkeypatch.setattr(Run, "describe", lambda self: {}["boom"])
     if failure == "bug":
         with pytest.raises(KeyError):
             _train(out, *extra)

@@ -17,8 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import robustkit.attacks
 from robustkit import distributed as dist
 from robustkit.attacks import PGD
-from robustkit.cli.train import build
-from robustkit.config import load_config
+from robustkit.config import build, load_config
 from robustkit.errors import ConfigError
 from robustkit.objectives import PGDAT
 from robustkit.sensitivity import neuron_sensitivity
