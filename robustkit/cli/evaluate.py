@@ -1,12 +1,12 @@
 """``robustkit evaluate``: the RobustBench protocol for one model (architecture.md §4.2).
 
-Wiring only: a ``-c`` YAML and the flags (on top) become one typed ``EvalConfig``
+Parse, call, print, save: a ``-c`` YAML and the flags (on top) become one typed ``EvalConfig``
 (``robustkit.config.load_eval_config``: every value gets the same checks wherever it was
-written), then a dataset subset, a model and attacks; the library (``robustkit.evaluation``,
-``checks``, ``results``) does the work. Prints a table, writes ``<out>/config.yaml``,
-``<out>/results.json``, ``<out>/flags.json`` and
-``<out>/model_info/<dataset>/<tm>/<name>.json``; ``<out>/state/`` makes an interrupted run
-resumable (under torchrun, one ``state/rank<r>-of<world>/`` folder per process).
+written); the first N test images go to ``robustkit.evaluate`` (the library call, which builds
+the model and attacks and runs the checks). Prints its table, writes ``<out>/config.yaml``,
+then ``EvalResult.save(out)``: ``results.json``, ``flags.json`` and
+``model_info/<dataset>/<tm>/<name>.json``; ``<out>/state/`` makes an interrupted run resumable
+(under torchrun, one ``state/rank<r>-of<world>/`` folder per process).
 
 Under ``torchrun --nproc_per_node=N -m robustkit evaluate ...`` (or several nodes) every process
 evaluates a contiguous run of whole batches (``evaluate_attacks(shard=True)``), the flags are
@@ -16,6 +16,7 @@ gathered, and rank 0 prints and writes the same files as a single process would.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import re
@@ -23,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from robustkit.cli import CLIError, user_input
-from robustkit.errors import ConfigError, DataError, ModelError
+from robustkit.errors import ConfigError, DataError
+from robustkit.evaluation.api import default_name as _default_name  # cli/sensitivity, compare
 from robustkit.utils import check_plain_name
 
 logger = logging.getLogger(__name__)
@@ -104,16 +106,6 @@ def _settings(args: argparse.Namespace):
     return load_eval_config(args.config, flags)
 
 
-def _default_name(spec: str) -> str:
-    """The entry's name: the zoo name, the factory's function name (``archs.py:lenet5_pgd`` ->
-    ``lenet5_pgd``: one file often holds several models) or the registry name."""
-    if spec.startswith("robustbench:"):
-        return spec.partition(":")[2]
-    if ":" in spec:
-        return spec.rpartition(":")[2]
-    return spec
-
-
 def check_name(name: str, flag: str = "--name") -> str:
     """``name`` when it is a name, not a path; a one-line ``CLIError`` naming ``flag`` otherwise.
 
@@ -125,26 +117,6 @@ def check_name(name: str, flag: str = "--name") -> str:
         return check_plain_name(name, flag)
     except ValueError as err:
         raise CLIError(f"{err}; it names the entry and its files inside --out") from None
-
-
-def _model_code_sha256(spec: str) -> str | None:
-    """sha256 of FILE.py of a ``FILE.py:FN`` model (None for registry and zoo models): an edited
-    forward pass with the same weights must not resume the old flags (the weights' own hash
-    cannot see it)."""
-    from robustkit.evaluation.results import sha256_file
-
-    if spec.startswith("robustbench:") or ":" not in spec:
-        return None
-    path = Path(spec.rpartition(":")[0])
-    return sha256_file(path) if path.is_file() else None
-
-
-def _architecture(spec: str, model) -> str:
-    from torch import nn
-
-    inner = getattr(model, "model", None) if isinstance(model, nn.Sequential) else None
-    cls = type(inner if isinstance(inner, nn.Module) else model).__name__
-    return cls if ":" in spec else f"{spec} ({cls})"
 
 
 # Collective timeout of a sharded evaluation: on a resume, a rank whose state is complete waits
@@ -186,31 +158,16 @@ def run(args) -> int:
 
 def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
     """The evaluation proper, on every rank (``where``: ``distributed.DistInfo``)."""
-    import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     from robustkit import distributed as dist
-    from robustkit.attacks.specs import build_attacks, parse_attacks, strength, targets_needed
     from robustkit.cli.progress import tqdm_factory
-    from robustkit.data import DATASETS, first_n, load_dataset, resolve_root
-    from robustkit.evaluation import evaluate_attacks, post_checks, pre_checks
-    from robustkit.evaluation.results import (
-        build_results,
-        format_eps,
-        sha256_file,
-        write_model_info,
-        write_results,
-    )
+    from robustkit.data import first_n, load_dataset, resolve_root
+    from robustkit.evaluation.api import evaluate
     from robustkit.evaluation.state import discard_state, rank_dir
-    from robustkit.models import load_model
-    from robustkit.utils import clean_tmp, seed_everything
+    from robustkit.utils import clean_tmp
 
     main = where.rank == 0
-    device = where.device
-    info = DATASETS[s["dataset"]]
-    tm = s["threat_model"]
-    eps = s["eps"] if s["eps"] is not None else float(info.eps[tm])
-    specs = parse_attacks(s["attacks"])
-    aa_attacks = s["aa_attacks"]
     state = out / "state"
     if main:
         # Only rank 0 writes into --out itself; each rank's state folder is cleaned by its own
@@ -230,68 +187,28 @@ def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
     if n > len(test):
         raise CLIError(f"--n-examples {n} exceeds the {len(test)} test images of "
                        f"{s['dataset']} found")
-    data = first_n(test, n)
-    subset = f"first {n} test images"
-    seed_everything(s["seed"])
-    c, h, _ = info.input_shape
-    # ModelError passes through; a ValueError of create_model (e.g. a bad class count) is the
-    # user's --model/--dataset pairing.
-    with user_input(ModelError, f"--model {s['model']}"):
-        model = load_model(s["model"], num_classes=info.num_classes, in_channels=c,
-                           input_size=h, mean=info.mean, std=info.std,
-                           checkpoint=s["checkpoint"], dataset=s["dataset"].removeprefix(
-                               "sample-"), threat_model=tm, device=device)
-    model.eval()
-    with user_input(ConfigError, "--attacks"):  # e.g. torchattacks:X(k=v) with a bad k
-        attacks, settings = build_attacks(specs, model, eps=eps, norm=tm, seed=s["seed"],
-                                          aa_version=s["aa_version"], aa_attacks=aa_attacks)
-    logger.info("%s on %s: %s (of %d), %s eps=%s, attacks: %s%s", s["model"], s["dataset"],
-                subset, len(test), tm, format_eps(eps), ", ".join(attacks) or "none",
-                f"; sharded over {where.world_size} processes" if where.world_size > 1 else "")
-
-    # Every rank runs the same checks on the same first batch, so all agree on them.
-    k = min(n, s["batch_size"])
-    batch = [data[i] for i in range(k)]
-    x0 = torch.stack([b[0] for b in batch]).to(device)
-    y0 = torch.stack([torch.as_tensor(b[1]) for b in batch]).long().to(device)
-    checks = pre_checks(model, x0, y0, num_targets=targets_needed(
-        specs, s["aa_version"], aa_attacks))
-
-    ckpt_hash = sha256_file(s["checkpoint"]) if s["checkpoint"] else None
     # The shipped samples ignore --data-root; for every other dataset the folder is part of
-    # what was evaluated (evaluate_attacks adds the hashes of the images and the weights).
+    # what was evaluated (the library adds the hashes of the images and the weights).
     data_root = (None if s["dataset"].startswith("sample-")
                  else str(resolve_root(s["data_root"]).resolve()))
-    fingerprint = {"model": s["model"], "model_code_sha256": _model_code_sha256(s["model"]),
-                   "checkpoint_sha256": ckpt_hash, "dataset": s["dataset"],
-                   "data_root": data_root, "threat_model": tm, "eps": eps,
-                   "attack_settings": settings}
-    logger.info("per-batch state in %s: re-run the same command to resume", state)
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    with logging_redirect_tqdm():
-        result = evaluate_attacks(
-            model, data, attacks, batch_size=s["batch_size"], protocol=s["protocol"],
-            seed=s["seed"], state_dir=state, fingerprint=fingerprint,
-            progress=tqdm_factory(False if args.no_progress or not main else None),
-            device=device, norm=tm, shard=True)
-    checks += post_checks(result, eps=eps, strength=strength(specs))
+    bars = not args.no_progress and main
+    # log lines between the bars, not through them (only while there are bars to avoid)
+    with logging_redirect_tqdm() if bars else contextlib.nullcontext():
+        result = evaluate(
+            s["model"], first_n(test, n), attacks=s["attacks"], eps=s["eps"],
+            norm=s["threat_model"], dataset=s["dataset"], checkpoint=s["checkpoint"],
+            name=name, subset=f"first {n} test images", batch_size=s["batch_size"],
+            protocol=s["protocol"], aa_version=s["aa_version"], aa_attacks=s["aa_attacks"],
+            seed=s["seed"], device=where.device, state_dir=state,
+            progress=tqdm_factory(None if bars else False),
+            fingerprint={"data_root": data_root}, shard=True)
     if not main:
         return 0
-
-    results = build_results(
-        result, model=s["model"], dataset=s["dataset"], threat_model=tm, eps=eps,
-        seed=s["seed"], subset=subset, checkpoint=s["checkpoint"],
-        architecture=_architecture(s["model"], model), attacks=settings, checks=checks,
-        extra={"name": name, "batch_size": s["batch_size"], "device": str(device),
-               "world_size": where.world_size})
     _save_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
-    path = write_results(out, results, result)
-    info_path = write_model_info(out, results, name=name)
-    _print_table(results, name)
-    _print_checks(checks)
-    print(f"results: {path}\nRobustBench JSON: {info_path}")
-    logger.info("wrote %s and %s", path, info_path)
+    paths = result.save(out)
+    print(result.table())
+    print(f"results: {paths['results']}\nRobustBench JSON: {paths['model_info']}")
+    logger.info("wrote %s and %s", paths["results"], paths["model_info"])
     return 0
 
 
@@ -303,35 +220,3 @@ def _save_config(cfg, path: Path) -> None:
     with output_errors(path, "; the evaluation state is intact: free space or fix the "
                              "permissions and rerun the same command (nothing is recomputed)"):
         save_config(cfg, path)
-
-
-def _print_table(results: dict[str, Any], name: str) -> None:
-    n = results["n_examples"]
-    print(f"\n{name} on {results['dataset']}, {results['subset']}, {results['threat_model']} "
-          f"eps = {results['eps_text']} ({results['eps']:.6f}), protocol "
-          f"{results['protocol']['name']}")
-    print(f"  {'attack':<28}{'accuracy':>10}{'correct':>14}{'time':>10}")
-    for key, acc in results["accuracy"].items():
-        t = results["time_s"].get(key)
-        t_text = "" if t is None else f"{t:.1f} s"
-        count = f"{results['n_correct'][key]}/{n}"
-        print(f"  {key:<28}{100 * acc:>9.2f}%{count:>14}{t_text:>10}")
-        # AutoAttack's sub-attacks, in run order: accuracy after each (cumulative, as AA counts)
-        for sub, sub_acc in results.get("components", {}).get(key, {}).items():
-            broken = results.get("broken_by", {}).get(key, {}).get(sub)
-            note = "" if broken is None else f"{broken} broken"
-            print(f"    {'after ' + sub:<26}{100 * sub_acc:>9.2f}%{note:>14}")
-
-
-def _print_checks(checks) -> None:
-    """Failed checks first, then warnings; a failure says the numbers above are not trustworthy."""
-    order = {"fail": 0, "warning": 1}
-    shown = sorted((c for c in checks if c.severity in order), key=lambda c: order[c.severity])
-    if not shown:
-        print(f"  checks: all {len(checks)} passed")
-        return
-    for c in shown:
-        print(f"  {c.severity.upper()} [{c.name}]: {c.message}")
-    if any(c.severity == "fail" for c in shown):
-        print("  A check FAILED: the robust accuracy above is likely an overestimate (see "
-              "results.json['checks'] and the footnote); try adaptive attacks.")

@@ -13,7 +13,9 @@ import os
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from robustkit.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, load_cifar
@@ -31,7 +33,7 @@ from robustkit.data.tiny_imagenet import load_tiny_imagenet
 from robustkit.data.transforms import train_transform
 
 __all__ = [
-    "DATASETS", "DatasetInfo", "ImageDataset", "DataError", "Loaders", "load_dataset",
+    "DATASETS", "DatasetInfo", "ImageDataset", "DataError", "Loaders", "load", "load_dataset",
     "build_loaders", "first_n", "train_transform", "check_num_classes", "resolve_root",
     "load_mnist", "load_cifar", "load_tiny_imagenet", "load_sample",
 ]  # fmt: skip
@@ -112,6 +114,47 @@ def load_dataset(
     if name == "tinyimagenet":
         return load_tiny_imagenet(root, split, download)
     return load_cifar(name, root, split, download)  # type: ignore[arg-type]
+
+
+def load(
+    name: str,
+    split: Literal["train", "test"] = "test",
+    n: int | None = None,
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The first ``n`` images of a split as tensors, ready for a model or ``robustkit.evaluate``.
+
+    The same images, in the same order and with the same values, as ``robustkit evaluate
+    --dataset name --n-examples n`` evaluates (RobustBench's "first n test images"): file
+    order, unaugmented, ``uint8 / 255`` in float32. For batches of ``(x, y, index)`` use
+    ``build_loaders`` (training) or ``torch.utils.data.DataLoader(first_n(load_dataset(...), n))``.
+
+    Args:
+        name: a ``DATASETS`` key; ``"sample-mnist"`` and ``"sample-cifar10"`` ship with
+            robustkit and work offline.
+        split: ``"test"`` (default; Tiny-ImageNet: the labelled ``val/`` set) or ``"train"``.
+        n: the first ``n`` images; ``None`` (default): all of the split.
+        root: data root; ``None`` means ``$ROBUSTKIT_DATA``, else ``./data``; ignored by
+            ``sample-*``.
+        download: let torchvision fetch MNIST/CIFAR into ``root``; default ``False``.
+
+    Returns:
+        ``(x, y)``: ``x`` float32 ``(n, C, H, W)`` in [0, 1], ``y`` int64 ``(n,)``.
+
+    Raises:
+        ValueError: unknown ``name`` or ``split``, ``n`` below 1 or beyond the split (both
+            numbers named). DataError (a ValueError): missing or malformed root, naming the
+            expected layout.
+
+    Example:
+        >>> x, y = load("sample-mnist", n=100)
+        >>> x.shape, y[:5]
+    """
+    data = first_n(load_dataset(name, split, root, download), n)
+    # uint8 / 255 in float32, as ImageDataset.__getitem__ converts one image: bit for bit the
+    # values the CLI's evaluation sees.
+    return data.x.to(torch.float32).div_(255.0), data.y.clone()
 
 
 @dataclass

@@ -78,6 +78,8 @@ class EvalResult:
             the attack did not run); only for attacks with sub-attacks, in run order.
         nonfinite: ``"clean"`` and each attack name -> ``(N,)`` bool, the model's logits were
             NaN or inf there (on x, or on that attack's x_adv); such points count as incorrect.
+        checks: pre- and post-checks (``Check``), set by ``robustkit.evaluate``.
+        meta: the settings ``to_dict``/``save`` record, set by ``robustkit.evaluate``.
 
     Example:
         >>> res.accuracy()["robust"]
@@ -92,6 +94,46 @@ class EvalResult:
     protocol: Protocol = "standalone"
     components: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     nonfinite: dict[str, Tensor] = field(default_factory=dict)
+    # Set by robustkit.evaluate (empty from evaluate_attacks alone): the pre- and post-checks,
+    # and build_results' keyword arguments (model, dataset, eps, ..., extra with the name).
+    checks: list = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # Views and files (robustkit.evaluation.export): what robustkit evaluate prints and saves.
+    def to_dict(self) -> dict[str, Any]:
+        """The ``results.json`` dictionary (needs the settings ``robustkit.evaluate`` records)."""
+        from robustkit.evaluation.export import to_dict
+
+        return to_dict(self)
+
+    def to_frame(self) -> Any:
+        """A pandas DataFrame, one row per accuracy column (and AutoAttack sub-attack)."""
+        from robustkit.evaluation.export import to_frame
+
+        return to_frame(self)
+
+    def plot(self) -> Any:
+        """A matplotlib ``Figure``: accuracy per attack, clean to robust."""
+        from robustkit.evaluation.export import plot
+
+        return plot(self)
+
+    def save(self, folder: str | Path) -> dict[str, Path]:
+        """Write the CLI's ``results.json``, ``flags.json`` and ``model_info/.../<name>.json``."""
+        from robustkit.evaluation.export import save
+
+        return save(self, folder)
+
+    def table(self) -> str:
+        """The table and checks ``robustkit evaluate`` prints, as text."""
+        from robustkit.evaluation.export import table
+
+        return table(self)
+
+    def _repr_html_(self) -> str:
+        from robustkit.evaluation.export import to_html
+
+        return to_html(self)
 
     @property
     def n(self) -> int:

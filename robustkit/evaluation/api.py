@@ -1,0 +1,275 @@
+"""``robustkit.evaluate``: the library call behind ``robustkit evaluate`` (architecture.md §4.2).
+
+From a model (an ``nn.Module`` or a ``--model`` string) and images, the whole RobustBench-protocol
+evaluation: the attacks built from their ``--attacks`` names, pre-checks on the first batch,
+``evaluate_attacks``, post-checks (perturbation sizes, gradient masking). The returned
+``EvalResult`` carries the checks and the settings, so ``result.save(folder)`` writes the very
+``results.json``, ``flags.json`` and RobustBench ``model_info`` file the CLI writes.
+
+Example:
+    >>> x, y = robustkit.data.load("sample-mnist", n=100)
+    >>> res = evaluate("robustkit:mnist_smallcnn_robust", x, y, attacks="clean,pgd20", eps=0.3)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from robustkit.errors import ConfigError, ModelError, user_input
+from robustkit.evaluation.protocol import EvalResult, evaluate_attacks
+
+__all__ = ["evaluate", "default_name"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate(
+    model: nn.Module | str,
+    x: Tensor | Dataset,
+    y: Tensor | None = None,
+    *,
+    attacks: str | Sequence[str] | Mapping[str, Any] = "clean,pgd20",
+    eps: float | None = None,
+    norm: Literal["Linf", "L2"] = "Linf",
+    dataset: str | None = None,
+    checkpoint: str | Path | None = None,
+    name: str | None = None,
+    subset: str | None = None,
+    batch_size: int = 256,
+    protocol: Literal["standalone", "cascade"] = "standalone",
+    aa_version: Literal["standard", "plus", "custom"] = "standard",
+    aa_attacks: Sequence[str] | None = None,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    state_dir: str | Path | None = None,
+    overwrite: bool = False,
+    progress: Any = None,
+    fingerprint: Mapping[str, Any] | None = None,
+    shard: bool = False,
+) -> EvalResult:
+    """Evaluate one model by the RobustBench protocol, as ``robustkit evaluate`` does.
+
+    Clean accuracy, then every attack on the clean-correct points (``protocol``), the
+    per-example worst case as ``robust``, and the sanity checks of AutoAttack's authors
+    (methods.md §1.5-1.6). Logs, never prints.
+
+    Args:
+        model: an ``nn.Module`` taking ``(N, C, H, W)`` in [0, 1], or a string as
+            ``--model``: a registry name (with ``checkpoint``), ``FILE.py:FN``,
+            ``robustbench:NAME`` or ``robustkit:NAME`` (a shipped reference model). A string
+            needs ``dataset`` (classes, shape, mean/std) except ``robustkit:NAME``; it is
+            built after ``seed_everything(seed)``, as the CLI builds it.
+        x: ``(N, C, H, W)`` images in [0, 1] (with ``y``), or a dataset yielding
+            ``(x, y, ...)`` (``y=None``), e.g. ``first_n(load_dataset(...), n)``.
+        y: ``(N,)`` integer labels; ``None`` with a dataset.
+        attacks: ``"clean,pgd20,autoattack"`` (the ``--attacks`` forms, a string or a list;
+            default ``"clean,pgd20"``), or a mapping name -> ``Attack`` built on ``model``.
+        eps: budget in [0, 1] pixel units; default: the dataset's for ``norm``.
+        norm: ``"Linf"`` (default) or ``"L2"``: the threat model.
+        dataset: a ``robustkit.data.DATASETS`` key; names the results and their RobustBench
+            file (``None``: no model_info file) and gives the default ``eps``.
+        checkpoint: weights for a registry or ``FILE.py:FN`` model (recorded with its sha256).
+        name: the entry's name (default: the zoo name, ``FN`` of ``FILE.py:FN``, the registry
+            name, or the model's class).
+        subset: what the images are, for the results (default ``"<N> images"``; the CLI
+            writes ``"first <N> test images"``).
+        batch_size: images per attack call; default 256.
+        protocol: ``"standalone"`` (default: each attack on every clean-correct point) or
+            ``"cascade"`` (each on the points still robust).
+        aa_version: AutoAttack's version: ``"standard"`` (default), ``"plus"``, ``"custom"``.
+        aa_attacks: with ``"custom"``, e.g. ``["apgd-ce", "apgd-t"]``.
+        seed: seed of the attacks' randomness; default 0.
+        device: where the model runs; default: a module's own device, else CUDA when
+            available.
+        state_dir: folder of resumable per-batch flags (``None``: none kept).
+        overwrite: discard a ``state_dir`` made with other settings instead of raising.
+        progress: ``progress(name, total)`` -> a bar with ``update(k)`` and ``close()``.
+        fingerprint: more settings a resume must match (the CLI adds ``data_root``).
+        shard: split the batches over the ``torch.distributed`` ranks (torchrun).
+
+    Returns:
+        ``EvalResult`` with per-sample flags, ``checks`` and the settings of ``save()``.
+
+    Raises:
+        ModelError: a model string that cannot be built or loaded.
+        ConfigError: ``attacks`` that cannot be built on this model (e.g. a torchattacks
+            argument), naming the attack.
+        ValueError: a bad argument (named), images outside [0, 1], labels outside the classes.
+        StateMismatchError: ``state_dir`` holds another evaluation (and not ``overwrite``).
+
+    Shape:
+        ``x``: ``(N, C, H, W) in [0, 1]``; ``y``: ``(N,)``.
+
+    Example:
+        >>> res = evaluate("robustkit:mnist_smallcnn_robust", x, y, attacks="clean,pgd20")
+        >>> res.to_frame()
+    """
+    from robustkit import distributed as dist
+    from robustkit.attacks.specs import build_attacks, parse_attacks, strength, targets_needed
+    from robustkit.data import DATASETS
+    from robustkit.evaluation.checks import pre_checks
+    from robustkit.evaluation.masking import post_checks
+    from robustkit.evaluation.results import format_eps, sha256_file
+
+    # before anything is loaded (evaluate_attacks checks these again, after the pre-checks)
+    if norm not in ("Linf", "L2"):
+        raise ValueError(f"norm must be 'Linf' or 'L2', got {norm!r}")
+    if protocol not in ("standalone", "cascade"):
+        raise ValueError(f"protocol must be 'standalone' or 'cascade', got {protocol!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if dataset is not None and dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {sorted(DATASETS)} or None, got {dataset!r}")
+    info = DATASETS[dataset] if dataset is not None else None
+    if eps is None:
+        if info is None:
+            raise ValueError("eps: give eps, or dataset= for the dataset's default budget")
+        eps = float(info.eps[norm])
+    data = _data(x, y)
+    n = len(data[1]) if isinstance(data, tuple) else len(data)  # type: ignore[arg-type]
+    spec = model if isinstance(model, str) else None
+    if spec is not None:
+        net = _load(spec, info, checkpoint=checkpoint, device=device, norm=norm, seed=seed)
+    elif isinstance(model, nn.Module):
+        if checkpoint is not None:
+            raise ValueError("checkpoint: only with a model string; load weights into a module "
+                             "with robustkit.models.load_weights")
+        net = model
+    else:
+        raise ValueError(f"model must be an nn.Module or a model string, got "
+                         f"{type(model).__name__}")
+    if device is None:
+        p = next(iter(list(net.parameters()) + list(net.buffers())), None)
+        device = p.device if p is not None else torch.device("cpu")
+    device = torch.device(device)
+    arch = architecture(spec, net)
+    name = name if name is not None else (default_name(spec) if spec else arch)
+    aa = list(aa_attacks) if aa_attacks is not None else None
+    if isinstance(attacks, Mapping):  # built by the caller: no names to rank by effort
+        built, specs = dict(attacks), []
+        settings = {k: {"class": type(a).__name__, **a.settings()} for k, a in built.items()}
+    else:
+        specs = parse_attacks(attacks if isinstance(attacks, str) else list(attacks))
+        with user_input(ConfigError, "attacks"):  # e.g. torchattacks:X(k=v) with a bad k
+            built, settings = build_attacks(specs, net, eps=eps, norm=norm, seed=seed,
+                                            aa_version=aa_version, aa_attacks=aa)
+    subset = subset if subset is not None else f"{n} images"
+    logger.info("%s on %s: %s, %s eps=%s, attacks: %s%s", spec or arch, dataset or "images",
+                subset, norm, format_eps(eps), ", ".join(built) or "none",
+                f"; sharded over {dist.world_size()} processes" if shard and
+                dist.world_size() > 1 else "")
+    if state_dir is not None:
+        logger.info("per-batch state in %s: the same call (command) resumes", state_dir)
+    # Every rank runs the same checks on the same first batch, so all agree on them.
+    x0, y0 = _first_batch(data, min(n, batch_size), device)
+    checks = pre_checks(net, x0, y0, num_targets=targets_needed(specs, aa_version, aa))
+    ckpt_hash = sha256_file(checkpoint) if checkpoint is not None else None
+    result = evaluate_attacks(
+        net, data, built, batch_size=batch_size, protocol=protocol, seed=seed,
+        state_dir=state_dir, overwrite=overwrite, progress=progress, device=device, norm=norm,
+        shard=shard, fingerprint={
+            "model": spec or arch, "model_code_sha256": model_code_sha256(spec),
+            "checkpoint_sha256": ckpt_hash, "dataset": dataset, "threat_model": norm,
+            "eps": eps, "attack_settings": settings, **dict(fingerprint or {})})
+    result.checks = checks + post_checks(result, eps=eps, strength=strength(specs))
+    result.meta = dict(
+        model=spec or arch, dataset=dataset, threat_model=norm, eps=eps, seed=seed,
+        subset=subset, checkpoint=checkpoint, architecture=arch, attacks=settings,
+        extra={"name": name, "batch_size": batch_size, "device": str(device),
+               "world_size": dist.world_size() if shard else 1})
+    return result
+
+
+def default_name(spec: str) -> str:
+    """The entry's name for a model string: the zoo name, the factory's function name
+    (``archs.py:lenet5_pgd`` -> ``lenet5_pgd``: one file often holds several models) or the
+    registry name.
+
+    Example:
+        >>> default_name("robustbench:Standard"), default_name("archs.py:lenet5")
+        ('Standard', 'lenet5')
+    """
+    if spec.startswith("robustbench:"):
+        return spec.partition(":")[2]
+    if ":" in spec:
+        return spec.rpartition(":")[2]
+    return spec
+
+
+def architecture(spec: str | None, model: nn.Module) -> str:
+    """The network's class (inside ``Sequential(normalize, model)``), with the registry name."""
+    inner = getattr(model, "model", None) if isinstance(model, nn.Sequential) else None
+    cls = type(inner if isinstance(inner, nn.Module) else model).__name__
+    return cls if spec is None or ":" in spec else f"{spec} ({cls})"
+
+
+def model_code_sha256(spec: str | None) -> str | None:
+    """sha256 of FILE.py of a ``FILE.py:FN`` model (None for other forms): an edited forward
+    pass with the same weights must not resume the old flags (the weights' hash cannot see it)."""
+    from robustkit.evaluation.results import sha256_file
+
+    if spec is None or spec.startswith(("robustbench:", "robustkit:")) or ":" not in spec:
+        return None
+    path = Path(spec.rpartition(":")[0])
+    return sha256_file(path) if path.is_file() else None
+
+
+def _data(x: Any, y: Any) -> Any:
+    """``(x, y)`` tensors or a dataset, checked for the form only (values: evaluate_attacks)."""
+    if isinstance(x, Tensor):
+        if not isinstance(y, Tensor):
+            raise ValueError(f"y must be a tensor of labels with a tensor x, got "
+                             f"{type(y).__name__}")
+        if x.dim() != 4 or y.dim() != 1 or len(x) != len(y) or len(x) == 0:
+            raise ValueError(f"x must be (N, C, H, W) and y (N,) with N >= 1, got "
+                             f"{tuple(x.shape)} and {tuple(y.shape)}")
+        return x, y
+    if y is not None:
+        raise ValueError("y must be None when x is a dataset (it yields the labels)")
+    if not hasattr(x, "__getitem__") or not hasattr(x, "__len__") or len(x) == 0:
+        raise ValueError(f"x must be an image tensor or a non-empty dataset, got "
+                         f"{type(x).__name__}")
+    return x
+
+
+def _first_batch(data: Any, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    if isinstance(data, tuple):
+        x, y = data
+        return x[:k].to(device), y[:k].long().to(device)
+    batch = [data[i] for i in range(k)]
+    x = torch.stack([b[0] for b in batch]).to(device)
+    return x, torch.stack([torch.as_tensor(b[1]) for b in batch]).long().to(device)
+
+
+def _load(spec: str, info: Any, *, checkpoint: Any, device: Any, norm: str,
+          seed: int) -> nn.Module:
+    """``load_model`` with the dataset's facts (or a ``robustkit:`` model card's)."""
+    from robustkit.models import load_model
+    from robustkit.utils import seed_everything
+
+    if info is not None:
+        c, h, _ = info.input_shape
+        facts = dict(num_classes=info.num_classes, in_channels=c, input_size=h, mean=info.mean,
+                     std=info.std, dataset=info.name.removeprefix("sample-"))
+    elif spec.startswith("robustkit:"):
+        from robustkit.models import model_card
+
+        arch = model_card(spec.partition(":")[2])["architecture"]
+        facts = dict(num_classes=arch["num_classes"], in_channels=arch["in_channels"],
+                     input_size=arch["input_size"])
+    else:
+        raise ValueError(f"dataset: needed to build model {spec!r} (classes, image shape, "
+                         "mean and std); give dataset=, or pass an nn.Module")
+    seed_everything(seed)  # a registry model without checkpoint: the CLI's random weights
+    # ModelError passes through; a ValueError of create_model (e.g. a bad class count) is
+    # the pairing of this model with this dataset.
+    with user_input(ModelError, f"model {spec}"):
+        return load_model(spec, checkpoint=checkpoint, threat_model=norm,
+                          device="auto" if device is None else device, **facts)
