@@ -22,11 +22,12 @@ from torch import Tensor, nn
 
 from robustkit.saliency.adaptgrad import AdaptGrad
 from robustkit.saliency.base import Explainer, Target
-from robustkit.saliency.compare import SaliencyReport, compare
+from robustkit.saliency.compare import compare
 from robustkit.saliency.display import absolute_map, percentile_scale, repo_scale, signed_map
 from robustkit.saliency.gradient import Gradient
 from robustkit.saliency.gradient_x_input import GradientXInput
 from robustkit.saliency.integrated_gradients import IntegratedGradients, Method
+from robustkit.saliency.report import SaliencyReport
 from robustkit.saliency.smoothgrad import SmoothGrad
 
 # metrics: robustkit.saliency.metrics

@@ -10,7 +10,7 @@ Example:
     >>> report = compare({"standard": std, "robust": rob}, x, y, attack="pgd20", eps=0.3)
 """
 
-from robustkit.sensitivity.compare import SensitivityReport, common_layers, compare
+from robustkit.sensitivity.compare import common_layers, compare
 from robustkit.sensitivity.intervention import intervention_test, patched_logits
 from robustkit.sensitivity.measure import (
     SensitivityMeter,
@@ -20,6 +20,7 @@ from robustkit.sensitivity.measure import (
     top_k_neurons,
 )
 from robustkit.sensitivity.pairs import adversarial_pairs, full_strength_pgd
+from robustkit.sensitivity.report import SensitivityReport
 from robustkit.sensitivity.tap import FeatureTap, resolve_layers
 
 __all__ = ["FeatureTap", "resolve_layers", "SensitivityMeter", "neuron_sensitivity",
