@@ -85,12 +85,19 @@ def _json_files(folder: Path) -> dict[str, object]:
 ])
 def test_cli_json_equals_evaluate_save(tmp_path, model, attacks, protocol):
     """The CLI's results.json, flags.json and RobustBench JSON are the library's, field for
-    field, for the same inputs; only the timings (``time_s``, ``created``) may differ."""
+    field, for the same inputs; only the timings (``time_s``, ``created``) may differ. The
+    resume fingerprints agree too: the same weights (a seeded registry model), images,
+    attacks and settings."""
     cli, lib = tmp_path / "cli", tmp_path / "lib"
     _cli_evaluate(cli, model, 16, attacks, "--protocol", protocol)
+    torch.manual_seed(123)  # another global RNG state than the CLI met: evaluate seeds itself
     x, y = load("sample-mnist", n=16)
     res = evaluate(model, x, y, attacks=attacks, dataset="sample-mnist", protocol=protocol,
-                   subset="first 16 test images", batch_size=8, device="cpu")
+                   subset="first 16 test images", batch_size=8, device="cpu",
+                   state_dir=lib / "state", fingerprint={"data_root": None})
+    fa, fb = (json.loads((d / "state" / "fingerprint.json").read_text()) for d in (cli, lib))
+    fa.pop("data_sha256"), fb.pop("data_sha256")  # hashed as stored: uint8 there, float32 in x
+    assert fa == fb and fa["model_sha256"]
     paths = res.save(lib)
     assert set(paths) == {"results", "flags", "model_info"} and all(
         p.is_file() for p in paths.values())
@@ -103,7 +110,7 @@ def test_cli_json_equals_evaluate_save(tmp_path, model, attacks, protocol):
     assert a == b
     assert a["results.json"]["protocol"]["name"] == protocol
     assert set(p.name for p in cli.iterdir()) - set(p.name for p in lib.iterdir()) == {
-        "config.yaml", "state"}  # the CLI's own: its flags and its resumable state
+        "config.yaml"}  # the CLI's own: its flags
 
 
 def test_tensors_and_a_dataset_give_the_same_result():
