@@ -35,6 +35,8 @@ model forms:
   NAME               a registry model (robustkit.models.MODELS), usually with --checkpoint
   FILE.py:FN         FN() returns an nn.Module taking [0, 1] inputs (normalising itself)
   robustbench:NAME   a RobustBench zoo model (downloads its weights; no --checkpoint)
+  robustkit:NAME     a reference model shipped with robustkit (offline), e.g.
+                     robustkit:mnist_smallcnn_robust, robustkit:mnist_smallcnn_standard
 
 attack forms (--attacks, comma separated, run in order; eps/norm from the evaluation):
   clean              always reported
@@ -71,7 +73,7 @@ def add_parser(sub) -> None:
     a = p.add_argument
     a("-c", "--config", metavar="YAML", help="settings file (keys as the flags, with "
       "underscores, e.g. configs/evaluate/cifar10_Linf.yaml); flags override it")
-    a("--model", help="NAME | FILE.py:FN | robustbench:NAME (see below)")
+    a("--model", help="NAME | FILE.py:FN | robustbench:NAME | robustkit:NAME (see below)")
     a("--checkpoint", metavar="PATH", help="weights file (loaded weights-only, strictly)")
     a("--dataset", help="mnist, cifar10, cifar100, tinyimagenet, sample-mnist, sample-cifar10")
     a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
