@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.errors import ModelError
+from robustkit.models._keys import state_dict_mismatch
 from robustkit.models.registry import MODELS, create_model
 from robustkit.utils import torch_load_plain
 
@@ -101,24 +102,6 @@ def _is_wrapper(model: nn.Module) -> bool:
     return isinstance(model, nn.Sequential) and tuple(model._modules) == _WRAPPER_CHILDREN
 
 
-def _mismatch(model: nn.Module, state: Mapping[str, Tensor]) -> str:
-    """Missing, unexpected and shape-mismatching keys, a few of each, or '' if none."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
-        if items:
-            more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
-            parts.append(f"{label} keys: {', '.join(items[:5])}{more}")
-    return "; ".join(parts)
-
-
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the weights in a checkpoint file into ``model`` strictly, returning ``model``.
 
@@ -137,7 +120,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
                     model.normalize)
         state = {f"model.{k}": v for k, v in state.items()}
         state.update({f"normalize.{k}": v for k, v in model.normalize.state_dict().items()})
-    problem = _mismatch(model, state)
+    problem = state_dict_mismatch(model, state)
     if problem:
         raise ModelError(
             f"checkpoint {str(path)!r} does not match the model ({problem}). Is --model the "

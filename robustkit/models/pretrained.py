@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from robustkit.errors import ModelError
-from robustkit.models.loading import _mismatch
+from robustkit.models._keys import state_dict_mismatch
 from robustkit.models.registry import create_model
 from robustkit.utils import torch_load_plain_bytes
 
@@ -155,7 +155,7 @@ def load_pretrained(name: str, device: str | torch.device | None = None) -> nn.M
     model = _build(name, card)
     # float16 on disk halves the wheel; compute happens in float32 as during training
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    problem = _mismatch(model, state)
+    problem = state_dict_mismatch(model, state)
     if problem:
         arch = card["architecture"]
         raise ModelError(f"robustkit:{name}: the model card's architecture ({arch.get('name')}, "
