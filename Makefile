@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-dev
 # Keep pip quiet and offline-friendly; torch/torchvision come from the machine's wheel cache.
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: install demo test test-slow bench lint clean samples mutate
+.PHONY: install demo test test-slow bench lint clean samples mutate docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ mutate: $(STAMP)
 	@test -n "$(MODULE)" || { echo "usage: make mutate MODULE=robustkit/<path>.py [TESTS='tests/...']" >&2; exit 2; }
 	$(PY) tests/mutate.py "$(MODULE)" --tests "$(TESTS)"
 
+# The documentation site (mkdocs-material + mkdocstrings, both in the dev extra); warnings fail it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check robustkit tests benchmarks train evaluate
 
@@ -50,4 +54,4 @@ samples: $(STAMP)
 	$(PY) train/prepare_samples.py
 
 clean:
-	rm -rf $(VENV) runs bench_results *.egg-info .mutate
+	rm -rf $(VENV) runs bench_results *.egg-info .mutate site
