@@ -81,7 +81,7 @@ class EvalResult:
         checks: pre- and post-checks (``Check``), set by ``robustkit.evaluate``.
         meta: the settings ``to_dict``/``save`` record, set by ``robustkit.evaluate``.
 
-    Example:
+    Examples:
         >>> res.accuracy()["robust"]
         >>> res.components["autoattack"]["apgd-ce"].float().mean()
     """
