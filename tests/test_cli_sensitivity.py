@@ -231,7 +231,7 @@ def test_source_model_measures_every_model_on_identical_pairs(tmp_path, archs):
 
 def test_models_with_different_layers_compare_the_common_ones(tmp_path, archs, caplog):
     out = tmp_path / "out"
-    with caplog.at_level(logging.WARNING, logger="robustkit.cli.sensitivity"):
+    with caplog.at_level(logging.WARNING, logger="robustkit.sensitivity.compare"):
         rc, _ = _run(out, "--model", archs("tiny_a"), "--model", archs("tiny_extra"),
                      "--n-examples", "4")
     assert rc == 0

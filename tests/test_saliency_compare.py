@@ -21,7 +21,7 @@ from scipy.stats import wilcoxon
 from robustkit.attacks import PGD
 from robustkit.cli import main
 from robustkit.data import first_n, load_dataset
-from robustkit.saliency import Gradient, SaliencyReport, compare
+from robustkit.saliency import Gradient, SaliencyReport, compare, create_explainer
 from robustkit.saliency import metrics as M
 from robustkit.testing import TinyCNN
 
@@ -146,6 +146,10 @@ def test_maps_and_metrics_are_the_computed_ones(both):
                                        rtol=1e-6)
             with torch.no_grad():
                 assert torch.equal(report.predicted[label][key], model(xi).argmax(1))
+        # AdaptGrad seeded by --seed once per model and explainer, batches drawn in turn
+        ag = create_explainer("adaptgrad", model, n_samples=2, seed=SEED)
+        torch.testing.assert_close(report.attributions["adaptgrad"][label]["clean"], torch.cat(
+            [ag.attribute(x[i:i + BATCH], target=y[i:i + BATCH]) for i in range(0, N, BATCH)]))
         residual = images[(images.model == label) & (images.metric == "adaptgrad_residual")
                           & (images.input == "clean")]
         np.testing.assert_allclose(residual["value"], M.adaptgrad_residual(

@@ -76,14 +76,24 @@ def _images_text(s: Mapping[str, Any], shown: int | None = None) -> str:
 
 
 def grid_title(explainer: str, settings: Mapping[str, Any], rows: int) -> str:
-    """The title of ``explainer``'s grid showing the first ``rows`` images."""
+    """The title of ``explainer``'s grid showing the first ``rows`` images.
+
+    Example:
+        >>> grid_title("gradient", summary["settings"], 8)
+        "gradient: maps of the true label's logit on x and on x' (pgd20 white-box, ...); ..."
+    """
     return (f"{explainer}: maps of the true label's logit on x and on x' "
             f"({_attack_text(settings)}); {_images_text(settings, rows)}")
 
 
 def write_csv(rows: Sequence[Sequence[Any]], path: str | os.PathLike) -> Path:
     """``metrics.csv``: ``index,model,explainer,input,metric,value``, one row per image, model,
-    explainer, input and metric; values as Python's ``repr`` (round-trips exactly)."""
+    explainer, input and metric; values as Python's ``repr`` (round-trips exactly).
+
+    Example:
+        >>> write_csv(report.rows, "runs/inspect/metrics.csv")
+        PosixPath('runs/inspect/metrics.csv')
+    """
     import csv
 
     from robustkit.utils import atomic_write, output_errors
@@ -226,7 +236,12 @@ def _intro(summary: Mapping[str, Any]) -> str:
 
 def html_tables(summary: Mapping[str, Any]) -> str:
     """An HTML fragment for notebooks (``SaliencyReport._repr_html_``): the settings line, the
-    models' accuracies and kinds, the metric means and the paired differences."""
+    models' accuracies and kinds, the metric means and the paired differences.
+
+    Example:
+        >>> fragment = html_tables(report.to_dict())
+        >>> IPython.display.HTML(fragment)
+    """
     return "\n".join([f"<p><b>Saliency</b>: {_intro(summary)}</p>", *_models_table(summary),
                        *_metric_tables(summary)])
 
@@ -268,7 +283,12 @@ def _fmt(v, interval) -> str:
 
 def text_table(summary: Mapping[str, Any]) -> str:
     """The table ``robustkit inspect`` prints: accuracies and kinds, then per explainer, metric
-    and input each model's mean [95 % CI] and each paired difference with d_z and p."""
+    and input each model's mean [95 % CI] and each paired difference with d_z and p.
+
+    Example:
+        >>> text = text_table(json.loads(Path("runs/inspect/summary.json").read_text()))
+        >>> print(text)
+    """
     s = summary["settings"]
     attack = (f"{s['attack']} white-box, Linf eps = {s['eps_text']}" if s.get("attack")
               else "given x'")

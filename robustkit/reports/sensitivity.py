@@ -207,6 +207,10 @@ def figures(report: Mapping[str, Any], sigmas: Mapping[str, Mapping[str, Any]]
             ) -> dict[str, Any]:
     """The three figures: ``{"sigma_mean", "sigma_hist", "intervention"}`` (``FIGURES``' stems).
 
+    Example:
+        >>> figs = figures(report.to_dict(), report.sigma)
+        >>> figs["sigma_mean"].savefig("sigma_mean.pdf")
+
     Args:
         report: the ``sensitivity.json`` content (``models``, ``common_layers``, ``settings``).
         sigmas: ``{model label: {layer: (C,) σ per neuron}}`` (tensors or arrays).
@@ -275,7 +279,12 @@ def _tensor(values: Any):
 
 def text_table(report: Mapping[str, Any]) -> str:
     """The table ``robustkit sensitivity`` prints: accuracies per model, then per layer and
-    model mean σ [95 % CI], relative σ, top-k mean σ, the intervention, and the overlaps."""
+    model mean σ [95 % CI], relative σ, top-k mean σ, the intervention, and the overlaps.
+
+    Example:
+        >>> text = text_table(json.loads(Path("runs/sens/sensitivity.json").read_text()))
+        >>> print(text)
+    """
     s = report["settings"]
     if s.get("attack"):
         how = f"x' from {s['source_model']}" if s.get("source_model") else "white-box"
@@ -309,7 +318,12 @@ def text_table(report: Mapping[str, Any]) -> str:
 
 def html_tables(report: Mapping[str, Any]) -> str:
     """An HTML fragment for notebooks (``SensitivityReport._repr_html_``): the accuracies and,
-    per layer and model, mean σ [95 % CI], relative σ and the intervention."""
+    per layer and model, mean σ [95 % CI], relative σ and the intervention.
+
+    Example:
+        >>> fragment = html_tables(report.to_dict())
+        >>> IPython.display.HTML(fragment)
+    """
     from robustkit.reports.html import ci, num, table
 
     s = report["settings"]

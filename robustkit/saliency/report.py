@@ -69,7 +69,12 @@ class SaliencyReport:
     confidence: dict[str, dict[str, Tensor]]
 
     def to_dict(self, tensorboard: bool = True) -> dict[str, Any]:
-        """The ``summary.json`` content (a copy) that ``save(tensorboard=...)`` writes."""
+        """The ``summary.json`` content (a copy) that ``save(tensorboard=...)`` writes.
+
+        Example:
+            >>> d = report.to_dict()
+            >>> [p for p in d["pairs"] if p["metric"] == "sparseness"]
+        """
         from robustkit.reports.inspect import grid_filename
 
         out: dict[str, Any] = {"n": self.n, "models": self.models}
@@ -132,7 +137,12 @@ class SaliencyReport:
             for ex in s["explainers"]}
 
     def table(self) -> str:
-        """The text table ``robustkit inspect`` prints."""
+        """The text table ``robustkit inspect`` prints.
+
+        Example:
+            >>> print(report.table())
+            saliency on the first 16 sample-mnist test images: pgd20 white-box, ...
+        """
         from robustkit.reports.inspect import text_table
 
         return text_table(self.to_dict())
@@ -149,6 +159,10 @@ class SaliencyReport:
 
         Raises:
             OutputError: the folder cannot be created or written.
+
+        Example:
+            >>> report.save("runs/inspect", tensorboard=False)
+            PosixPath('runs/inspect/summary.json')
         """
         from robustkit.reports.inspect import (
             grid_filename,

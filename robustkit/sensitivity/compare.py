@@ -62,6 +62,7 @@ def common_layers(models: Mapping[str, nn.Module], layers: Sequence[str] | str =
 
     Example:
         >>> common, skipped = common_layers({"a": model_a, "b": model_b}, "auto")
+        >>> skipped["b"]                       # b's layers that a lacks
     """
     own: dict[str, list[str]] = {}
     for lb, model in models.items():

@@ -42,7 +42,12 @@ class _NullBar:
 
 
 def null_progress(name: str, total: int) -> _NullBar:
-    """The default ``progress``: a bar that shows nothing."""
+    """The default ``progress``: a bar that shows nothing.
+
+    Example:
+        >>> with null_progress("attack", len(x)) as bar:
+        ...     bar.update(len(x))
+    """
     return _NullBar()
 
 
@@ -53,8 +58,9 @@ def parse_pair_attack(attack: str):
         ValueError: any other attack, restarts (``pgd20x5``) or a bad step count.
 
     Example:
-        >>> parse_pair_attack("pgd20").steps
-        20
+        >>> spec = parse_pair_attack("pgd20")
+        >>> spec.kind, spec.steps
+        ('pgd', 20)
     """
     from robustkit.attacks.specs import parse_attacks
 
@@ -69,8 +75,9 @@ def pair_attack_settings(attack: str, eps: float) -> dict[str, Any]:
     """The ``PGD`` keyword arguments of the full-strength attack (recorded in the reports).
 
     Example:
-        >>> pair_attack_settings("cw10", 0.3)["loss"]
-        'cw'
+        >>> kw = pair_attack_settings("cw10", 0.3)
+        >>> kw["loss"], kw["alpha"], kw["select"]
+        ('cw', 0.075, 'last')
     """
     from robustkit.attacks.specs import ALPHA_FRACTION
 
@@ -102,7 +109,12 @@ def full_strength_pgd(model: nn.Module, attack: str = "pgd20", *, eps: float, se
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Where ``model`` computes: its first parameter's (or buffer's) device, else the CPU."""
+    """Where ``model`` computes: its first parameter's (or buffer's) device, else the CPU.
+
+    Example:
+        >>> xb = x[:64].to(model_device(model))
+        >>> logits = model(xb)
+    """
     for t in (*model.parameters(), *model.buffers()):
         return t.device
     return torch.device("cpu")
@@ -124,7 +136,8 @@ def adversarial_pairs(attack: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: 
     Shape: returns ``(N, C, H, W)`` on the CPU.
 
     Example:
-        >>> x_adv = adversarial_pairs(full_strength_pgd(model, eps=0.3), x, y, batch_size=64)
+        >>> pgd = full_strength_pgd(model, "pgd20", eps=0.3, seed=0)
+        >>> x_adv = adversarial_pairs(pgd, x, y, batch_size=64)
     """
     if device is None:
         model = getattr(attack, "model", None)

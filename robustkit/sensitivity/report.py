@@ -58,7 +58,12 @@ class SensitivityReport:
     y: Tensor
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``sensitivity.json`` content (a copy), as ``save`` writes it."""
+        """The ``sensitivity.json`` content (a copy), as ``save`` writes it.
+
+        Example:
+            >>> d = report.to_dict()
+            >>> d["models"]["robust"]["layers"]["model.classifier.fc1"]["ci95"]
+        """
         from robustkit.reports.sensitivity import FIGURES
 
         return copy.deepcopy({"models": self.models, "common_layers": self.common_layers,
@@ -114,7 +119,12 @@ class SensitivityReport:
         return figures(self.to_dict(), self.sigma)
 
     def table(self) -> str:
-        """The text table ``robustkit sensitivity`` prints."""
+        """The text table ``robustkit sensitivity`` prints.
+
+        Example:
+            >>> print(report.table())
+            neuron sensitivity on the first 200 sample-mnist test images: pgd20 (white-box), ...
+        """
         from robustkit.reports.sensitivity import text_table
 
         return text_table(self.to_dict())
@@ -131,6 +141,10 @@ class SensitivityReport:
 
         Raises:
             OutputError: the folder cannot be created or written.
+
+        Example:
+            >>> report.save("runs/sens", save_adv=True)
+            PosixPath('runs/sens/sensitivity.json')
         """
         import io
 
