@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,13 +60,14 @@ class SaliencyReport:
     pairs: list[dict[str, Any]]
     settings: dict[str, Any]
     box_chance: float | None
-    rows: list[Row]
-    x: Tensor
-    y: Tensor
-    x_adv: dict[str, Tensor]
-    attributions: dict[str, dict[str, dict[str, Tensor]]]
-    predicted: dict[str, dict[str, Tensor]]
-    confidence: dict[str, dict[str, Tensor]]
+    # per-image rows and tensors stay out of repr(): a console shows the summary, not pixels
+    rows: list[Row] = field(repr=False)
+    x: Tensor = field(repr=False)
+    y: Tensor = field(repr=False)
+    x_adv: dict[str, Tensor] = field(repr=False)
+    attributions: dict[str, dict[str, dict[str, Tensor]]] = field(repr=False)
+    predicted: dict[str, dict[str, Tensor]] = field(repr=False)
+    confidence: dict[str, dict[str, Tensor]] = field(repr=False)
 
     def to_dict(self, tensorboard: bool = True) -> dict[str, Any]:
         """The ``summary.json`` content (a copy) that ``save(tensorboard=...)`` writes.

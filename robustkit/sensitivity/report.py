@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,10 +52,11 @@ class SensitivityReport:
     common_layers: list[str]
     pairs: list[dict[str, Any]]
     settings: dict[str, Any]
-    sigma: dict[str, dict[str, Tensor]]
-    relative: dict[str, dict[str, Tensor]]
-    x_adv: dict[str, Tensor]
-    y: Tensor
+    # tensors stay out of repr(): a console shows the numbers, not pages of pixels
+    sigma: dict[str, dict[str, Tensor]] = field(repr=False)
+    relative: dict[str, dict[str, Tensor]] = field(repr=False)
+    x_adv: dict[str, Tensor] = field(repr=False)
+    y: Tensor = field(repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``sensitivity.json`` content (a copy), as ``save`` writes it.
