@@ -359,3 +359,21 @@ def test_tinyimagenet_boxes_from_the_real_val_split(shared_data, tmp_path):
         float(M.box_area_fraction(val.boxes, 64, 64).mean()))
     # the boxes are not all the full image, so the metric is informative here
     assert summary["box_chance"] < 0.9
+
+
+def test_the_text_table_keeps_d_z_and_p_apart_in_exponent_form():
+    """A p of 3.05e-05 ran into d_z ("4.613.05e-05"): every column stays separated."""
+    from robustkit.reports.inspect import text_table
+
+    summary = {
+        "settings": {"attack": "pgd10", "eps_text": "0.3", "n": 16, "dataset": "sample-mnist"},
+        "models": {lb: {"clean_accuracy": 1.0, "adv_accuracy": 0.5, "kind": lb,
+                                 "kind_source": "given"} for lb in ("standard", "robust")},
+        "metrics": [{"explainer": "adaptgrad", "metric": "sparseness", "input": "x", "model": lb,
+                     "mean": 0.5, "ci95": [0.4, 0.6]} for lb in ("standard", "robust")],
+        "pairs": [{"explainer": "adaptgrad", "metric": "sparseness", "input": "x",
+                   "diff_mean": 0.1, "ci95": [0.05, 0.15], "d_z": -14.61,
+                   "wilcoxon_p": 3.05e-05}],
+    }
+    row = text_table(summary).splitlines()[-1]
+    assert "-14.61" in row.split() and "3.05e-05" in row.split()

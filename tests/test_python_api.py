@@ -122,6 +122,9 @@ def test_tensors_and_a_dataset_give_the_same_result():
     assert torch.equal(a.clean, b.clean) and torch.equal(a.correct["pgd3"], b.correct["pgd3"])
     assert a.meta["model"] == "SmallCNN" and a.meta["extra"]["name"] == "SmallCNN"
     assert a.meta["subset"] == "12 images" and a.meta["dataset"] is None
+    # without a dataset the table and the figure say what they know, not "on None"
+    assert "None" not in a.table() and "SmallCNN, 12 images, Linf eps = 0.3" in a.table()
+    assert "None" not in a._repr_html_() and "on images" not in a._repr_html_()
 
 
 def test_evaluate_a_module_with_built_attacks(tmp_path):

@@ -105,7 +105,8 @@ def _title(result: Any) -> str:
         return f"{result.n} images, protocol {result.protocol}"
     from robustkit.evaluation.results import format_eps
 
-    return (f"{m['extra']['name']} on {m['dataset'] or 'images'}, {m['subset']}, "
+    where = f" on {m['dataset']}" if m["dataset"] else ""  # tensors given without a dataset
+    return (f"{m['extra']['name']}{where}, {m['subset']}, "
             f"{m['threat_model']} eps = {format_eps(m['eps'])}")
 
 
@@ -128,7 +129,8 @@ def table(result: Any) -> str:
     AutoAttack's sub-attacks; failed checks first, then warnings)."""
     r = to_dict(result)
     n = r["n_examples"]
-    lines = [f"\n{r['name']} on {r['dataset']}, {r['subset']}, {r['threat_model']} "
+    where = f" on {r['dataset']}" if r["dataset"] else ""  # tensors given without a dataset
+    lines = [f"\n{r['name']}{where}, {r['subset']}, {r['threat_model']} "
              f"eps = {r['eps_text']} ({r['eps']:.6f}), protocol {r['protocol']['name']}",
              f"  {'attack':<28}{'accuracy':>10}{'correct':>14}{'time':>10}"]
     for key, acc in r["accuracy"].items():

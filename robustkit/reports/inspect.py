@@ -304,7 +304,7 @@ def text_table(summary: Mapping[str, Any]) -> str:
              for r in summary["metrics"]}
     cw = 30
     header = "".join(f"{lb[:cw - 2]:<{cw}}" for lb in labels)
-    pair_heads = "".join(f"{(b + ' - ' + labels[0])[:cw - 2]:<{cw}}{'d_z':>7}{'p':>8}  "
+    pair_heads = "".join(f"{(b + ' - ' + labels[0])[:cw - 2]:<{cw}}{'d_z':>8}{'p':>10}  "
                          for b in labels[1:])
     lines.append(f"\n  {'explainer':<14}{'metric':<20}{'input':<7}{header}{pair_heads}")
     for ex, metric, key in dict.fromkeys((r["explainer"], r["metric"], r["input"])
@@ -316,6 +316,6 @@ def text_table(summary: Mapping[str, Any]) -> str:
             if (p["explainer"], p["metric"], p["input"]) == (ex, metric, key):
                 pv = "-" if p["wilcoxon_p"] is None else f"{p['wilcoxon_p']:.3g}"
                 dz = "-" if p.get("d_z") is None else f"{p['d_z']:.2f}"
-                diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{dz:>7}{pv:>8}  "
+                diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{dz:>8}{pv:>10}  "
         lines.append(f"  {ex:<14}{metric:<20}{key:<7}{cells}{diffs}")
     return "\n".join(lines)
