@@ -13,7 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    TensorDataset,
+)
 
 from robustkit.attacks.base import AttackResult
 from robustkit.attacks.pgd import PGD
@@ -158,12 +164,121 @@ def test_one_epoch_per_objective_and_resume_state(tmp_path, name):
     assert again.fit(toy_loader(32, 16)).epoch == 2
 
 
+def test_the_objectives_per_sample_memory_comes_back_with_the_checkpoint(tmp_path):
+    """SRD-DAT with score_ema keeps a per-sample score: the resumed objective holds the saved
+    one, not a fresh (empty) memory."""
+    model = tiny()
+    trainer = trainer_for(model, create_objective("srd_dat", model, k_max=2, score_ema=0.5))
+    trainer.fit(toy_loader(32, 16))
+    save_checkpoint(tmp_path / "c.pt", trainer.state_dict())
+    saved = load_checkpoint(tmp_path / "c.pt")["objective"]
+    assert saved and all(v.numel() == 32 for v in saved.values())
+    fresh = tiny(seed=1)
+    again = trainer_for(fresh, create_objective("srd_dat", fresh, k_max=2, score_ema=0.5))
+    again.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+    restored = again.objective.state_dict()
+    assert restored.keys() == saved.keys()
+    assert all(torch.equal(restored[k], v) for k, v in saved.items())
+
+
 def test_callbacks_fire_in_order_and_any_object_works():
     rec, only = Recorder(), OnlyEpochs()
     trainer_for(tiny(), epochs=2, callbacks=[rec, only]).fit(toy_loader(48, 16))
     epoch = ["batch"] * 3 + ["epoch"]
     assert rec.events == ["fit_start", *epoch, *epoch, "fit_end"]
     assert only.n == 2
+
+
+def test_a_failing_run_hands_the_error_to_on_exception_and_raises_it():
+    """An error inside fit reaches every callback's on_exception (TensorBoard closes its writer
+    there), as the error itself, and then propagates."""
+
+    class Boom(CE):
+        def loss(self, x, y, adv, ctx):
+            if ctx.step == 1:
+                raise RuntimeError("boom at step 1")
+            return super().loss(x, y, adv, ctx)
+
+    seen = []
+
+    class Watch:
+        def on_exception(self, trainer, error):
+            seen.append((trainer.state.step, error))
+
+    model = tiny()
+    with pytest.raises(RuntimeError, match="boom at step 1") as err:
+        trainer_for(model, Boom(model), callbacks=[Watch(), Watch()]).fit(toy_loader(32, 16))
+    assert seen == [(1, err.value), (1, err.value)]
+
+
+class EpochsSeen(DistributedSampler):
+    """A DistributedSampler that records the epochs it was set to."""
+
+    def __init__(self, dataset):
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
+        self.epochs = []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+        super().set_epoch(epoch)
+
+
+class Prefetcher:
+    """A loader wrapper that is not a DataLoader but exposes its sampler (a CUDA prefetcher)."""
+
+    def __init__(self, loader):
+        self.loader, self.sampler = loader, loader.sampler
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+@pytest.mark.parametrize("shape", ["sampler", "batch_sampler", "wrapper"])
+def test_the_distributed_sampler_gets_every_epoch_however_it_is_held(shape):
+    """set_epoch(e) before epoch e (a new, reproducible order per epoch) whether the sampler is
+    the DataLoader's sampler, inside its batch_sampler, or exposed by a wrapper."""
+    x, y = separable_toy_data(32)
+    ds = TensorDataset(x, y)
+    sampler = EpochsSeen(ds)
+    if shape == "batch_sampler":
+        loader = DataLoader(ds, batch_sampler=BatchSampler(sampler, 16, drop_last=False))
+    else:
+        loader = DataLoader(ds, batch_size=16, sampler=sampler)
+        loader = Prefetcher(loader) if shape == "wrapper" else loader
+    assert trainer_for(tiny(), epochs=3).fit(loader).step == 6
+    assert sampler.epochs == [0, 1, 2]
+
+
+def test_any_iterable_of_batches_is_a_loader():
+    """A plain list of (x, y) batches (no sampler, no batch_sampler) trains; on_batch_end gets
+    each batch as the loader gave it."""
+    x, y = separable_toy_data(32)
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    seen = []
+
+    class Batches:
+        def on_batch_end(self, trainer, out, batch):
+            seen.append(batch)
+
+    assert trainer_for(tiny(), epochs=2, callbacks=[Batches()]).fit(batches).step == 4
+    assert len(seen) == 4 and all(a is b for a, b in zip(seen, batches * 2, strict=True))
+
+
+def test_an_epoch_without_batches_reports_the_lr_it_would_use():
+    state = trainer_for(tiny(), lr=0.05).fit([])
+    assert state.epoch == 1 and state.step == 0 and state.metrics["lr"] == 0.05
+
+
+def test_throughput_is_images_per_second_of_the_epoch():
+    """train/throughput x the epoch's wall time = its 32 images (the time measured inside fit is
+    at most the time around it)."""
+    import time
+
+    trainer = trainer_for(tiny())
+    start = time.perf_counter()
+    state = trainer.fit(toy_loader(32, 16))
+    wall = time.perf_counter() - start
+    assert 0 < 32 / state.metrics["train/throughput"] <= wall
 
 
 def test_xy_batches_without_idx_and_ctx():
@@ -178,6 +293,100 @@ def test_xy_batches_without_idx_and_ctx():
     trainer_for(model, Spy(model), epochs=2).fit(toy_loader(32, 16, with_idx=False))
     assert [(e, s) for e, _, s, _ in seen] == [(0, 0), (0, 1), (1, 2), (1, 3)]
     assert all(t == 2 and idx is None for _, t, _, idx in seen)
+    seen.clear()  # (x, y, idx) batches: ctx.idx is the batch's dataset indices
+    trainer_for(model, Spy(model), epochs=1).fit(toy_loader(32, 16))
+    assert [idx.tolist() for *_, idx in seen] == [list(range(16)), list(range(16, 32))]
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_not_moved_by_it():
+    """Gradients are cleared to None before each step, so SGD's momentum does not carry a
+    parameter that the step's loss does not reach (a head used by the first step only)."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(64, 2), nn.Linear(64, 2)
+
+        def forward(self, x):
+            return self.a(x.flatten(1))
+
+    class FirstStepUsesB(CE):
+        def loss(self, x, y, adv, ctx):
+            out = super().loss(x, y, adv, ctx)
+            if ctx.step == 0:
+                extra = self.model.b(x.flatten(1)).square().mean()
+                return ObjectiveOutput(out.loss + extra, out.logits, out.metrics)
+            return out
+
+    torch.manual_seed(0)
+    model = TwoHeads()
+    moved = []
+
+    class WatchB:
+        def on_batch_end(self, trainer, out, batch):
+            moved.append(model.b.weight.detach().clone())
+
+    initial = model.b.weight.detach().clone()
+    trainer_for(model, FirstStepUsesB(model), epochs=1, callbacks=[WatchB()]).fit(
+        toy_loader(48, 16))
+    assert not torch.equal(initial, moved[0])  # the first step moved it, no other did
+    assert torch.equal(moved[0], moved[1]) and torch.equal(moved[1], moved[2])
+
+
+class Scores:
+    """A fake held-out evaluation: ``eval/pgd20`` of each epoch in turn."""
+
+    def __init__(self, *values):
+        self.values = iter(values)
+
+    def on_epoch_end(self, trainer):
+        trainer.state.metrics["eval/pgd20"] = next(self.values)
+
+
+def test_a_resumed_run_keeps_the_best_so_far(tmp_path):
+    """best and best_epoch come back with last.pt: after the resume, an epoch scoring below the
+    interrupted run's best does not replace best.pt."""
+    first = trainer_for(tiny(), epochs=1, callbacks=[Scores(0.5), CheckpointCallback(tmp_path)])
+    first.fit(toy_loader(32, 16))
+    again = trainer_for(tiny(seed=1), epochs=2,
+                        callbacks=[Scores(0.3), CheckpointCallback(tmp_path)])
+    again.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
+    assert (again.state.best, again.state.best_epoch) == (0.5, 1)
+    state = again.fit(toy_loader(32, 16))
+    assert (state.best, state.best_epoch) == (0.5, 1)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+def test_a_resume_with_no_epoch_left_reports_the_checkpoints_final_metrics(tmp_path):
+    """Resumed from the last.pt of a finished run, fit trains nothing and its state holds the
+    final epoch's metrics (what the CLI's summary and TensorBoard's hparams read); a checkpoint
+    of an untrained run resumes with none."""
+    t = trainer_for(tiny(), epochs=2, callbacks=[Scores(0.3, 0.4)])
+    t.fit(toy_loader(32, 16))
+    save_checkpoint(tmp_path / "c.pt", t.state_dict())
+    again = trainer_for(tiny(seed=1), epochs=2)
+    again.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+    state = again.fit(toy_loader(32, 16))
+    assert state.epoch == 2 and state.step == 4
+    assert state.metrics == t.state.history[-1] and state.metrics["eval/pgd20"] == 0.4
+    save_checkpoint(tmp_path / "untrained.pt", trainer_for(tiny()).state_dict())
+    fresh = trainer_for(tiny(seed=1))
+    fresh.load_state_dict(load_checkpoint(tmp_path / "untrained.pt"))
+    assert (fresh.state.epoch, fresh.state.metrics, fresh.state.history) == (0, {}, [])
+
+
+def test_the_trainer_runs_where_the_model_is_unless_told():
+    """device=None takes the model's device (a model on the meta device stands in for a GPU);
+    a model without parameters trains on the CPU; an explicit device moves the model."""
+    model = tiny().to("meta")
+    assert trainer_for(model).device == torch.device("meta")
+    model = tiny()  # an explicit device wins, and the model is moved there
+    assert trainer_for(model, device="meta").device == torch.device("meta")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    bare = nn.Flatten()
+    t = Trainer(bare, CE(bare), torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1),
+                epochs=1)
+    assert t.device == torch.device("cpu")
 
 
 def test_best_and_last_written(tmp_path):
@@ -221,6 +430,43 @@ def test_a_collapse_of_held_out_robustness_is_warned_and_best_pt_keeps_the_good_
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_step_in_which_no_parameter_gets_a_gradient_is_not_a_non_finite_stop(device):
+    """A frozen model (the loss reaches only the input): no gradient to check or clip; the
+    step runs, changes nothing and is counted."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    class InputOnly(CE):
+        def loss(self, x, y, adv, ctx):
+            return super().loss(x.clone().requires_grad_(True), y, adv, ctx)
+
+    model = tiny().to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    before = [p.clone() for p in model.parameters()]
+    state = trainer_for(model, InputOnly(model)).fit(toy_loader(32, 16))
+    assert state.step == 2 and np.isfinite(state.metrics["train/loss"])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=True))
+
+
+def test_the_gradient_norm_of_a_half_precision_model_is_taken_in_float32():
+    """A float16 model whose gradients are finite (3000 each) but whose global norm (3000 x
+    sqrt(2000) = 1.3e5) is above float16's largest number (65504) is not stopped as non-finite:
+    the norm is accumulated in float32."""
+
+    class Large(Objective):
+        def loss(self, x, y, adv, ctx):
+            logits = self.model(x.flatten(1).half()).float()
+            return ObjectiveOutput((self.model.weight.float() * 3000).sum(), logits, {})
+
+    model = nn.Linear(1000, 2).half()
+    x = torch.rand(8, 1000)
+    loader = DataLoader(TensorDataset(x, torch.zeros(8, dtype=torch.long)), batch_size=4)
+    state = trainer_for(model, Large(model), lr=1e-6).fit(loader)
+    assert state.step == 2
+
+
 def test_grad_clip_bounds_the_update():
     x, y = separable_toy_data(16, (3, 8, 8), num_classes=10)
     loader = DataLoader(TensorDataset(x * 50, y), batch_size=16)  # large inputs: large gradients
@@ -256,17 +502,45 @@ def test_non_finite_loss_stops_before_the_step(tmp_path):
             out = super().loss(x, y, adv, ctx)
             if ctx.epoch == 1:
                 out.loss = out.loss * float("nan")
+                out.metrics["marker"] = torch.tensor(0.1234567)
             return out
 
     model = tiny()
     trainer = trainer_for(model, NaNAtEpoch1(model), epochs=3,
                           callbacks=[CheckpointCallback(tmp_path)])
-    with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 2 .*loss/ce"):
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1 step 2 .*loss/ce") as err:
         trainer.fit(toy_loader(32, 16))
+    # the batch's metrics (6 decimals) and what to do, in the one line the CLI prints
+    assert str(err.value).startswith("non-finite loss nan at epoch 1 step 2 (metrics {")
+    assert "'marker': 0.123457}" in str(err.value)
+    assert str(err.value).endswith(
+        "); stopped before the optimizer step: weights and the last checkpoint are intact; "
+        "lower optim.lr, set trainer.grad_clip, or resume from last.pt")
     last = load_checkpoint(tmp_path / "last.pt")
     assert last["epoch"] == 1 and last["step"] == 2
     for k, v in model.named_parameters():  # no optimizer step after the NaN
         assert torch.equal(v, last["model"][k]), k
+
+
+class Hooks(CE):
+    """CE that counts the trainer's after_step and abort_step calls."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.after = self.abort = 0
+
+    def after_step(self):
+        self.after += 1
+
+    def abort_step(self):
+        self.abort += 1
+
+
+def test_after_step_follows_every_applied_step_and_abort_step_none():
+    model = tiny()
+    hooks = Hooks(model)
+    trainer_for(model, hooks, epochs=2).fit(toy_loader(32, 16))
+    assert (hooks.after, hooks.abort) == (4, 0)
 
 
 class NaNGrad(torch.autograd.Function):
@@ -361,13 +635,38 @@ def test_fp16_overflow_is_skipped_until_the_loss_scale_reaches_one():
     _assert_intact(model, snap)  # steps 1 and 2 were skipped: still the weights after step 0
 
 
-def test_amp_ignored_on_cpu_with_warning(caplog):
+class DtypeSpy(CE):
+    """CE that records each forward's logits dtype and whether autocast was on."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen = set()
+
+    def loss(self, x, y, adv, ctx):
+        out = super().loss(x, y, adv, ctx)
+        self.seen.add((out.logits.dtype, torch.is_autocast_enabled(x.device.type)))
+        return out
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_ignored_on_cpu_with_warning(caplog, amp):
+    """amp on the CPU is accepted and ignored: the forward runs in float32, outside any
+    autocast."""
     model = tiny()
+    spy = DtypeSpy(model)
     with caplog.at_level(logging.WARNING, logger="robustkit.training.trainer"):
-        trainer = trainer_for(model, amp="bf16", device="cpu")
-    assert trainer.amp == "off" and "ignored" in caplog.text
+        trainer = trainer_for(model, spy, amp=amp, device="cpu")
+    assert trainer.amp == "off"
+    assert caplog.messages == [f"amp={amp!r} ignored on cpu: training stays float32"]
     trainer.fit(toy_loader(32, 16))
     assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert spy.seen == {(torch.float32, False)}
+    # channels_last is a CUDA speed-up: on the CPU the conv weights keep their layout
+    assert not trainer.channels_last and model.features[0].weight.is_contiguous()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="robustkit.training.trainer"):
+        trainer_for(tiny(), amp="off", device="cpu")
+    assert caplog.messages == []  # nothing was asked for, nothing is ignored
 
 
 @pytest.mark.parametrize("kw", [dict(epochs=0), dict(amp="fp32"), dict(grad_clip=0.0),
@@ -475,14 +774,85 @@ def test_cuda_amp_channels_last_and_clip(amp):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     model = tiny().cuda()
-    trainer = trainer_for(model, epochs=3, amp=amp, grad_clip=1.0)
+    spy = DtypeSpy(model)
+    trainer = trainer_for(model, spy, epochs=3, amp=amp, grad_clip=1.0)
     assert trainer.amp == amp and trainer.channels_last
     assert model.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     state = trainer.fit(toy_loader(128, 32, shuffle=True))
+    half = {"off": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    assert spy.seen == {(half, amp != "off")}  # the forward ran under autocast in that dtype
     assert state.history[-1]["train/loss"] < 0.5 * state.history[0]["train/loss"]
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast, not .half()
     if amp == "fp16":  # GradScaler in use: its scale is part of the resume state
         assert trainer.state_dict()["scaler"]["scale"] > 0
+    else:  # no loss scaling without fp16: nothing to resume
+        assert trainer.state_dict()["scaler"] == {}
+
+
+@pytest.mark.gpu
+def test_cuda_conv_batches_arrive_on_the_device_in_channels_last():
+    """On CUDA a conv model trains in channels_last and its 4-D batches are moved there in
+    that layout (3 channels: a 1-channel batch is both layouts at once); labels and indices
+    are moved too."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    seen = set()
+
+    class Layout(CE):
+        def loss(self, x, y, adv, ctx):
+            seen.add((x.device.type, x.is_contiguous(memory_format=torch.channels_last),
+                      x.is_contiguous(), y.device.type, ctx.idx.device.type))
+            return super().loss(x, y, adv, ctx)
+
+    torch.manual_seed(0)
+    model = TinyCNN(in_channels=3, num_classes=2, size=8).cuda()
+    x, y = separable_toy_data(32, (3, 8, 8))
+    loader = DataLoader(TensorDataset(x, y, torch.arange(32)), batch_size=16)
+    trainer_for(model, Layout(model)).fit(loader)
+    assert seen == {("cuda", True, False, "cuda", "cuda")}
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_resume_takes_back_the_loss_scale(tmp_path):
+    """fp16: GradScaler's scale is part of the checkpoint and a resume restores it (a fresh
+    scaler would restart at 2**16 and skip steps recalibrating)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    trainer = trainer_for(tiny().cuda(), amp="fp16")
+    trainer.fit(toy_loader(32, 16))
+    trainer.scaler.update(1024.0)
+    save_checkpoint(tmp_path / "c.pt", trainer.state_dict())
+    again = trainer_for(tiny(seed=1).cuda(), amp="fp16", epochs=2)
+    again.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+    assert again.scaler.get_scale() == 1024.0
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_skipped_steps_call_abort_step_not_after_step():
+    """A step GradScaler skips (inf scaled gradients, scale > 1) is abandoned: the objective
+    gets abort_step (AWP puts w back), never after_step (which keeps an update there was not)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    class InfHooks(Hooks):
+        calls = 0
+
+        def loss(self, x, y, adv, ctx):
+            self.calls += 1
+            out = super().loss(x, y, adv, ctx)
+            if ctx.step >= 1:
+                logits = NaNGrad.apply(out.logits, float("inf"))
+                return ObjectiveOutput(F.cross_entropy(logits, y), logits, {})
+            return out
+
+    model = tiny().cuda()
+    hooks = InfHooks(model)
+    with pytest.raises(NonFiniteLossError):
+        trainer_for(model, hooks, epochs=1, amp="fp16").fit(toy_loader(16 * 24, 16))
+    # step 0 applied (or skipped by a real overflow at 2**16), then 16 skipped steps halve the
+    # scale to 1 and the next one raises (abort_step on the way out): one hook per step
+    assert hooks.after <= 1 and hooks.abort >= 17
+    assert hooks.after + hooks.abort == hooks.calls
 
 
 @pytest.mark.gpu
@@ -527,6 +897,31 @@ def test_sample_mnist_pgd_at_beats_natural_under_attack(tmp_path):
         results[name] = state.metrics
     assert results["natural"]["eval/clean"] > 0.85
     assert results["pgd_at"]["eval/pgd10"] > results["natural"]["eval/pgd10"] + 0.1
+
+
+@pytest.mark.gpu
+def test_cuda_fp16_clips_the_true_gradients():
+    """fp16: the gradients are unscaled before they are checked and clipped, so each applied
+    step moves the weights by grad_clip (not grad_clip / loss scale); steps GradScaler skips
+    (an overflow of the scaled gradients) move nothing."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    x, y = separable_toy_data(64, (3, 8, 8), num_classes=10)
+    torch.manual_seed(0)
+    model = LinearModel((3, 8, 8), 10).cuda()
+    before = nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)  # plain SGD: update = -lr * grad
+    steps = []
+
+    class Moves:
+        def on_batch_end(self, trainer, out, batch):
+            steps.append(nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+
+    Trainer(model, CE(model), opt, epochs=1, amp="fp16", grad_clip=1e-3,
+            callbacks=[Moves()]).fit(DataLoader(TensorDataset(x, y), batch_size=16))
+    moves = [float((b - a).norm()) for a, b in zip([before, *steps], steps, strict=False)]
+    applied = [m for m in moves if m > 0]
+    assert applied and all(m == pytest.approx(1e-3, rel=1e-2) for m in applied), moves
 
 
 @pytest.mark.parametrize("interval", ["step", "epoch"])

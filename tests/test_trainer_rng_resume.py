@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -203,7 +204,8 @@ def test_more_ranks_than_saved_states_get_distinct_streams(tmp_path, monkeypatch
     monkeypatch.setattr(dist, "world_size", lambda: 2)
     with caplog.at_level(logging.WARNING, "robustkit.training.trainer"):
         rank0 = _draws_after(state)
-    assert "RNG states of 1 ranks, now 2" in caplog.text
+    assert ("checkpoint has RNG states of 1 ranks, now 2: random streams are not those of an "
+            "uninterrupted run") in caplog.text
     monkeypatch.setattr(dist, "world_size", lambda: 1)
     assert _draws_after(state) == rank0  # the saved streams themselves
     monkeypatch.setattr(dist, "world_size", lambda: 2)
@@ -211,3 +213,48 @@ def test_more_ranks_than_saved_states_get_distinct_streams(tmp_path, monkeypatch
     rank1 = _draws_after(state)
     assert all(a != b for a, b in zip(rank0, rank1, strict=True))
     assert _draws_after(state) == rank1
+
+
+def test_ranks_beyond_the_saved_states_never_share_a_stream(tmp_path, monkeypatch):
+    """Resumed on 128 ranks from an 8-rank checkpoint: ranks 0-7 continue their own saved
+    streams, ranks 8-127 reseed from state r % 8; no two of the 128 ranks draw the same numbers
+    (sixteen ranks start from each saved state, and the eight states' reseeds must not meet)."""
+    state = load_checkpoint(_checkpoint(tmp_path))
+    saved, continued = [], []
+    for seed in range(8):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        saved.append(_trainer().state_dict()["rng"][0])
+        continued.append(json.dumps(_draws()))  # what rank `seed` must draw after the resume
+    state["rng"] = saved
+    monkeypatch.setattr(dist, "world_size", lambda: 128)
+    draws = []
+    for r in range(128):
+        monkeypatch.setattr(dist, "rank", lambda r=r: r)
+        draws.append(json.dumps(_draws_after(state)))
+    assert len(set(draws)) == 128
+    assert draws[:8] == continued  # ranks 0-7: the saved streams themselves
+
+
+@pytest.mark.gpu
+def test_the_cuda_stream_resumes_and_a_cpu_checkpoint_loads_on_cuda():
+    """On CUDA the checkpoint also holds the CUDA generator's state and a resume takes it back;
+    a checkpoint written on the CPU (no CUDA state) still resumes on CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+    def cuda_trainer() -> Trainer:
+        model = TinyCNN(1, 2, 8)
+        return Trainer(model, _CE(model), torch.optim.SGD(model.parameters(), lr=0.1), epochs=1,
+                       device="cuda")
+
+    t = cuda_trainer()
+    torch.cuda.manual_seed(3)
+    state = t.state_dict()
+    assert "cuda" in state["rng"][0]
+    expected = torch.rand(4, device="cuda").tolist()
+    torch.cuda.manual_seed(4)
+    t.load_state_dict(state)
+    assert torch.rand(4, device="cuda").tolist() == expected
+    cpu_state = _trainer().state_dict()
+    assert "cuda" not in cpu_state["rng"][0]
+    cuda_trainer().load_state_dict(cpu_state)
