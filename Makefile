@@ -13,10 +13,13 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) --upgrade "pip>=23" wheel
 
-# One install of the project with its dev extra. torchattacks' wheel overwrites files of the real
-# robustbench package, so robustbench is reinstalled last, without dependencies.
+# The project with its dev extra, then its docs extra (mkdocs-material needs a newer requests than
+# torchattacks pins: one resolution of both is impossible, so pip only warns about the pin here).
+# torchattacks' wheel overwrites files of the real robustbench package, so robustbench is
+# reinstalled last, without dependencies.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install $(PIP_FLAGS) -e ".[dev]"
+	$(PIP) install $(PIP_FLAGS) -e ".[docs]"
 	$(PIP) install $(PIP_FLAGS) --force-reinstall --no-deps robustbench==1.1.1
 	touch $(STAMP)
 
