@@ -6,6 +6,7 @@ the image, one signed step, optional projection), driven by the same random numb
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 from robustkit.attacks import FGSM
 from robustkit.objectives import FastAT, TrainContext, create_objective
-from robustkit.testing import TinyCNN, random_batch
+from robustkit.testing import LinearModel, TinyCNN, random_batch
 
 
 def _setup(n=8, seed=0):
@@ -44,6 +45,7 @@ def test_step_equals_the_papers_reference(method, ratio, k, project):
     eps = 8 / 255
     obj = FastAT(model, eps=eps, method=method, generator=torch.Generator().manual_seed(3))
     assert (obj.alpha, obj.noise, obj.project) == (pytest.approx(ratio * eps), k, project)
+    assert obj.method == method
     u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
     expected = _reference(model, x, y, eps, ratio * eps, k, project, u)
     got = obj.perturb(x, y, TrainContext())
@@ -114,6 +116,12 @@ def test_default_path_step_loss_and_gradients_equal_the_oracle(method, ratio, k,
     twin.train()
     loss = F.cross_entropy(twin(expected), y)
     torch.testing.assert_close(out.loss, loss, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        logits = twin(expected)  # train mode: the training pass's own logits are returned
+    torch.testing.assert_close(out.logits.detach(), logits, rtol=1e-12, atol=1e-12)
+    assert out.metrics["loss/ce_adv"] == out.loss.detach()
+    assert out.metrics["acc_adv"] == (logits.argmax(1) == y).double().mean()
+    assert adv.info["steps_used"].dtype == torch.long
     assert torch.equal(adv.info["steps_used"], torch.ones(8, dtype=torch.long))
     torch.testing.assert_close(adv.info["eps"], torch.full((8,), eps))
     delta = (expected - x).abs().flatten(1).amax(1)
@@ -124,3 +132,87 @@ def test_default_path_step_loss_and_gradients_equal_the_oracle(method, ratio, k,
     want = torch.autograd.grad(loss, list(twin.parameters()))
     for g1, g2 in zip(got, want, strict=True):
         torch.testing.assert_close(g1, g2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method, alpha_ratio, project", [("n_fgsm", 0.5, True),
+                                                         ("fgsm_rs", 2.0, False)])
+def test_explicit_alpha_and_project_override_the_methods_defaults(method, alpha_ratio, project):
+    model, x, y = _setup()
+    eps = 8 / 255
+    k = {"fgsm_rs": 1.0, "n_fgsm": 2.0}[method]
+    obj = FastAT(model, eps=eps, method=method, alpha=alpha_ratio * eps, project=project,
+                 generator=torch.Generator().manual_seed(3))
+    assert (obj.alpha, obj.project) == (pytest.approx(alpha_ratio * eps), project)
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    expected = _reference(model, x, y, eps, alpha_ratio * eps, k, project, u)
+    got = obj.perturb(x, y, TrainContext()).x_adv
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    linf = (got - x).abs().amax()
+    assert linf <= eps + 1e-12 if project else linf > eps + 1e-3
+
+
+def test_a_pixel_without_gradient_stays_at_its_random_start():
+    """sign(0) = 0: a pixel the loss does not depend on is not stepped (a linear model that reads
+    half of the pixels)."""
+    torch.manual_seed(0)
+    model = LinearModel((3, 8, 8), 10).double()
+    with torch.no_grad():
+        model.fc.weight[:, ::2] = 0
+    x, y = random_batch(4, (3, 8, 8), seed=1)
+    x = x.double()
+    eps = 8 / 255
+    obj = FastAT(model, eps=eps, method="n_fgsm", generator=torch.Generator().manual_seed(3))
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    start = (x + ((2 * u - 1) * 2 * eps).clamp(-x, 1 - x))
+    got = obj.perturb(x, y, TrainContext()).x_adv
+    torch.testing.assert_close(got, _reference(model, x, y, eps, eps, 2.0, False, u), rtol=0,
+                               atol=1e-12)
+    torch.testing.assert_close(got.flatten(1)[:, ::2], start.flatten(1)[:, ::2], rtol=0,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("bad, match", [({"eps": -0.01}, "eps must lie"),
+                                        ({"eps": 1.5}, "eps must lie"),
+                                        ({"alpha": -0.01}, "alpha must lie"),
+                                        ({"noise": -1.0}, "noise must lie")])
+def test_argument_checks_name_the_argument(bad, match):
+    model, _, _ = _setup(2)
+    with pytest.raises(ValueError, match=match):
+        FastAT(model, **bad)
+
+
+def test_bounds_accepted_and_loss_needs_perturb():
+    model, x, y = _setup(2)
+    for ok in ({"eps": 0.0}, {"eps": 1.0}, {"alpha": 0.0}, {"noise": 0.0}):
+        (key, value), = ok.items()
+        assert getattr(FastAT(model, **ok), key) == value
+    with pytest.raises(ValueError, match=re.escape("FastAT.loss needs the AttackResult of "
+                                                   "perturb()")):
+        FastAT(model).loss(x, y, None, TrainContext())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_noise_drawn_on_the_generators_device_and_info_on_the_inputs(device):
+    """The global RNG draws on the inputs' device; a generator on another device (a CPU one for
+    CUDA inputs) draws there; every tensor returned is on the inputs' device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, x, y = _setup(4)
+    model, x, y = model.to(device), x.to(device), y.to(device)
+    eps = 8 / 255
+    torch.manual_seed(5)
+    got = FastAT(model, eps=eps).perturb(x, y, TrainContext())
+    torch.manual_seed(5)
+    u = torch.rand(x.shape, dtype=x.dtype, device=device)
+    torch.testing.assert_close(got.x_adv, _reference(model, x, y, eps, 1.25 * eps, 1.0, True, u),
+                               rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(3)  # on the CPU
+    got = FastAT(model, eps=eps, generator=g).perturb(x, y, TrainContext())
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    torch.testing.assert_close(got.x_adv, _reference(model, x, y, eps, 1.25 * eps, 1.0, True,
+                                                     u.to(device)), rtol=0, atol=1e-12)
+    for key, value in got.info.items():
+        assert value.device.type == device, key
+    out = FastAT(model, eps=eps).loss(x, y, got, TrainContext())
+    for key, value in out.metrics.items():
+        assert value.device.type == device, key

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from hypothesis import strategies as st
 from scipy import stats
 from torch import nn
 
+from robustkit.attacks.base import AttackResult
 from robustkit.attacks.pgd import PGD
 from robustkit.objectives import (
     AWP,
@@ -144,8 +146,10 @@ def test_srd_dat_hyperparameters_match_methods_table():
                 "mart_factor": False, "beta_ce": 0.0}
     params = inspect.signature(SRDDAT.__init__).parameters
     assert set(accepted_hparams("srd_dat")) == set(expected)
+    built = SRDDAT(_model())
     for key, value in expected.items():
         assert params[key].default == value, key
+        assert getattr(built, key) == value, key  # the value in use, not only the signature's
 
 
 @pytest.mark.parametrize("bad", [{"omega_max": 0.5}, {"eps_lo": 0.1}, {"misclassified": "x"},
@@ -154,6 +158,44 @@ def test_srd_dat_hyperparameters_match_methods_table():
 def test_srd_dat_rejects_bad_hparams(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         SRDDAT(_model(), **bad)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"eps_hi": 0.0, "eps_lo": 0.0}, "eps_hi must"), ({"eps_hi": 1.5}, "eps_hi must"),
+    ({"eps_lo": -0.01}, "eps_lo must"), ({"eps_lo": 9 / 255}, "eps_lo must"),
+    ({"q": 0.0}, "q must"), ({"q": -1.0}, "q must"),
+    ({"lambda_gap": -0.1}, "lambda_gap must"), ({"lambda_gap": 1.5}, "lambda_gap must"),
+    ({"step_ratio": 0.0}, "step_ratio must"),
+    ({"k_max": True}, "k_max must"), ({"k_max": 2.5}, "k_max must"), ({"k_max": 0}, "k_max must"),
+    ({"beta": -0.5}, "beta must"), ({"gamma_max": -1.0}, "gamma_max must"),
+    ({"gamma_ramp": (0.1, 0.2, 0.3)}, r"gamma_ramp must be \(start, end\)"),
+    ({"gamma_ramp": (1.5, 1.5)}, r"gamma_ramp\[0\] must"),
+    ({"gamma_ramp": (-0.1, 0.5)}, r"gamma_ramp\[0\] must"),
+    ({"gamma_ramp": (0.2, 1.5)}, r"gamma_ramp\[1\] must"),
+    ({"gamma_ramp": (0.5, 0.4)}, r"gamma_ramp\[1\] must"),
+    ({"omega_max": 0.99}, "omega_max must"),
+    ({"eta0": 0.0}, "eta0 must"), ({"eta0": 1.5}, "eta0 must"),
+    ({"score_ema": -0.1}, "score_ema must"), ({"score_ema": 1.0}, "score_ema must be < 1"),
+    ({"score_ema": 1.5}, "score_ema must"), ({"score_ema": "0.5"}, "score_ema must"),
+    ({"beta_ce": -1.0}, "beta_ce must"),
+])
+def test_srd_dat_argument_checks_name_the_argument(bad, match):
+    """Every check, just outside its bound; the message opens with the argument's name."""
+    with pytest.raises(ValueError, match=match):
+        SRDDAT(_model(), **bad)
+
+
+@pytest.mark.parametrize("ok", [
+    {"eps_hi": 1.0}, {"eps_lo": 0.0}, {"eps_lo": 8 / 255}, {"q": 1e-6}, {"lambda_gap": 0.0},
+    {"lambda_gap": 1.0}, {"step_ratio": 1e-6}, {"k_max": 1}, {"beta": 0.0}, {"beta": 0.5},
+    {"gamma_max": 0.0}, {"gamma_ramp": (0.0, 0.0)}, {"gamma_ramp": (1.0, 1.0)},
+    {"omega_max": 1.0}, {"eta0": 1.0}, {"eta0": 1e-6}, {"score_ema": 0.0}, {"beta_ce": 0.0},
+    {"beta_ce": 0.5},
+])
+def test_srd_dat_accepts_its_bounds(ok):
+    srd = SRDDAT(_model(), **ok)
+    (key, value), = ok.items()
+    assert getattr(srd, key) == value
 
 
 def test_default_attacks_are_paper_defaults_on_the_bare_module():
@@ -167,6 +209,8 @@ def test_default_attacks_are_paper_defaults_on_the_bare_module():
         FAT(wrapped, base="trades"): ("kl", "normal", 8 / 255, 0.007, 10),
         GAIRAT(wrapped): ("ce", True, 8 / 255, 0.007, 10),
         SRDDAT(wrapped): ("kl", "normal", 8 / 255, 0.25 * 8 / 255, 10),
+        SRDDAT(wrapped, eps_hi=16 / 255, step_ratio=0.5, k_max=4, inner_loss="ce"):
+            ("ce", "normal", 16 / 255, 8 / 255, 4),
     }
     for obj, (loss, start, eps, alpha, steps) in cases.items():
         a = obj.attack
@@ -235,6 +279,84 @@ def test_fat_with_tau_k_is_pgd_at():
     assert a.metrics["steps_per_sample"] == 4
 
 
+def test_fat_defaults():
+    model = _model()
+    fat = FAT(model)
+    assert (fat.base, fat.eps, fat.alpha, fat.steps, fat.tau_schedule, fat.beta, fat.omega) == (
+        "at", 8 / 255, 0.007, 10, S.FAT_TAU, 6.0, 0.001)
+    assert FAT(model, base="trades").omega == 0.0  # FAT_for_TRADES.py adds no step noise
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"base": "mart"}, "base must be 'at' or 'trades', got 'mart'"),
+    ({"tau_schedule": ((0.5, 1), (0.4, 2))}, "tau_schedule: fractions must increase"),
+    ({"tau_schedule": -1}, "tau_schedule must be >= 0"),
+    ({"eps": -0.01}, "eps must lie"), ({"eps": 1.5}, "eps must lie"),
+    ({"alpha": 0.0}, "alpha must lie"), ({"steps": 0}, r"steps must lie in \[1"),
+    ({"beta": -0.5}, "beta must lie"), ({"omega": -0.001}, "omega must lie"),
+])
+def test_fat_argument_checks_name_the_argument(bad, match):
+    with pytest.raises(ValueError, match=match):
+        FAT(_model(), **bad)
+
+
+@pytest.mark.parametrize("ok", [{"eps": 0.0}, {"eps": 1.0}, {"alpha": 1e-6}, {"steps": 1},
+                                {"beta": 0.0}, {"beta": 0.5}, {"omega": 0.0}])
+def test_fat_accepts_its_bounds(ok):
+    (key, value), = ok.items()
+    assert getattr(FAT(_model(), **ok), key) == value
+
+
+def test_fat_own_attack_needs_omega_zero_and_loss_needs_perturb():
+    model = _model()
+    mine = PGD(model, eps=0.1, steps=1)
+    message = ("omega > 0 needs the built-in attack (attack=None); pass omega=0 and give your "
+               "attack its own step noise (PGD(step_noise=...))")
+    for omega in (None, 0.5, 1e-4):  # None: base "at"'s 0.001
+        with pytest.raises(ValueError, match=re.escape(message)):
+            FAT(model, mine, omega=omega)
+    assert FAT(model, mine, omega=0.0).attack is mine
+    x, y = _batch()
+    with pytest.raises(ValueError, match=re.escape("FAT.loss needs the AttackResult of perturb()")):
+        FAT(model).loss(x, y, None, CTX)
+
+
+def test_fat_for_trades_loss_logits_and_metrics():
+    """base "trades": CE(f(x)) + β·mean KL(p(x) ‖ p(x')) with the default β = 6, the clean
+    logits returned, and the terms logged under their names (methods.md §7.3)."""
+    torch.manual_seed(0)
+    model = LinearModel(SHAPE, K)  # no BatchNorm: the passes below see the same function
+    x, y = _batch()
+    fat = FAT(model, base="trades", steps=3, tau_schedule=1)
+    adv = fat.perturb(x, y, CTX)
+    out = fat.loss(x, y, adv, CTX)
+    with torch.no_grad():
+        logits, logits_adv = model(x), model(adv.x_adv)
+    log_p, log_q = F.log_softmax(logits, 1), F.log_softmax(logits_adv, 1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(1).mean()
+    ce = F.cross_entropy(logits, y)
+    assert kl > 1e-4  # so β = 6 is pinned (β = 7 moves the loss by kl)
+    torch.testing.assert_close(out.logits.detach(), logits)
+    torch.testing.assert_close(out.loss.detach(), ce + 6.0 * kl)
+    torch.testing.assert_close(out.metrics["loss/ce"], ce)
+    torch.testing.assert_close(out.metrics["loss/kl"], kl)
+    assert out.metrics["acc_adv"] == (logits_adv.argmax(1) == y).float().mean()
+    assert out.metrics["tau_t"] == 1.0
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("base", ["at", "trades"])
+def test_fat_metrics_on_the_inputs_device(device, base):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _model().to(device)
+    x, y = _batch()
+    out = FAT(model, base=base, steps=2)(x.to(device), y.to(device), CTX)
+    assert out.loss.device.type == device and "tau_t" in out.metrics
+    for key, value in out.metrics.items():
+        assert value.device.type == device, key
+
+
 def test_srd_dat_reduces_to_pgd_at_adversarial_term():
     """§3.5 item 2: CE inner loss, uniform start, no early stop, uniform weights: x̃ and the
     (unit-weight) CE(f(x̃)) term are PGD-AT's."""
@@ -298,6 +420,51 @@ def test_max_skewness_and_gap():
     assert torch.allclose(Fn.confidence_gap(p), torch.tensor([0.3, 0.0]))
 
 
+def test_binary_classification_gap_and_skewness():
+    """K = 2: the gap is |p_0 - p_1|, the skewness is 0 (s_max(2) = 0), so ŝ = ½ exactly."""
+    p = torch.tensor([[0.7, 0.3], [0.1, 0.9], [0.5, 0.5]], dtype=torch.float64)
+    assert torch.allclose(Fn.confidence_gap(p), torch.tensor([0.4, 0.8, 0.0], dtype=p.dtype))
+    assert Fn.max_skewness(2) == 0.0
+    s_hat = Fn.normalized_skewness(p)
+    assert s_hat.dtype == p.dtype and torch.equal(s_hat, torch.full((3,), 0.5, dtype=p.dtype))
+    with pytest.raises(ValueError, match="num_classes must be >= 2, got 1"):
+        Fn.max_skewness(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalized_skewness_stays_in_0_1_despite_rounding(dtype):
+    """The one-hot (s = s_max) and the mirrored one-hot (s = -s_max) land a rounding error
+    outside ±s_max for some K (K = 3: float64 one-hot above, float32 mirror below); ŝ is still in
+    [0, 1]."""
+    for k in range(3, 41):
+        one_hot = torch.zeros(1, k, dtype=dtype)
+        one_hot[0, 0] = 1
+        mirror = torch.full((1, k), 1 / (k - 1), dtype=dtype)
+        mirror[0, -1] = 0
+        s_hat = Fn.normalized_skewness(torch.cat([one_hot, mirror]))
+        assert 0 <= s_hat.min() and s_hat.max() <= 1, k
+        assert s_hat.tolist() == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_robustness_score_and_budget_map_defaults():
+    gap = torch.tensor([0.2, 0.9], dtype=torch.float64)
+    s_hat = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(Fn.robustness_score(gap, s_hat), 0.7 * gap + 0.3 * s_hat)  # λ_g = 0.7
+    score = torch.tensor([0.25, 0.5], dtype=torch.float64)
+    eps = Fn.budget_map(score, torch.tensor([True, True]), 0.1, 0.3)  # q = 1: linear
+    assert torch.allclose(eps, 0.1 + 0.2 * score)
+
+
+def test_budget_map_clamps_a_score_rounded_outside_0_1():
+    """A score a rounding error outside [0, 1] still maps into [eps_lo, eps_hi] (no NaN from a
+    negative base to a fractional power)."""
+    score = torch.tensor([-1e-6, 1 + 1e-6, 0.5])
+    for q in (1.0, 0.5, 2.0):
+        eps = Fn.budget_map(score, torch.ones(3, dtype=torch.bool), 0.1, 0.3, q=q)
+        assert eps[0] == pytest.approx(0.1, abs=1e-9) and eps[1] == pytest.approx(0.3, abs=1e-9)
+        assert 0.1 <= eps.min() and eps.max() <= 0.3
+
+
 def test_budget_map_bounds():
     score = torch.rand(100)
     correct = torch.rand(100) > 0.3
@@ -350,6 +517,36 @@ def test_power_weights_properties(values, gamma, omega_max, data):
 def test_clip_renormalize_fixed_point():
     w = Fn.clip_renormalize(torch.tensor([100.0, 1.0, 1.0, 1.0]), omega_max=2.0)
     assert torch.allclose(w, torch.tensor([2.0, 2 / 3, 2 / 3, 2 / 3]))
+
+
+@pytest.mark.parametrize("weights, omega_max, expected", [
+    ([], 5.0, []),
+    ([0.3], 5.0, [1.0]),  # one weight: mean 1 is 1
+    ([0.0, 0.0, 0.0], 5.0, [1.0, 1.0, 1.0]),  # nothing carries the mass: spread evenly
+    ([1.0, 0.0, 0.0], 1.5, [1.5, 0.75, 0.75]),  # clipped, then the rest over the zeros
+    ([4.0, 1.0, 0.0, 0.0], 1.2, [1.2, 1.2, 0.8, 0.8]),  # two clipped, then the zeros
+])
+def test_clip_renormalize_small_and_zero_weights(weights, omega_max, expected):
+    got = Fn.clip_renormalize(torch.tensor(weights, dtype=torch.float64), omega_max)
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_power_weights_default_clip_extreme_scales_and_zero_divergences():
+    v = torch.tensor([100.0] + [1.0] * 9, dtype=torch.float64)
+    everyone = torch.ones(10, dtype=torch.bool)
+    w = Fn.power_weights(v, everyone, 1.0)  # ω_max = 5 by default (methods.md §3.4)
+    assert w[0] == pytest.approx(5.0) and w[1:].tolist() == pytest.approx([5 / 9] * 9)
+    # invariant to the scale of v even where v^γ itself would under- or overflow float32
+    base = Fn.power_weights(torch.tensor([1.0, 2.0, 4.0]), torch.ones(3, dtype=torch.bool), 2.0)
+    assert base.tolist() == pytest.approx([3 / 21, 12 / 21, 48 / 21], rel=1e-6)
+    for scale in (1e-20, 1e20):
+        got = Fn.power_weights(scale * torch.tensor([1.0, 2.0, 4.0]),
+                               torch.ones(3, dtype=torch.bool), 2.0)
+        torch.testing.assert_close(got, base)
+    # all-zero or non-finite divergences carry no ranking: uniform over P
+    mask = torch.tensor([True, True, False])
+    for bad in (torch.zeros(3), torch.tensor([math.inf, 1.0, 2.0]), torch.tensor([math.nan] * 3)):
+        assert torch.equal(Fn.power_weights(bad, mask, 1.0), torch.ones(3))
     once = torch.tensor([100.0, 1.0, 1.0, 1.0]) * 4 / 103  # a single renormalise ...
     assert once.clamp(max=2.0).mean() < 1  # ... then clip would lose mass
 
@@ -377,6 +574,9 @@ def test_gair_weights():
     w = Fn.gair_weights(kappa, steps=10, lam=-1.0)
     assert w.sum().item() == pytest.approx(4.0) and (w.diff() < 0).all()
     assert torch.equal(Fn.gair_weights(kappa, 10, math.inf), torch.ones(4))
+    burn_in = Fn.gair_weights(torch.tensor([0, 3]), 10, math.inf)  # long κ in, float out
+    assert burn_in.dtype == torch.float32 and torch.equal(burn_in, torch.ones(2))
+    assert Fn.gair_weights(torch.tensor([0, 3]), 10, -1.0).dtype == torch.float32
 
 
 def test_input_gradient_of_linear_model_is_analytic():
@@ -387,6 +587,33 @@ def test_input_gradient_of_linear_model_is_analytic():
     expected = (p - F.one_hot(y, K).float()) @ model.fc.weight.detach()
     assert torch.allclose(grad.flatten(1), expected, atol=1e-6)
     assert model.fc.weight.grad is None
+    assert not grad.requires_grad  # create_graph=False by default: a plain tensor
+    # create_graph=True keeps the graph: a penalty on the gradient reaches the weights
+    grad2, _ = Fn.input_gradient(model, x, y, create_graph=True)
+    torch.testing.assert_close(grad2.detach(), grad)
+    assert grad2.requires_grad
+    (dw,) = torch.autograd.grad(grad2.pow(2).sum(), model.fc.weight)
+    assert dw.abs().max() > 0
+
+
+def test_accuracy_and_check_hparam():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [5.0, 0.0, 9.0], [1.0, 0.0, 0.0]])
+    assert Fn.accuracy(logits, torch.tensor([0, 1, 1, 2])).item() == pytest.approx(0.5)
+    assert Fn.accuracy(logits, torch.tensor([0, 1, 2, 0])).item() == 1.0
+    assert Fn.check_hparam("a", 0) == 0.0 and isinstance(Fn.check_hparam("a", 3), float)
+    assert Fn.check_hparam("a", 1e9) == 1e9  # default bounds: [0, inf]
+    with pytest.raises(ValueError, match=r"^a must lie in \[0\.0, inf\], got -1e-09$"):
+        Fn.check_hparam("a", -1e-9)
+    assert Fn.check_hparam("b", 1e-12, 0.0, 1.0, low_open=True) == 1e-12
+    with pytest.raises(ValueError, match=r"^b must lie in \(0\.0, 1\.0\], got 0\.0$"):
+        Fn.check_hparam("b", 0.0, 0.0, 1.0, low_open=True)
+    with pytest.raises(ValueError, match=r"^b must lie in \[0\.5, 1\.0\], got 1\.5$"):
+        Fn.check_hparam("b", 1.5, 0.5, 1.0)
+    for bad in (True, "0.5", None, [1.0]):
+        with pytest.raises(ValueError, match="^c must be a number"):
+            Fn.check_hparam("c", bad)
+    with pytest.raises(ValueError, match="^d must lie in"):
+        Fn.check_hparam("d", math.nan)
 
 
 # ----------------------------------------------------------------------------- efficiency
@@ -553,6 +780,36 @@ def test_srd_dat_score_ema_and_state_dict():
         srd.perturb(x, y, TrainContext())
     with pytest.raises(ValueError):
         SRDDAT(model).load_state_dict(srd.state_dict())  # no memory to load into
+    with pytest.raises(ValueError, match=r"unexpected SRDDAT state keys \['score'\]"):
+        clone.load_state_dict({"score": second})  # not under "memory."
+    assert torch.equal(clone.memory.get("score", idx), second)  # nothing loaded
+
+
+def test_srd_dat_score_ema_true_is_mu_0_7_and_false_is_off():
+    model = _model().eval()
+    x, y = _batch()
+    idx = torch.arange(N)
+    x2 = (x + 0.2).clamp(0, 1)
+    raw1 = SRDDAT(model, k_max=1).perturb(x, y, TrainContext()).info["score"]
+    raw2 = SRDDAT(model, k_max=1).perturb(x2, y, TrainContext()).info["score"]
+    assert (raw1 - raw2).abs().max() > 1e-2
+    on = SRDDAT(model, k_max=1, score_ema=True)
+    on.perturb(x, y, TrainContext(idx=idx))
+    second = on.perturb(x2, y, TrainContext(idx=idx)).info["score"]
+    torch.testing.assert_close(second, 0.7 * raw1 + 0.3 * raw2)
+    off = SRDDAT(model, k_max=1, score_ema=False)
+    assert off.memory is None and off.score_ema is None and off.state_dict() == {}
+    off.perturb(x, y, TrainContext())  # no idx needed
+    assert torch.equal(off.perturb(x2, y, TrainContext()).info["score"], raw2)
+
+
+def test_srd_dat_loss_needs_its_own_perturb_result():
+    model = _model()
+    x, y = _batch()
+    srd = SRDDAT(model, k_max=1)
+    for adv in (None, AttackResult(x.clone(), {"steps_used": torch.ones(N)})):
+        with pytest.raises(ValueError, match="SRDDAT.loss needs the AttackResult"):
+            srd.loss(x, y, adv, TrainContext())
 
 
 _GATHER_CHILD = """

@@ -150,7 +150,7 @@ def _gair_reference(kappa: list[int], steps: int, lam: float) -> torch.Tensor:
     return torch.tensor([wi * len(w) / sum(w) for wi in w], dtype=torch.float64)
 
 
-@pytest.mark.parametrize("steps", [10, 7])  # odd K: ⌊K/2⌋ = 3, not 3.5
+@pytest.mark.parametrize("steps", [10, 7, 3, 2])  # odd K: ⌊K/2⌋ = 3, not 3.5; ⌊K/2⌋ = 1
 @pytest.mark.parametrize("lam", [-1.0, 0.0, 1.5])
 def test_gair_weights_equal_the_formula(steps, lam):
     kappa = list(range(steps + 1))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -289,10 +290,16 @@ def _step(objective, oracle, lib_model, ora_model, x, y, ctx, *, seeds=(11, 12))
     """One batch through both; every pinned quantity compared. Returns (oracle A, oracle B, out)."""
     seen = _spy(objective)
     torch.manual_seed(seeds[0])
-    adv = objective.perturb(x, y, ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning per step (e.g. softmax's implicit dim)
+        adv = objective.perturb(x, y, ctx)
     a = oracle.perturb(x, y, ctx.epoch, ctx.epochs, ctx.idx, noise_seed=seeds[0])
     assert len(seen) == 1
     call = seen[0]
+    # the budgets reach the attack in the input's dtype, with the eval-mode clean logits of
+    # Module A's pass (so PGD-KL needs no second clean forward)
+    assert call["eps"].dtype == call["alpha"].dtype == x.dtype
+    torch.testing.assert_close(call["clean_logits"], oracle.clean_logits(x), rtol=0, atol=1e-8)
     _close(call["eps"], a["eps"], abs_=1e-8, what="eps_i given to the attack")
     _close(call["alpha"], a["alpha"], abs_=1e-8, what="alpha_i given to the attack")
     assert call["tau"] == a["tau"]
@@ -306,7 +313,11 @@ def _step(objective, oracle, lib_model, ora_model, x, y, ctx, *, seeds=(11, 12))
     assert adv.info["stopped"].tolist() == a["stopped"]
 
     torch.manual_seed(seeds[1])
-    out = objective.loss(x, y, adv, ctx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = objective.loss(x, y, adv, ctx)
+    for key in ("gap", "skew", "score", "kappa"):  # Module A's per-sample values are logged
+        torch.testing.assert_close(out.metrics[key], adv.info[key].float(), rtol=0, atol=0)
     b = oracle.loss(x, y, a["x_adv"], a["eps"], ctx.epoch, ctx.epochs, seed=seeds[1])
     _close(out.metrics["eps_i"], a["eps"], abs_=1e-8, what="metrics eps_i")
     _close(out.metrics["omega_i"], b["omega"], what="omega_i")
@@ -519,3 +530,47 @@ def test_module_a_at_the_extremes_of_the_skewness():
     _close(adv.info["skew"], [r["skew"] for r in expected], abs_=3e-6, what="skewness")
     _close(adv.info["score"], [r["score"] for r in expected], abs_=3e-7, what="score")
     _close(probe.kw["eps"], oracle.budgets(expected), abs_=1e-8, what="eps")
+
+
+def test_an_attack_without_eps_in_its_info_gets_the_budgets_recorded():
+    """Any attack with the documented ``perturb(x, y, eps=, alpha=, tau=, clean_logits=)`` will
+    do: perturb records the budgets in the result itself, and loss accepts it."""
+
+    class Bare:
+        def perturb(self, x, y, **kw):
+            return AttackResult(x.clone(), {})
+
+    hp = dict(eps_lo=2 / 255, eps_hi=10 / 255)
+    model = _model()
+    objective = SRDDAT(model, Bare(), **hp)
+    oracle = Oracle(copy.deepcopy(model), **hp)
+    x, y = _batch()
+    adv = objective.perturb(x, y, TrainContext())
+    expected = oracle.budgets(oracle.scores(oracle.clean_logits(x), y))
+    _close(adv.info["eps"], expected, abs_=1e-8, what="eps recorded by perturb")
+    out = objective.loss(x, y, adv, TrainContext())
+    _close(out.metrics["eps_i"], expected, abs_=1e-8, what="metrics eps_i")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_every_metric_on_the_inputs_device(device):
+    """With the score memory fed CPU indices (as a loader yields them) and a batch where no sample
+    is perturbed (P empty), every tensor SRD-DAT computes or logs stays on the inputs' device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = _model().to(device)
+    objective = SRDDAT(model, k_max=2, score_ema=True)
+    x, y = _batch()
+    x = x.to(device)
+    with torch.no_grad():
+        wrong = (model.eval()(x).argmax(1).cpu() + 1) % K  # misclassified="clean": P empty
+    model.train()
+    for labels in (y.to(device), wrong.to(device)):
+        for _ in range(2):  # the second visit reads the memory
+            ctx = TrainContext(epoch=5, epochs=10, idx=torch.arange(N))
+            out = objective(x, labels, ctx)
+            assert out.loss.device.type == device
+            for key, value in out.metrics.items():
+                assert value.device.type == device, key
+    assert float(out.metrics["frac_perturbed"]) == 0.0
+    assert float(out.metrics["omega_mean"]) == float(out.metrics["omega_max"]) == 1.0
