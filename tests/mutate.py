@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -29,8 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# Module (or folder) -> the test files that pin it. A module not listed falls back to the test
-# files that import it by its dotted name.
+# Module (or folder) -> the test files (or pytest node ids, ``file.py::test``) that pin it. A
+# module not listed falls back to the test files that import it by its dotted name.
 COVERING: dict[str, list[str]] = {
     "robustkit/objectives/srd_dat.py": [
         "tests/test_srd_dat_oracle.py", "tests/test_objectives.py",
@@ -49,15 +50,65 @@ COVERING: dict[str, list[str]] = {
         "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_trainer_rng_resume.py"],
     "robustkit/training/callbacks/": [
         "tests/test_trainer.py", "tests/test_checkpoint.py", "tests/test_saliency_callback.py",
-        "tests/test_sensitivity_callback.py", "tests/test_runs_train_io.py"],
+        "tests/test_sensitivity_callback.py", "tests/test_runs_train_io.py",
+        "tests/test_runs_train_dir.py", "tests/test_cli_train.py"],
+    # The callbacks folder as a whole runs for hours on 2 shared cores (every CLI run in
+    # test_runs_train_* goes through all of them): #18 mutated it one file at a time, each with
+    # the tests of that file and only the CLI tests aimed at it (node ids). checkpoint.py: no
+    # CLI test (with the 4 best.pt resume tests of test_runs_train_dir and the full-disk one of
+    # test_runs_train_io, 357 mutants took ~70 min): test_trainer.py pins best.pt's reconciling
+    # at the Trainer level.
+    "robustkit/training/callbacks/base.py": [
+        "tests/test_saliency_callback.py", "tests/test_sensitivity_callback.py",
+        "tests/test_trainer.py"],
+    "robustkit/training/callbacks/checkpoint.py": [
+        "tests/test_trainer.py", "tests/test_checkpoint.py"],
+    "robustkit/training/callbacks/evaluation.py": [
+        "tests/test_trainer.py",
+        "tests/test_cli_train.py::test_eval_n_scores_exactly_that_many_images",
+        *(f"tests/test_eval_shard.py::{t}" for t in (
+            "test_eval_callback_runs_the_evaluation_runner",
+            "test_eval_callback_builds_attacks_on_the_bare_model",
+            "test_eval_callback_bad_arguments"))],
+    "robustkit/training/callbacks/jsonl.py": [
+        "tests/test_trainer.py",
+        "tests/test_runs_train_dir.py::test_resumed_metrics_jsonl_equals_an_uninterrupted_run",
+        "tests/test_runs_train_io.py::test_a_full_disk_is_one_line_and_corrupts_nothing"],
+    "robustkit/training/callbacks/tensorboard.py": [
+        "tests/test_trainer.py", "tests/test_saliency_callback.py",
+        "tests/test_runs_train_dir.py::test_tensorboard_resumes_with_purge_step_after_the_checkpoint"],
+    "robustkit/training/callbacks/saliency.py": ["tests/test_saliency_callback.py"],
+    "robustkit/training/callbacks/sensitivity.py": ["tests/test_sensitivity_callback.py"],
+    # Evaluation, attack specs, transforms (#18): the test files that call the module, each
+    # run under ~30 min on 2 shared cores. Left out: test_eval_torchrun (torchrun subprocesses)
+    # and the CLI half of test_eval_fingerprint (AutoAttack runs of ~10 s: one surviving
+    # mutant cost ~90 s there); build_attacks has unit tests in test_attack_specs instead.
     "robustkit/evaluation/protocol.py": [
-        "tests/test_evaluation.py", "tests/test_eval_resume.py", "tests/test_eval_inputs.py"],
-    "robustkit/evaluation/checks.py": ["tests/test_checks.py", "tests/test_eval_masking.py"],
+        "tests/test_evaluation.py", "tests/test_eval_resume.py", "tests/test_eval_inputs.py",
+        "tests/test_eval_state.py", "tests/test_eval_masking.py", "tests/test_eval_shard.py",
+        *(f"tests/test_eval_fingerprint.py::{t}" for t in (
+            "test_library_field_refused", "test_norm_mixed_the_perturbation_size",
+            "test_state_version_refused", "test_versions_refused",
+            "test_world_size_starts_afresh_in_its_own_folder",
+            "test_cascade_attack_order_is_never_mixed")),
+        # EvalResult's views (to_dict, to_frame, plot, save, summary): the quick tests of them
+        *(f"tests/test_python_api.py::{t}" for t in (
+            "test_to_frame_rows_match_the_flags", "test_plot_html_table_and_save",
+            "test_a_result_without_settings_cannot_be_saved",
+            "test_evaluate_a_module_with_built_attacks"))],
+    "robustkit/evaluation/checks.py": [
+        "tests/test_checks.py", "tests/test_check_edges.py", "tests/test_evaluation.py",
+        "tests/test_eval_inputs.py", "tests/test_eval_masking.py", "tests/test_masking_effort.py"],
     "robustkit/evaluation/results.py": [
-        "tests/test_evaluation.py", "tests/test_eval_cli.py", "tests/test_eval_shard.py"],
-    "robustkit/evaluation/masking.py": ["tests/test_eval_masking.py", "tests/test_checks.py"],
-    "robustkit/attacks/specs.py": ["tests/test_attacks.py", "tests/test_eval_cli.py"],
-    "robustkit/data/transforms.py": ["tests/test_data.py"],
+        "tests/test_evaluation.py", "tests/test_checks.py", "tests/test_check_edges.py",
+        "tests/test_eval_inputs.py", "tests/test_eval_masking.py", "tests/test_eval_resume.py",
+        "tests/test_eval_cli.py", "tests/test_cli_evaluate.py", "tests/test_output_names.py"],
+    "robustkit/evaluation/masking.py": [
+        "tests/test_checks.py", "tests/test_check_edges.py", "tests/test_masking_effort.py",
+        "tests/test_eval_masking.py", "tests/test_eval_inputs.py", "tests/test_evaluation.py"],
+    "robustkit/attacks/specs.py": [
+        "tests/test_attack_specs.py", "tests/test_masking_effort.py", "tests/test_cli_evaluate.py"],
+    "robustkit/data/transforms.py": ["tests/test_data.py", "tests/test_train_transform.py"],
 }
 
 
@@ -70,7 +121,7 @@ def covering_tests(module: str) -> list[str]:
     key = module if module in COVERING else module.rstrip("/") + "/"
     listed = COVERING.get(module) or COVERING.get(key)
     if listed:
-        return [t for t in listed if (ROOT / t).exists()]
+        return [t for t in listed if (ROOT / t.split("::")[0]).exists()]
     dotted = module.strip("/").removesuffix(".py").replace("/", ".")
     found = []
     for path in sorted((ROOT / "tests").glob("test_*.py")):
@@ -147,9 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     mutmut = Path(sys.executable).with_name("mutmut")
     print(f"mutate {module} with {' '.join(tests)} in {dest.relative_to(ROOT)}", flush=True)
     # mutmut redraws a spinner many times a second: its output goes to a log, not the terminal
+    # one torch thread per mutant process: max_children processes share the cores already
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(dest / "mutmut.log", "w", encoding="utf-8") as log:
         run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children)],
-                             cwd=dest, stdout=log, stderr=subprocess.STDOUT)
+                             cwd=dest, stdout=log, stderr=subprocess.STDOUT, env=env)
     if run.returncode:
         tail = (dest / "mutmut.log").read_text(encoding="utf-8", errors="replace")[-2000:]
         print(f"mutmut run failed (exit {run.returncode}); end of mutmut.log:\n{tail}")

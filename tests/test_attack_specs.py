@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from robustkit.attacks.specs import (
     AA_TARGETS,
@@ -200,3 +201,185 @@ def test_sensitivity_attack_flag_refuses_absurd_steps(tmp_path, capsys):
                  "--no-progress", "--out", str(tmp_path / "out")])
     assert code == 2
     assert "steps must be an integer" in capsys.readouterr().err
+
+
+# ---- build_attacks: the attacks as built and the settings results.json records ---------------
+
+
+def _pgd(family, steps, restarts, eps=0.03, norm="Linf"):
+    return {"class": "PGD", "family": family, "eps": eps, "alpha": eps / 4, "steps": steps,
+            "random_start": True, "norm": norm, "loss": "ce" if family == "pgd" else "cw",
+            "restarts": restarts, "stop_on_success": True, "select": "best"}
+
+
+def _aa(family, version, attacks, eps=0.03, norm="Linf", seed=3):
+    from robustkit.attacks.specs import _version
+
+    return {"class": "AutoAttack", "family": family, "version": version, "attacks": attacks,
+            "eps": eps, "norm": norm, "seed": seed, "backend": "pyautoattack",
+            "backend_version": _version("pyautoattack")}
+
+
+def _built_as_recorded(attacks, settings, model, types):
+    """Each attack is of its type, attacks ``model`` and has the settings results.json says."""
+    for name, attack in attacks.items():
+        assert type(attack) is types[name] and attack.model is model, name
+        built = attack.settings()
+        recorded = {k: v for k, v in settings[name].items()
+                    if k not in ("class", "family", "backend", "backend_version")}
+        assert {k: built[k] for k in recorded} == recorded, name
+
+
+def test_build_attacks_builds_what_results_json_says():
+    """Evaluation settings per form (α = ε/4, random start, early stop, best iterate), the
+    norm and seed passed on, and each attack built with exactly the recorded settings."""
+    from robustkit.attacks import FGSM, PGD, AutoAttack
+    from robustkit.attacks.specs import build_attacks
+    from robustkit.testing import LinearModel
+
+    model = LinearModel((3, 8, 8), 10).eval()
+    specs = parse_attacks("pgd20x2,cw30,fgsm,autoattack,square")
+    attacks, settings = build_attacks(specs, model, eps=0.03, norm="Linf", seed=3)
+    assert list(attacks) == list(settings) == ["pgd20x2", "cw30", "fgsm", "autoattack",
+                                               "square"]
+    assert settings == {
+        "pgd20x2": _pgd("pgd", 20, 2), "cw30": _pgd("cw", 30, 1),
+        "fgsm": {"class": "FGSM", "family": "fgsm", "eps": 0.03, "norm": "Linf"},
+        "autoattack": _aa("autoattack", "standard", None),
+        "square": _aa("square", "custom", ["square"]),
+    }
+    types = {"pgd20x2": PGD, "cw30": PGD, "fgsm": FGSM, "autoattack": AutoAttack,
+             "square": AutoAttack}
+    _built_as_recorded(attacks, settings, model, types)
+    # PGD draws its random starts from its own CPU generator (reseeded per batch)
+    assert isinstance(attacks["pgd20x2"].generator, torch.Generator)
+    assert attacks["pgd20x2"].generator is not attacks["cw30"].generator
+    # the default norm is Linf, the default seed 0; L2 and a custom AutoAttack
+    attacks, settings = build_attacks(parse_attacks("autoattack,pgd5,fgsm"), model, eps=0.5,
+                                      norm="L2", aa_version="custom", aa_attacks=["apgd-ce"])
+    assert settings == {"autoattack": _aa("autoattack", "custom", ["apgd-ce"], 0.5, "L2", 0),
+                        "pgd5": _pgd("pgd", 5, 1, 0.5, "L2"),
+                        "fgsm": {"class": "FGSM", "family": "fgsm", "eps": 0.5, "norm": "L2"}}
+    _built_as_recorded(attacks, settings, model, {**types, "pgd5": PGD})
+    _, settings = build_attacks(parse_attacks("fgsm,square"), model, eps=0.03)
+    assert settings["fgsm"]["norm"] == "Linf" and settings["square"]["seed"] == 0
+    # square is AutoAttack's Square alone, whatever --aa-version says
+    _, settings = build_attacks(parse_attacks("square"), model, eps=0.03, aa_version="plus")
+    assert (settings["square"]["version"], settings["square"]["attacks"]) == ("custom",
+                                                                             ["square"])
+    with pytest.raises(ValueError, match="needs the custom version"):
+        build_attacks(specs, model, eps=0.03, aa_attacks=["apgd-ce"])
+
+
+def test_build_attacks_torchattacks_takes_eps_only_where_it_has_one():
+    pytest.importorskip("torchattacks")
+    from robustkit.attacks import TorchAttack
+    from robustkit.attacks.specs import _version, build_attacks
+    from robustkit.testing import LinearModel
+
+    model = LinearModel((3, 8, 8), 10).eval()
+    specs = parse_attacks("torchattacks:FGSM,torchattacks:CW(steps=5)")
+    attacks, settings = build_attacks(specs, model, eps=0.03, norm="Linf")
+    version = _version("torchattacks")
+    assert version is not None
+    assert settings == {
+        "torchattacks:FGSM": {"class": "torchattacks.FGSM", "family": "torchattacks",
+                              "norm": "Linf", "backend_version": version, "eps": 0.03},
+        # CW is unbounded: it takes no eps (post_checks flags its perturbation instead)
+        "torchattacks:CW(steps=5)": {"class": "torchattacks.CW", "family": "torchattacks",
+                                     "norm": "Linf", "backend_version": version, "steps": 5},
+    }
+    assert all(type(a) is TorchAttack and a.model is model for a in attacks.values())
+    assert attacks["torchattacks:FGSM"].settings() == {"name": "FGSM",
+                                                        "kwargs": {"eps": 0.03}}
+    assert attacks["torchattacks:CW(steps=5)"].settings() == {"name": "CW",
+                                                               "kwargs": {"steps": 5}}
+    # a keyword given in the entry wins over the evaluation's eps
+    _, settings = build_attacks(parse_attacks("torchattacks:FGSM(eps=0.01)"), model, eps=0.03)
+    assert settings["torchattacks:FGSM(eps=0.01)"]["eps"] == 0.01
+
+
+def test_backend_version_of_a_missing_package_is_none():
+    from robustkit.attacks.specs import _version
+
+    assert _version("robustkit-no-such-package") is None
+    assert _version("torch") == torch.__version__.split("+")[0]
+
+
+# ---- the exact one-line messages (the CLI prints them as they are) ----------------------------
+
+
+def _message(fn, *args, **kw) -> str:
+    with pytest.raises(ValueError) as err:
+        fn(*args, **kw)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("kind, kw, message", [
+    ("cw", {"steps": MAX_STEPS + 1}, "'x': steps must be an integer in [1, 10,000], got 10001"),
+    ("pgd", {"restarts": 0}, "'x': restarts must be an integer in [1, 1,000], got 0"),
+    ("pgd", {"steps": 2.0}, "'x': steps must be an integer in [1, 10,000], got 2.0"),
+    ("torchattacks", {"kwargs": {"n_queries": 0}},
+     "'x': n_queries must be an integer in [1, 100,000], got 0"),
+    ("torchattacks", {"kwargs": {"restarts": MAX_RESTARTS + 1}},
+     "'x': restarts must be an integer in [1, 1,000], got 1001"),
+])
+def test_a_spec_built_directly_names_the_count(kind, kw, message):
+    assert _message(AttackSpec, "x", kind, **{"steps": 20, **kw}) == message
+
+
+@pytest.mark.parametrize("text, message", [
+    # the count as written (leading zeros kept), not as read
+    ("pgd000", "'pgd000': steps must be an integer in [1, 10,000], got 000"),
+    ("cw20x000", "'cw20x000': restarts must be an integer in [1, 1,000], got 000"),
+    ("pgd00020000x2", "'pgd00020000x2': steps must be an integer in [1, 10,000], got 00020000"),
+    # up to 40 characters shown whole, longer ones cut to 20 and counted
+    ("pgd" + "1" * 40, f"'pgd{'1' * 40}': steps must be an integer in [1, 10,000], got {'1' * 40}"),
+    ("pgd" + "1" * 41, f"'pgd{'1' * 41}': steps must be an integer in [1, 10,000], got "
+                       f"{'1' * 20}... (41 characters)"),
+    ("pgd20x" + "9" * 50, f"'pgd20x{'9' * 50}': restarts must be an integer in [1, 1,000], got "
+                          f"{'9' * 20}... (50 characters)"),
+    # the entry itself cut to 60 characters
+    ("pgd" + "9" * 67, f"'pgd{'9' * 57}': steps must be an integer in [1, 10,000], got "
+                       f"{'9' * 20}... (67 characters)"),
+])
+def test_count_messages_show_what_was_written(text, message):
+    assert _message(parse_attacks, text) == message
+
+
+def test_the_empty_list_message():
+    assert _message(parse_attacks, " , ") == (
+        "the list of attacks is empty; give at least one, e.g. clean,pgd20,autoattack (clean "
+        "alone: clean accuracy only)")
+
+
+def test_torchattacks_messages_name_the_entry(monkeypatch):
+    pytest.importorskip("torchattacks")
+    assert _message(parse_attacks, "pgd20, torchattacks:Square(10)") == (
+        "cannot read the arguments of 'torchattacks:Square(10)'; write "
+        "torchattacks:NAME(key=value, ...) with literal values")
+    monkeypatch.setitem(sys.modules, "torchattacks", None)
+    assert _message(parse_attacks, "torchattacks:Square") == (
+        "'torchattacks:Square' needs torchattacks (pip install 'robustkit[torchattacks]')")
+
+
+def test_a_torchattacks_entry_may_span_lines():
+    """A config file may fold a long entry: the arguments then hold a newline."""
+    pytest.importorskip("torchattacks")
+    (spec,) = parse_attacks(["torchattacks:Square(n_queries=10,\n  p_init=0.8)"])
+    assert spec.kwargs == {"n_queries": 10, "p_init": 0.8}
+
+
+def test_aa_attack_messages_list_the_valid_ones():
+    valid = "apgd-ce, apgd-dlr, fab, square, apgd-t, fab-t"
+    assert _message(check_aa_attacks, "custom", None) == (
+        f"the custom version needs a list of attacks: some of {valid}")
+    assert _message(check_aa_attacks, "custom", ["apgd-ce", "apgd"]) == (
+        f"unknown AutoAttack attack 'apgd'; valid: {valid}")
+
+
+def test_targets_needed_for_each_targeted_sub_attack():
+    specs = parse_attacks("autoattack")
+    assert targets_needed(specs, "custom", ["apgd-t"]) == AA_TARGETS
+    assert targets_needed(specs, "custom", ["fab-t"]) == AA_TARGETS
+    assert targets_needed(specs, "custom", ["apgd-ce", "apgd-dlr", "fab", "square"]) == 0

@@ -30,6 +30,7 @@ from robustkit.evaluation.results import format_eps
     (16 / 255, "16/255"), (254 / 255, "254/255"),
     (0.3, "0.3"), (0.031, "0.031"), (0.5, "0.5"), (1e-3, "0.001"), (0.1, "0.1"),
     (0, "0"), (0.0, "0"), (1.0, "1"), (255 / 255, "1"), (2.0, "2"), (1.5, "1.5"),
+    (1 - 1e-12, "1"), (1 + 1e-12, "1"),  # 255/255 to within 1e-9 is "1", never "255/255"
     # whole numbers of 255ths that a short decimal writes exactly stay decimals, as typed
     (0.2, "0.2"), (51 / 255, "0.2"), (0.6, "0.6"),
     # tiny budgets are not "0/255"
@@ -103,6 +104,8 @@ def test_gradient_gap_edges(n, gap, severity):
     (100, 1, {"min_samples": 0, "rel_tol": 0.01}, "ok"),  # exactly at the tolerance
     (100, 1, {"min_samples": 0, "rel_tol": 0.0099}, "warning"),  # just above it
     (100, 0, {}, "ok"), (100, -5, {}, "ok"),  # the stronger attack is stronger
+    # n = 200: tolerance one sample (0.5 %): two points (1 %) warn
+    (200, 1, {}, "ok"), (200, 2, {}, "warning"), (200, 4, {}, "fail"),
 ])
 def test_monotone_edges(n, gap, kw, severity):
     assert MONOTONE_FAIL == 0.02
@@ -208,3 +211,90 @@ def test_n_classes_edge(classes, targets, severity):
     assert _severity(checks, "n_classes") == severity
     assert "n_classes" not in {c.name for c in pre_checks(Identity(), x, torch.zeros(
         2, dtype=torch.long), num_targets=0)}
+
+
+def test_logits_check_edges_of_each_bound():
+    """Probabilities: every output < 1 + tol and > -tol, rows summing to 1 within tol (strict);
+    tol = 2**-16 so that each row below sits exactly on the bound it tests."""
+    tol = 2.0**-16
+
+    def severity(*rows):
+        x = torch.tensor(rows, dtype=torch.float64)[:, :, None, None]
+        checks = pre_checks(Identity(), x, torch.zeros(len(x), dtype=torch.long), tol=tol)
+        return _severity(checks, "logits")
+
+    assert severity([1.0, 0.0, 0.0]) == "fail"  # one-hot rows are probabilities
+    assert severity([1 + tol / 2, -tol / 4, -tol / 4]) == "fail"
+    assert severity([1 + tol, -tol / 2, -tol / 2]) == "ok"  # max at 1 + tol
+    assert severity([1 + 2 * tol, -tol / 2, -tol / 2, -tol / 2, -tol / 2]) == "ok"
+    assert severity([1 + tol / 2, -tol / 2, 0.0]) == "fail"
+    assert severity([1 + tol / 2, -tol, tol / 2]) == "ok"  # min at -tol
+    assert severity([0.5, 0.5 + tol / 2]) == "fail"
+    assert severity([0.5, 0.5 + tol]) == "ok"  # row sum at 1 + tol
+
+
+class Drift(nn.Module):
+    """Logits ``m`` (float64) except on the forward passes in ``off``, which add ``d``."""
+
+    def __init__(self, m: float, d: float, off: tuple[int, ...]):
+        super().__init__()
+        self.m, self.d, self.off, self.calls = m, d, off, 0
+        self.w = nn.Parameter(torch.zeros(4, 10, dtype=torch.float64))
+
+    def forward(self, x):
+        self.calls += 1
+        return x.flatten(1) @ self.w + self.m + self.d * (self.calls in self.off)
+
+
+def _deterministic(model, **kw):
+    x = torch.zeros(2, 4, 1, 1, dtype=torch.float64)
+    return _severity(pre_checks(model, x, torch.zeros(2, dtype=torch.long), **kw),
+                     "deterministic")
+
+
+@pytest.mark.parametrize("rel, severity", [(1 - 1e-6, "ok"), (1 + 1e-6, "fail")])
+def test_determinism_tolerance_scales_with_large_logits(rel, severity):
+    """|logits| ~ 1000: passes may differ by tol x the first pass's largest |logit|."""
+    assert _deterministic(Drift(1000.0, 1e-5 * 1000 * rel, off=(2,))) == severity
+
+
+def test_determinism_compares_every_pass_with_the_first():
+    """Only the first pass differs (passes 2 and 3 agree with each other): randomised."""
+    assert _deterministic(Drift(0.0, 1e-3, off=(1,))) == "fail"
+
+
+def test_determinism_default_repeats_and_a_single_pass():
+    """Three passes by default (a fourth that differs is not looked at); one pass shows no
+    randomness."""
+    assert _deterministic(Drift(0.0, 1e-3, off=(4,))) == "ok"
+    assert _deterministic(Drift(0.0, 1e-3, off=(4,)), repeats=4) == "fail"
+    assert _deterministic(Drift(0.0, 1e-3, off=(2,)), repeats=1) == "ok"
+
+
+def test_min_effort_edge():
+    """Two steps make an attack iterative (it enters the gradient-gap check); one does not."""
+    res = _result(100, {"pgd1": _flags(100, range(1)), "pgd2": _flags(100, range(2)),
+                        "pgd20": _flags(100, range(30))})
+    checks = masking_checks(res, strength={"pgd1": ("pgd-ce", 1, 1), "pgd2": ("pgd-ce", 2, 1),
+                                           "pgd20": ("pgd-ce", 20, 1)})
+    assert {c.name for c in checks if c.name.startswith("gradient_gap")} == {
+        "gradient_gap:pgd2", "gradient_gap:pgd20"}
+    assert _severity(checks, "gradient_gap:pgd2") == "fail"
+
+
+def test_a_pair_strength_entry_is_one_restart():
+    """``(family, steps)`` reads as one restart, so pgd20x2 ranks over it."""
+    res = _result(100, {"pgd20": _flags(100, range(30)), "pgd20x2": _flags(100, range(20))})
+    checks = masking_checks(res, strength={"pgd20": ("pgd-ce", 20),
+                                           "pgd20x2": ("pgd-ce", 20, 2)})
+    assert _severity(checks, "monotone:pgd20<pgd20x2") == "fail"
+
+
+def test_fractions_on_a_single_point():
+    """One evaluated point: a gap of one point is the whole set (100 %), a warning only."""
+    res = _result(1, {"pgd20": _flags(1, []), "cw20": _flags(1, [0])})
+    checks = masking_checks(res, strength={"pgd20": ("pgd-ce", 20, 1),
+                                           "cw20": ("pgd-cw", 20, 1)})
+    c = next(c for c in checks if c.name == "gradient_gap:pgd20")
+    assert (c.severity, c.details["gap"]) == ("warning", 1.0)
+    assert "(100.00% of the evaluated)" in c.message

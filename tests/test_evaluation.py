@@ -415,3 +415,206 @@ def test_cascade_is_labelled_in_both_json_files():
             assert note == ""
     assert meaning["pgd"]["cumulative_after"] == ["pgd"]
     assert meaning["robust"]["cumulative_after"] == ["pgd", "autoattack"]
+
+
+# ---- results.json and the RobustBench entry, field by field -----------------------------------
+
+
+def _aa_result(n=10, protocol="standalone"):
+    """clean 8/10; pgd breaks point 0; fgsm breaks 0, 2; AutoAttack (APGD-CE then Square)
+    breaks 0, 2 (APGD-CE) and 3 (Square); timings and perturbations as measured."""
+    t = lambda k: torch.tensor([i < k for i in range(n)])  # noqa: E731
+    clean = t(8)
+    flags = lambda *broken: clean & ~torch.isin(torch.arange(n), torch.tensor(broken))  # noqa: E731
+    comp = {"apgd-ce": flags(0, 2), "square": flags(0, 2, 3)}
+    return EvalResult(labels=torch.arange(n) % 3, clean=clean,
+                      correct={"pgd": flags(0), "fgsm": flags(0, 2), "autoattack": flags(0, 2, 3)},
+                      time_s={"clean": 0.12345, "pgd": 2.0004, "fgsm": 1.5, "autoattack": 7.77777},
+                      max_perturbation={"pgd": 0.03, "fgsm": 0.031, "autoattack": 0.0312},
+                      protocol=protocol, components={"autoattack": comp})
+
+
+def test_build_results_fields(tmp_path):
+    from robustkit.evaluation import Check
+    from robustkit.evaluation.results import PROTOCOL_NOTES, sha256_file
+
+    res = _aa_result()
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"weights")
+    checks = [Check("logits", "ok", "outputs are logits"),
+              {"name": "old", "passed": False, "message": "from a dict"}]
+    r = build_results(res, model="m", dataset="cifar10", threat_model="Linf", eps=8 / 255,
+                      seed=3, subset="first 10 test images", checkpoint=ckpt, checks=checks,
+                      extra={"name": "run1", "seed": 4})
+    assert r["checkpoint"] == {"path": str(ckpt), "sha256": sha256_file(ckpt), "tag": "best"}
+    assert r["protocol"] == {"name": "standalone", "note": PROTOCOL_NOTES["standalone"]}
+    assert r["accuracy"] == {"clean": 0.8, "pgd": 0.7, "fgsm": 0.6, "autoattack": 0.5,
+                             "robust": 0.5}
+    assert r["n_correct"] == {"clean": 8, "pgd": 7, "fgsm": 6, "autoattack": 5, "robust": 5}
+    assert r["components"] == {"autoattack": {"apgd-ce": 0.6, "square": 0.5}}
+    assert r["broken_by"] == {"autoattack": {"apgd-ce": 2, "square": 1}}
+    assert r["time_s"] == {"clean": 0.123, "pgd": 2.0, "fgsm": 1.5, "autoattack": 7.778}
+    assert r["max_perturbation"] == {"pgd": 0.03, "fgsm": 0.031, "autoattack": 0.0312}
+    assert r["checks"] == [
+        {"name": "logits", "passed": True, "severity": "ok", "message": "outputs are logits",
+         "details": {}},
+        {"name": "old", "passed": False, "message": "from a dict"}]  # a dict is kept as it is
+    assert r["attacks"] == {"pgd": {}, "fgsm": {}, "autoattack": {}}  # none given
+    assert (r["name"], r["seed"]) == ("run1", 4)  # extra is merged last
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4}", r["created"])
+    # other checkpoint names carry no tag; no checkpoint is null
+    for stem, tag in (("last", "last"), ("epoch3", None)):
+        (tmp_path / f"{stem}.pt").write_bytes(b"w")
+        assert build_results(res, model="m", dataset="d", threat_model="Linf", eps=0.1,
+                             seed=0, subset="s", checkpoint=tmp_path / f"{stem}.pt")[
+            "checkpoint"]["tag"] == tag
+    assert build_results(res, model="m", dataset="d", threat_model="Linf", eps=0.1, seed=0,
+                         subset="s")["checkpoint"] is None
+
+
+def test_components_of_a_single_point():
+    one = EvalResult(labels=torch.zeros(1, dtype=torch.long), clean=torch.ones(1, dtype=bool),
+                     correct={"aa": torch.ones(1, dtype=bool)},
+                     components={"aa": {"apgd-ce": torch.ones(1, dtype=bool)}})
+    r = build_results(one, model="m", dataset="d", threat_model="Linf", eps=0.1, seed=0,
+                      subset="s")
+    assert r["components"] == {"aa": {"apgd-ce": 1.0}} and r["n_correct"]["aa"] == 1
+
+
+def test_accuracy_meaning_in_words():
+    from robustkit.evaluation.results import accuracy_meaning
+
+    aa_subs = "; autoattack's sub-attacks ran in cascade: apgd-ce, square"
+    assert accuracy_meaning(_aa_result(protocol="cascade")) == {
+        "clean": {"cumulative_after": [], "description": "accuracy without attack"},
+        "pgd": {"cumulative_after": ["pgd"],
+                "description": "accuracy under pgd alone (run on every clean-correct point)"},
+        "fgsm": {"cumulative_after": ["pgd", "fgsm"],
+                 "description": "robust accuracy after pgd and then fgsm (cascade: fgsm ran only "
+                                "on the points still robust after pgd)"},
+        "autoattack": {"cumulative_after": ["pgd", "fgsm", "autoattack"],
+                       "description": "robust accuracy after pgd, fgsm and then autoattack "
+                                      "(cascade: autoattack ran only on the points still robust "
+                                      "after pgd, fgsm)" + aa_subs},
+        "robust": {"cumulative_after": ["pgd", "fgsm", "autoattack"],
+                   "description": "per-example worst case: correct under every attack"},
+    }
+    standalone = accuracy_meaning(_aa_result())
+    assert standalone["fgsm"] == {
+        "cumulative_after": ["fgsm"],
+        "description": "accuracy under fgsm alone (run on every clean-correct point)"}
+    assert standalone["autoattack"]["description"] == (
+        "accuracy under autoattack alone (run on every clean-correct point)" + aa_subs)
+
+
+def test_flags_json(tmp_path):
+    from robustkit.evaluation.results import write_results
+
+    res = _aa_result(n=4)
+    path = write_results(tmp_path, {"a": 1}, res)
+    assert path == tmp_path / "results.json" and json.loads(path.read_text()) == {"a": 1}
+    assert json.loads((tmp_path / "flags.json").read_text()) == {
+        "labels": [0, 1, 2, 0], "clean": [1, 1, 1, 1], "pgd": [0, 1, 1, 1],
+        "fgsm": [0, 1, 0, 1], "autoattack": [0, 1, 0, 0], "robust": [0, 1, 0, 0],
+        "components": {"autoattack": {"apgd-ce": [0, 1, 0, 1], "square": [0, 1, 0, 0]}}}
+
+
+def _info(res, *, n=None, dataset="cifar10", eps=8 / 255, settings=None, **kw):
+    r = build_results(res, model="m", dataset=dataset, threat_model="Linf", eps=eps, seed=0,
+                      subset="first 10 test images", attacks=settings, **kw)
+    if n is not None:
+        r["n_examples"] = n
+    return r
+
+
+AA = {"pgd": {"family": "pgd"}, "fgsm": {"family": "fgsm"},
+      "autoattack": {"family": "autoattack"}}  # no "version": the standard one
+
+
+def test_robustbench_entry_fields_and_footnotes():
+    full = FULL_TEST_SIZE["cifar10"]
+    clean = model_info(_info(_aa_result(), n=full, settings=AA))
+    assert clean == {"link": "", "name": "m", "authors": "", "additional_data": False,
+                     "number_forward_passes": 1, "dataset": "cifar10", "venue": "N/A",
+                     "architecture": "", "eps": "8/255", "clean_acc": "80.00", "reported": None,
+                     "autoattack_acc": "50.00"}
+    # a subset, another eps, cascade after two attacks, a worse attack than AutoAttack
+    worse = _aa_result(protocol="cascade")
+    worse.correct["fgsm"][4] = False
+    info = model_info(_info(worse, eps=0.5, settings=AA), name="entry",
+                      meta={"venue": "ICML"})
+    assert (info["name"], info["venue"]) == ("entry", "ICML")
+    assert info["footnote"] == (
+        "AA-standard on the first 10 test images, eps = 0.5 instead of 8/255 (not a "
+        "leaderboard number); cascade: AutoAttack ran only on the points still robust after "
+        "pgd, fgsm, so autoattack_acc is the robust accuracy after pgd, fgsm and AutoAttack "
+        "together, not AutoAttack alone; worst case over all attacks run: 40.00%")
+    # without AutoAttack, and without any attack
+    no_aa = model_info(_info(_aa_result(), settings={"pgd": {}, "fgsm": {}, "autoattack": {}}))
+    assert no_aa["autoattack_acc"] is None and no_aa["footnote"] == (
+        "AutoAttack not run; worst case over pgd, fgsm, autoattack: 50.00% on the first 10 "
+        "test images; not a leaderboard number")
+    bare = EvalResult(labels=torch.zeros(2, dtype=torch.long), clean=torch.ones(2, dtype=bool))
+    assert model_info(_info(bare))["footnote"] == (
+        "AutoAttack not run; worst case over none: 100.00% on the first 10 test images; not "
+        "a leaderboard number")
+
+
+def test_robustbench_footnote_of_a_cascade_read_without_accuracy_meaning():
+    """results.json files from before accuracy_meaning: the attacks before AutoAttack are read
+    from the accuracy columns."""
+    r = _info(_aa_result(protocol="cascade"), n=FULL_TEST_SIZE["cifar10"], settings=AA)
+    with_meaning = model_info(r)["footnote"]
+    del r["accuracy_meaning"]
+    assert model_info(r)["footnote"] == with_meaning == (
+        "AA-standard (not a leaderboard number); cascade: AutoAttack ran only on the points "
+        "still robust after pgd, fgsm, so autoattack_acc is the robust accuracy after pgd, fgsm "
+        "and AutoAttack together, not AutoAttack alone")
+
+
+def test_failed_checks_in_the_footnote_by_severity_or_passed():
+    """A check dict fails by its severity, or (older results.json) by ``passed``."""
+    r = _info(_aa_result(), n=FULL_TEST_SIZE["cifar10"], settings=AA, checks=[
+        {"name": "a", "severity": "fail", "message": "severity fail"},
+        {"name": "b", "severity": "warning", "passed": False, "message": "x"},
+        {"name": "c", "passed": False, "message": "passed False"},
+        {"name": "d", "passed": True, "message": "x"},
+        {"name": "e", "message": "x"},
+        {"name": "black_box:square", "severity": "fail", "message": "masked"}])
+    assert model_info(r)["footnote"] == (
+        "check a failed: severity fail; check c failed: passed False; gradient-masking check "
+        "failed: masked")
+
+
+def test_robustbench_entry_file(tmp_path):
+    r = _info(_aa_result(), settings=AA, architecture="WRN-28-10")
+    path = write_model_info(tmp_path, r, name="n", meta={"link": "https://x"})
+    info = json.loads(path.read_text())
+    assert (info["link"], info["architecture"], info["name"]) == ("https://x", "WRN-28-10", "n")
+    for field in ("dataset", "threat_model"):
+        with pytest.raises(ValueError, match=f"{field} must be a non-empty string"):
+            write_model_info(tmp_path, {**r, field: ""}, name="n")
+
+
+def test_versions_and_file_hash(tmp_path):
+    import hashlib
+    import importlib.metadata
+    import platform
+
+    from robustkit.evaluation.results import sha256_file, versions
+
+    def installed(pkg):
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    got = versions(("robustkit-no-such-package",))
+    assert got == {"python": platform.python_version(),
+                   **{p: installed(p) for p in ("robustkit", "torch", "torchvision",
+                                                "pyautoattack", "torchattacks")},
+                   "robustkit-no-such-package": None}
+    assert got["torch"] is not None
+    data = torch.randint(0, 256, ((5 << 20) // 2,), dtype=torch.uint8).numpy().tobytes()
+    (tmp_path / "w.pt").write_bytes(data)  # 2.5 MiB: three blocks
+    assert sha256_file(tmp_path / "w.pt") == hashlib.sha256(data).hexdigest()

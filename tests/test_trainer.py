@@ -357,6 +357,133 @@ def test_a_resumed_run_keeps_the_best_so_far(tmp_path):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
+def test_a_resume_of_a_run_that_never_reported_the_monitor_has_no_best_epoch(tmp_path):
+    """No eval/pgd20 in any epoch (no held-out evaluation): after the resume there is still no
+    best (no best.pt, best and best_epoch None in last.pt)."""
+    trainer_for(tiny(), epochs=1, callbacks=[CheckpointCallback(tmp_path)]).fit(
+        toy_loader(32, 16))
+    again = trainer_for(tiny(seed=1), epochs=2, callbacks=[CheckpointCallback(tmp_path)])
+    again.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
+    state = again.fit(toy_loader(32, 16))
+    assert (state.best, state.best_epoch) == (None, None)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert (last["epoch"], last["best"], last["best_epoch"]) == (2, None, None)
+    assert not (tmp_path / "best.pt").exists()
+
+
+def test_an_old_checkpoint_whose_history_lacks_the_best_adopts_best_pt(tmp_path):
+    """A last.pt written before best_epoch existed, whose history does not hold the best value
+    (trimmed): the best epoch is taken from best.pt, which holds that value."""
+    trainer_for(tiny(), epochs=1, callbacks=[Scores(0.5), CheckpointCallback(tmp_path)]).fit(
+        toy_loader(32, 16))
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["best_epoch"]
+    state["history"][0].pop("eval/pgd20")
+    save_checkpoint(tmp_path / "last.pt", state)
+    again = trainer_for(tiny(seed=1), epochs=2,
+                        callbacks=[Scores(0.3), CheckpointCallback(tmp_path)])
+    again.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
+    done = again.fit(toy_loader(32, 16))
+    assert (done.best, done.best_epoch) == (0.5, 1)
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+
+
+class ByEpoch:
+    """A fake held-out evaluation: ``eval/pgd20`` = ``scores[epoch]`` where given."""
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def on_epoch_end(self, trainer):
+        if trainer.state.epoch in self.scores:
+            trainer.state.metrics["eval/pgd20"] = self.scores[trainer.state.epoch]
+
+
+def _run_to(tmp_path, epochs, scores, resume=True):
+    """Train to ``epochs`` in ``tmp_path`` (resumed from its last.pt when ``resume``)."""
+    trainer = trainer_for(tiny(), epochs=epochs, callbacks=[ByEpoch(scores),
+                                                            CheckpointCallback(tmp_path)])
+    if resume:
+        trainer.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
+    return trainer.fit(toy_loader(32, 16))
+
+
+def _held(tmp_path):
+    best = load_checkpoint(tmp_path / "best.pt")
+    return best["epoch"], best["best"]
+
+
+def test_resume_adopts_a_newer_best_pt(tmp_path, caplog):
+    """Killed between best.pt (epoch 2) and last.pt (still epoch 1): the resume adopts best.pt,
+    and later epochs that score lower leave it."""
+    _run_to(tmp_path, 1, {1: 0.3}, resume=False)
+    epoch1 = (tmp_path / "last.pt").read_bytes()
+    _run_to(tmp_path, 2, {2: 0.5})
+    (tmp_path / "last.pt").write_bytes(epoch1)
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 3, {2: 0.2, 3: 0.25})
+    assert "holds epoch 2 (eval/pgd20 = 0.5000), written by the interrupted run" in caplog.text
+    assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
+
+
+def test_resume_rewrites_a_stale_or_missing_best_pt_from_the_resumed_best_epoch(tmp_path,
+                                                                               caplog):
+    """last.pt is the best epoch (2) but best.pt holds epoch 1 (the old write order killed
+    between the writes), or is gone: it is rewritten from the resumed state."""
+    _run_to(tmp_path, 1, {1: 0.3}, resume=False)
+    best1 = (tmp_path / "best.pt").read_bytes()
+    _run_to(tmp_path, 2, {2: 0.5})
+    (tmp_path / "best.pt").write_bytes(best1)
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 2, {})  # nothing left to train: only the reconciling
+    assert "holds epoch 1, not epoch 2 which the resumed checkpoint calls best" in caplog.text
+    assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
+    assert _same_weights(tmp_path / "best.pt", _weights_of(tmp_path / "last.pt"))
+    (tmp_path / "best.pt").unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "robustkit.training.callbacks"):
+        _run_to(tmp_path, 2, {})
+    assert "written from the resumed checkpoint, the best epoch so far (2" in caplog.text
+    assert _held(tmp_path) == (2, 0.5)
+
+
+def test_resume_keeps_a_best_pt_of_another_epoch_when_the_best_weights_are_lost(tmp_path,
+                                                                                caplog):
+    """The state calls epoch 1 best, best.pt holds epoch 2 (same score) and epoch 1's weights
+    are nowhere: best.pt is kept as the best so far, with a warning."""
+    _run_to(tmp_path, 2, {1: 0.5, 2: 0.5}, resume=False)
+    assert _held(tmp_path) == (1, 0.5)
+    (tmp_path / "best.pt").write_bytes((tmp_path / "last.pt").read_bytes())  # epoch 2
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 3, {3: 0.4})
+    assert "holds epoch 2 (eval/pgd20 = 0.5000), not epoch 1" in caplog.text
+    assert "those weights are lost" in caplog.text
+    assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
+
+
+@pytest.mark.parametrize("damage", ["missing", "unreadable"])
+def test_resume_without_a_usable_best_pt_restarts_best_tracking(tmp_path, caplog, damage):
+    """best.pt of the best epoch (1, not the resumed 2) is gone or unreadable: the best so far
+    is forgotten and the next evaluated epoch writes a new best.pt."""
+    _run_to(tmp_path, 2, {1: 0.5, 2: 0.3}, resume=False)
+    if damage == "missing":
+        (tmp_path / "best.pt").unlink()
+    else:
+        (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 3, {3: 0.4})
+    assert "is missing or unreadable: the best so far (eval/pgd20 = 0.5000 at epoch 1)" in (
+        caplog.text)
+    assert ("is unreadable (" in caplog.text) == (damage == "unreadable")
+    assert (state.best, state.best_epoch) == (0.4, 3) and _held(tmp_path) == (3, 0.4)
+
+
+def _weights_of(path):
+    model = tiny()
+    model.load_state_dict(load_checkpoint(path)["model"])
+    return model
+
+
 def test_a_resume_with_no_epoch_left_reports_the_checkpoints_final_metrics(tmp_path):
     """Resumed from the last.pt of a finished run, fit trains nothing and its state holds the
     final epoch's metrics (what the CLI's summary and TensorBoard's hparams read); a checkpoint
@@ -428,6 +555,22 @@ def test_a_collapse_of_held_out_robustness_is_warned_and_best_pt_keeps_the_good_
         trainer_for(tiny(), epochs=4, callbacks=cbs).fit(toy_loader(32, 16))
     assert ("catastrophic overfitting" in caplog.text) == warned
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("mode, scores, warned", [
+    ("max", [0.6, 0.3], False),  # exactly half the best: not below it
+    ("max", [0.6, 0.29], True),  # just below half, 31 points down
+    ("max", [0.6, 0.4], False),  # 20 points down but above half (0.3)
+    ("max", [0.6, float("nan")], False),  # no number: not a fall
+    ("max", [0.6, float("-inf")], False),
+    ("min", [0.2, 0.9], False),  # the watch is for accuracies (mode max) only
+])
+def test_the_collapse_watch_edges(tmp_path, caplog, mode, scores, warned):
+    cbs = [Scores(*scores), CheckpointCallback(tmp_path, mode=mode)]
+    with caplog.at_level("WARNING", logger="robustkit.training.callbacks"):
+        trainer_for(tiny(), epochs=2, callbacks=cbs).fit(toy_loader(32, 16))
+    assert ("catastrophic overfitting" in caplog.text) == warned
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
