@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -343,7 +344,7 @@ class Scores:
         trainer.state.metrics["eval/pgd20"] = next(self.values)
 
 
-def test_a_resumed_run_keeps_the_best_so_far(tmp_path):
+def test_a_resumed_run_keeps_the_best_so_far(tmp_path, caplog):
     """best and best_epoch come back with last.pt: after the resume, an epoch scoring below the
     interrupted run's best does not replace best.pt."""
     first = trainer_for(tiny(), epochs=1, callbacks=[Scores(0.5), CheckpointCallback(tmp_path)])
@@ -352,16 +353,20 @@ def test_a_resumed_run_keeps_the_best_so_far(tmp_path):
                         callbacks=[Scores(0.3), CheckpointCallback(tmp_path)])
     again.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
     assert (again.state.best, again.state.best_epoch) == (0.5, 1)
-    state = again.fit(toy_loader(32, 16))
+    with caplog.at_level(logging.INFO, "robustkit.training.callbacks"):
+        state = again.fit(toy_loader(32, 16))
     assert (state.best, state.best_epoch) == (0.5, 1)
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert _said(caplog) == []  # best.pt holds the epoch last.pt calls best: nothing to say
 
 
-def test_a_resume_of_a_run_that_never_reported_the_monitor_has_no_best_epoch(tmp_path):
-    """No eval/pgd20 in any epoch (no held-out evaluation): after the resume there is still no
-    best (no best.pt, best and best_epoch None in last.pt)."""
-    trainer_for(tiny(), epochs=1, callbacks=[CheckpointCallback(tmp_path)]).fit(
-        toy_loader(32, 16))
+def test_a_resume_of_a_run_that_never_reported_the_monitor_has_no_best_epoch(tmp_path, caplog):
+    """No eval/pgd20 in any epoch (no held-out evaluation): the run says so, and after the
+    resume there is still no best (no best.pt, best and best_epoch None in last.pt)."""
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        trainer_for(tiny(), epochs=1, callbacks=[CheckpointCallback(tmp_path)]).fit(
+            toy_loader(32, 16))
+    assert caplog.messages == ["monitor 'eval/pgd20' was never reported: best.pt not written"]
     again = trainer_for(tiny(seed=1), epochs=2, callbacks=[CheckpointCallback(tmp_path)])
     again.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
     state = again.fit(toy_loader(32, 16))
@@ -371,7 +376,7 @@ def test_a_resume_of_a_run_that_never_reported_the_monitor_has_no_best_epoch(tmp
     assert not (tmp_path / "best.pt").exists()
 
 
-def test_an_old_checkpoint_whose_history_lacks_the_best_adopts_best_pt(tmp_path):
+def test_an_old_checkpoint_whose_history_lacks_the_best_adopts_best_pt(tmp_path, caplog):
     """A last.pt written before best_epoch existed, whose history does not hold the best value
     (trimmed): the best epoch is taken from best.pt, which holds that value."""
     trainer_for(tiny(), epochs=1, callbacks=[Scores(0.5), CheckpointCallback(tmp_path)]).fit(
@@ -383,9 +388,29 @@ def test_an_old_checkpoint_whose_history_lacks_the_best_adopts_best_pt(tmp_path)
     again = trainer_for(tiny(seed=1), epochs=2,
                         callbacks=[Scores(0.3), CheckpointCallback(tmp_path)])
     again.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
-    done = again.fit(toy_loader(32, 16))
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        done = again.fit(toy_loader(32, 16))
     assert (done.best, done.best_epoch) == (0.5, 1)
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    assert _said(caplog) == []  # best.pt holds the best value: adopted, nothing lost
+    (tmp_path / "best.pt").unlink()  # and without best.pt that best is forgotten
+    again = trainer_for(tiny(seed=1), epochs=2, callbacks=[CheckpointCallback(tmp_path)])
+    again.load_state_dict(state)
+    assert again.fit(toy_loader(32, 16)).best is None
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"every": 0}, r"^every must be an int >= 1, got 0$"),
+    ({"every": 2.5}, r"^every must be an int >= 1, got 2\.5$"),
+    ({"mode": "maximum"}, r"^mode must be 'max' or 'min', got 'maximum'$"),
+    ({"config": {"seed": 0, "data": {"root": object()}}},
+     r"^config\['data'\]\['root'\] is a object: checkpoints hold only"),
+])
+def test_checkpoint_callback_refuses_bad_arguments_naming_them(tmp_path, kw, match):
+    """Refused when built, not after the first epoch's training (a config that cannot be
+    saved would otherwise fail at the first checkpoint)."""
+    with pytest.raises(ValueError, match=match):
+        CheckpointCallback(tmp_path, **kw)
 
 
 class ByEpoch:
@@ -413,37 +438,56 @@ def _held(tmp_path):
     return best["epoch"], best["best"]
 
 
+def _said(caplog):
+    """What CheckpointCallback logged (its reconciling of best.pt on resume, in full)."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "robustkit.training.callbacks.checkpoint"]
+
+
 def test_resume_adopts_a_newer_best_pt(tmp_path, caplog):
     """Killed between best.pt (epoch 2) and last.pt (still epoch 1): the resume adopts best.pt,
-    and later epochs that score lower leave it."""
+    says so, and later epochs that score lower leave it."""
     _run_to(tmp_path, 1, {1: 0.3}, resume=False)
     epoch1 = (tmp_path / "last.pt").read_bytes()
     _run_to(tmp_path, 2, {2: 0.5})
     (tmp_path / "last.pt").write_bytes(epoch1)
     with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
-        state = _run_to(tmp_path, 3, {2: 0.2, 3: 0.25})
-    assert "holds epoch 2 (eval/pgd20 = 0.5000), written by the interrupted run" in caplog.text
+        state = _run_to(tmp_path, 3, {2: 0.4, 3: 0.45})
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} holds epoch 2 (eval/pgd20 = 0.5000), written by the "
+        "interrupted run after the resumed checkpoint (epoch 1): adopted as the best so far"]
     assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
 
 
-def test_resume_rewrites_a_stale_or_missing_best_pt_from_the_resumed_best_epoch(tmp_path,
-                                                                               caplog):
+@pytest.mark.parametrize("old_format", [False, True])
+def test_resume_rewrites_a_stale_or_missing_best_pt_from_the_resumed_best_epoch(
+        tmp_path, caplog, old_format):
     """last.pt is the best epoch (2) but best.pt holds epoch 1 (the old write order killed
-    between the writes), or is gone: it is rewritten from the resumed state."""
+    between the writes), or is gone: it is rewritten from the resumed state. A checkpoint of
+    that era has no best_epoch (old_format): it is found in the history."""
     _run_to(tmp_path, 1, {1: 0.3}, resume=False)
     best1 = (tmp_path / "best.pt").read_bytes()
     _run_to(tmp_path, 2, {2: 0.5})
     (tmp_path / "best.pt").write_bytes(best1)
+    if old_format:
+        state = load_checkpoint(tmp_path / "last.pt")
+        del state["best_epoch"]
+        save_checkpoint(tmp_path / "last.pt", state)
     with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
         state = _run_to(tmp_path, 2, {})  # nothing left to train: only the reconciling
-    assert "holds epoch 1, not epoch 2 which the resumed checkpoint calls best" in caplog.text
+    # (and no "monitor never reported": epochs 1 and 2 reported it, before the resume)
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} holds epoch 1, not epoch 2 which the resumed checkpoint calls "
+        "best (eval/pgd20 = 0.5000): rewritten from it"]
     assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
     assert _same_weights(tmp_path / "best.pt", _weights_of(tmp_path / "last.pt"))
     (tmp_path / "best.pt").unlink()
     caplog.clear()
     with caplog.at_level(logging.INFO, "robustkit.training.callbacks"):
         _run_to(tmp_path, 2, {})
-    assert "written from the resumed checkpoint, the best epoch so far (2" in caplog.text
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} written from the resumed checkpoint, the best epoch so far "
+        "(2, eval/pgd20 = 0.5000)"]
     assert _held(tmp_path) == (2, 0.5)
 
 
@@ -456,8 +500,10 @@ def test_resume_keeps_a_best_pt_of_another_epoch_when_the_best_weights_are_lost(
     (tmp_path / "best.pt").write_bytes((tmp_path / "last.pt").read_bytes())  # epoch 2
     with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
         state = _run_to(tmp_path, 3, {3: 0.4})
-    assert "holds epoch 2 (eval/pgd20 = 0.5000), not epoch 1" in caplog.text
-    assert "those weights are lost" in caplog.text
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} holds epoch 2 (eval/pgd20 = 0.5000), not epoch 1 which the "
+        "resumed checkpoint calls best (0.5000): those weights are lost; best.pt is kept as the "
+        "best so far"]
     assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
 
 
@@ -466,15 +512,18 @@ def test_resume_without_a_usable_best_pt_restarts_best_tracking(tmp_path, caplog
     """best.pt of the best epoch (1, not the resumed 2) is gone or unreadable: the best so far
     is forgotten and the next evaluated epoch writes a new best.pt."""
     _run_to(tmp_path, 2, {1: 0.5, 2: 0.3}, resume=False)
+    best = tmp_path / "best.pt"
     if damage == "missing":
-        (tmp_path / "best.pt").unlink()
+        best.unlink()
     else:
-        (tmp_path / "best.pt").write_bytes(b"not a checkpoint")
+        best.write_bytes(b"not a checkpoint")
     with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
         state = _run_to(tmp_path, 3, {3: 0.4})
-    assert "is missing or unreadable: the best so far (eval/pgd20 = 0.5000 at epoch 1)" in (
-        caplog.text)
-    assert ("is unreadable (" in caplog.text) == (damage == "unreadable")
+    unreadable = [f"{best} is unreadable (checkpoint {best} is corrupt: not a torch checkpoint "
+                  "(it starts with b'not '))"] if damage == "unreadable" else []
+    assert _said(caplog) == [*unreadable, (
+        f"{best} is missing or unreadable: the best so far (eval/pgd20 = 0.5000 at epoch 1) is "
+        "forgotten and the next evaluated epoch writes a new best.pt")]
     assert (state.best, state.best_epoch) == (0.4, 3) and _held(tmp_path) == (3, 0.4)
 
 
@@ -561,6 +610,7 @@ def test_a_collapse_of_held_out_robustness_is_warned_and_best_pt_keeps_the_good_
     ("max", [0.6, 0.3], False),  # exactly half the best: not below it
     ("max", [0.6, 0.29], True),  # just below half, 31 points down
     ("max", [0.6, 0.4], False),  # 20 points down but above half (0.3)
+    ("max", [0.14, 0.04], True),  # exactly 10 points down (0.14 - 0.04 == 0.1), below half
     ("max", [0.6, float("nan")], False),  # no number: not a fall
     ("max", [0.6, float("-inf")], False),
     ("min", [0.2, 0.9], False),  # the watch is for accuracies (mode max) only
@@ -1183,6 +1233,7 @@ def test_best_pt_ties_keep_the_earlier_epoch(tmp_path, mode, scores, best_epoch)
     (None, 2, 5 / 8),  # whole batches
     (5, 1, 2 / 4),  # the smaller count
     (100, None, 7 / 16),  # more than there are: all 16
+    (1, None, 1.0),  # the least n: the first point only
 ])
 def test_eval_callback_scores_exactly_n_points(n, max_batches, expected, caplog):
     """#18 h: a constant classifier (always class 0) on known labels: the clean accuracy tells
@@ -1204,3 +1255,69 @@ def test_eval_callback_scores_exactly_n_points(n, max_batches, expected, caplog)
 def test_eval_callback_refuses_a_bad_n(n):
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         EvalCallback(toy_loader(8, 4), {}, n=n)
+
+
+def _held_out(n=16, batch_size=4):
+    y = torch.tensor([0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0])[:n]
+    return DataLoader(TensorDataset(torch.rand(n, 1, 2, 2), y), batch_size=batch_size)
+
+
+class Class0(nn.Module):
+    """A parameter-free classifier that always says class 0 (and records whether autocast was
+    on in its forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.autocast = []
+
+    def forward(self, x):
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        return torch.stack([torch.ones(len(x)), torch.zeros(len(x))], dim=1) + 0 * x.sum()
+
+
+def test_eval_callback_scores_a_model_without_parameters_outside_any_autocast():
+    """A model with no parameter or buffer is evaluated on the CPU; an enclosing autocast does
+    not reach the evaluation (float32, for the attacks' gradients)."""
+    model = Class0()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = EvalCallback(_held_out(), {}).evaluate(model)
+    assert got == {"eval/clean": pytest.approx(7 / 16)} and model.autocast
+    assert not any(model.autocast)
+
+
+def test_eval_callback_seeds_its_batches_from_0_by_default(monkeypatch):
+    """seed=0 unless given: the same random starts every epoch and in every run."""
+    from robustkit.training.callbacks import evaluation
+
+    calls = []
+    real = evaluation.evaluate_attacks
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_attacks", spy)
+    EvalCallback(_held_out(), {}).evaluate(Class0())
+    EvalCallback(_held_out(), {}, seed=7).evaluate(Class0())
+    assert [(c["seed"], c["shard"], c["batch_size"]) for c in calls] == [(0, True, 4), (7, True, 4)]
+
+
+@pytest.mark.parametrize("loader", [
+    [(torch.rand(2, 1, 2, 2), torch.zeros(2))],  # a list of batches: no dataset
+    DataLoader(TensorDataset(torch.rand(4, 1), torch.zeros(4)), batch_size=None),
+    SimpleNamespace(dataset=TensorDataset(torch.rand(4, 1), torch.zeros(4))),
+], ids=["list", "batch_size-None", "no-batch_size"])
+def test_eval_callback_needs_a_loader_with_a_dataset_and_a_batch_size(loader):
+    with pytest.raises(ValueError, match=r"^loader must be a DataLoader with a dataset and a "
+                                         r"batch_size$"):
+        EvalCallback(loader, {})
+
+
+def test_eval_callback_refuses_bad_attacks_and_an_empty_held_out_set():
+    with pytest.raises(ValueError, match=r"^attacks must be a mapping name -> attack or a "
+                                         r"function of the model returning one, got int$"):
+        EvalCallback(_held_out(), 3)
+    empty = DataLoader(TensorDataset(torch.zeros(0, 1, 2, 2), torch.zeros(0)), batch_size=4)
+    with pytest.raises(ValueError, match=r"^EvalCallback: the held-out loader is empty$"):
+        EvalCallback(empty, {}).evaluate(Class0())
+    assert EvalCallback(_held_out(1), {}).evaluate(Class0()) == {"eval/clean": 1.0}

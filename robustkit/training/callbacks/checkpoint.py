@@ -107,6 +107,8 @@ class CheckpointCallback(Callback):
         return than is None or (value > than if self.mode == "max" else value < than)
 
     def on_fit_start(self, trainer) -> None:
+        # resumed: the epochs before it count (a resume with no epoch left reported it too)
+        self._seen_monitor = any(self.monitor in h for h in trainer.state.history)
         if trainer.state.epoch > 0:  # resumed: best.pt must hold the epoch the state calls best
             self._reconcile_best(trainer)
 
