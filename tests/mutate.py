@@ -90,6 +90,8 @@ COVERING: dict[str, list[str]] = {
             "test_library_field_refused", "test_norm_mixed_the_perturbation_size",
             "test_state_version_refused", "test_versions_refused",
             "test_world_size_starts_afresh_in_its_own_folder",
+            "test_fingerprint_records_the_versions", "test_a_rank_without_shard_evaluates_alone",
+            "test_ranks_share_a_state_failure", "test_a_sharded_rank_evaluates_only_its_batches",
             "test_cascade_attack_order_is_never_mixed")),
         # EvalResult's views (to_dict, to_frame, plot, save, summary): the quick tests of them
         *(f"tests/test_python_api.py::{t}" for t in (

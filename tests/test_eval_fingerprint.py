@@ -150,6 +150,80 @@ def test_world_size_starts_afresh_in_its_own_folder(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.json")} == before
 
 
+def test_fingerprint_records_the_versions(tmp_path):
+    import robustkit
+
+    model, x, y = _setup()
+    evaluate_attacks(**_base(model, x, y), state_dir=tmp_path)
+    fp = json.loads((tmp_path / "fingerprint.json").read_text())
+    assert fp["versions"] == {"robustkit": robustkit.__version__, "torch": torch.__version__}
+
+
+def test_a_rank_without_shard_evaluates_alone(tmp_path, monkeypatch):
+    """In a process group (simulated: rank 0 of 2) shard=False, the default, is a plain
+    single-process run: every batch here, the state in state_dir itself, nothing gathered."""
+    from robustkit import distributed as dist
+
+    model, x, y = _setup()
+    kw = _base(model, x, y)
+    fresh = evaluate_attacks(**kw)
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+
+    def no_gather(obj):
+        raise AssertionError("a run without shard gathers nothing")
+
+    monkeypatch.setattr(dist, "all_gather_object", no_gather)
+    got = evaluate_attacks(**kw, state_dir=tmp_path)
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["world_size"] == 1
+    assert not (tmp_path / "rank0-of2").exists()
+    assert all(torch.equal(got.correct[k], fresh.correct[k]) for k in fresh.correct)
+
+
+def _two_ranks(monkeypatch, gather):
+    """Simulated: this process is rank 0 of 2; ``gather(obj)`` plays all_gather_object."""
+    from robustkit import distributed as dist
+
+    monkeypatch.setattr(dist, "world_size", lambda: 2)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+
+
+def test_ranks_share_a_state_failure(tmp_path, monkeypatch):
+    """A rank whose state folder is refused tells the others, which stop too (none waits
+    forever at the next gather); its own error is raised as it is."""
+    model, x, y = _setup()
+    kw = _base(model, x, y)
+    sent = []
+
+    def rank1_refused(obj):
+        sent.append(obj)
+        return [obj, ("StateMismatchError", "rank 1's state differs")]
+
+    _two_ranks(monkeypatch, rank1_refused)
+    with pytest.raises(StateMismatchError, match="rank 1: rank 1's state differs"):
+        evaluate_attacks(**kw, state_dir=tmp_path / "a", shard=True)
+    assert sent == [None]  # this rank had no failure to report
+
+    _two_ranks(monkeypatch, lambda obj: [obj, obj])
+    evaluate_attacks(**kw, state_dir=tmp_path / "b", shard=True)
+    sent.clear()
+    _two_ranks(monkeypatch, lambda obj: sent.append(obj) or [obj, None])
+    with pytest.raises(StateMismatchError, match="holds an evaluation with other settings"):
+        evaluate_attacks(**{**kw, "seed": 1}, state_dir=tmp_path / "b", shard=True)
+    assert len(sent) == 1 and sent[0][0] == "StateMismatchError" and "seed" in sent[0][1]
+
+
+def test_a_sharded_rank_evaluates_only_its_batches(monkeypatch):
+    """Rank 0 of 2 with 8 points in batches of 4: its model sees the first batch only."""
+    model, x, y = _setup()
+    seen = []
+    model.register_forward_hook(lambda m, inp, out: seen.append(len(inp[0])))
+    _two_ranks(monkeypatch, lambda obj: [obj, obj])
+    evaluate_attacks(model, (x, y), {}, batch_size=4, shard=True)
+    assert sum(seen) == 4
+
+
 def test_cascade_attack_order_is_never_mixed(tmp_path):
     """Under the cascade the order of the attacks changes which points each sees; a resume in
     another order may reuse only batches covering the same points (which give the same flags)."""

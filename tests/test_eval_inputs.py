@@ -138,3 +138,23 @@ def test_finite_logits_check_passes_on_a_sound_model():
     res = evaluate_attacks(model, (x, y), {"none": Poke(model, ())})
     finite = next(c for c in post_checks(res, eps=1.0) if c.name == "finite_logits")
     assert finite.severity == "ok" and finite.details["nonfinite_points"] == 0
+
+
+def test_nonfinite_points_are_logged_per_pass(caplog):
+    """One warning per pass with NaN or inf logits: how many points and the first five."""
+    import logging
+
+    n = 12
+    x = torch.full((n, 1, 2, 2), 0.5)
+    x[:, 0, 0, 1] = torch.arange(n) / 100
+    x[[1, 2, 4, 6, 8, 10, 11], 0, 0, 0] = 1.0  # NaN logits on x itself
+    model = NaNWhere()
+    with caplog.at_level(logging.WARNING, logger="robustkit.evaluation.protocol"):
+        evaluate_attacks(model, (x, torch.zeros(n, dtype=torch.long)),
+                         {"poke": Poke(model, {3}), "none": Poke(model, ())})
+    assert [r.getMessage() for r in caplog.records
+            if r.name == "robustkit.evaluation.protocol"] == [
+        "clean: the model's logits are NaN or inf on 7 point(s) (first: [1, 2, 4, 6, 8]); they "
+        "count as incorrect",
+        "poke: the model's logits are NaN or inf on 1 point(s) (first: [3]); they count as "
+        "incorrect"]

@@ -618,3 +618,135 @@ def test_versions_and_file_hash(tmp_path):
     data = torch.randint(0, 256, ((5 << 20) // 2,), dtype=torch.uint8).numpy().tobytes()
     (tmp_path / "w.pt").write_bytes(data)  # 2.5 MiB: three blocks
     assert sha256_file(tmp_path / "w.pt") == hashlib.sha256(data).hexdigest()
+
+
+# ---- evaluate_attacks: arguments, defaults and EvalResult's own answers ----------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"norm": "L1"}, r"norm must be 'Linf', 'L2' or None, got 'L1'"),
+    ({"batch_size": 0}, r"batch_size must be an int >= 1, got 0"),
+    ({"batch_size": -3}, r"batch_size must be an int >= 1, got -3"),
+    ({"batch_size": 2.5}, r"batch_size must be an int >= 1, got 2.5"),
+    ({"batch_size": True}, r"batch_size must be an int >= 1, got True"),
+])
+def test_bad_arguments_are_named(kw, match):
+    x, y = pixel_data()
+    with pytest.raises(ValueError, match=match):
+        evaluate_attacks(PixelModel(), (x, y), {}, **kw)
+
+
+def test_batch_size_one_is_allowed():
+    x, y = pixel_data(n=3, wrong=())
+    assert evaluate_attacks(PixelModel(), (x, y), {}, batch_size=1).accuracy()["clean"] == 1.0
+
+
+def test_default_batch_size_is_256(tmp_path):
+    """A run with the default resumes as batch_size=256 and not as any other size."""
+    x, y = pixel_data()
+    evaluate_attacks(PixelModel(), (x, y), {}, state_dir=tmp_path)
+    evaluate_attacks(PixelModel(), (x, y), {}, state_dir=tmp_path, batch_size=256)
+    with pytest.raises(StateMismatchError, match="batch_size"):
+        evaluate_attacks(PixelModel(), (x, y), {}, state_dir=tmp_path, batch_size=257)
+
+
+def test_batches_go_to_the_model_device_by_default(monkeypatch):
+    """``device=None``: the device of the model's first parameter or buffer, else the CPU."""
+    from robustkit.evaluation import protocol
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def runner(**kw):
+        seen.append(kw["device"])
+        raise Stop
+
+    monkeypatch.setattr(protocol, "_Runner", runner)
+    x, y = pixel_data()
+    on_meta = nn.Linear(2, K, device="meta")
+    buffer_only = nn.BatchNorm1d(2, affine=False, device="meta")
+    for model in (on_meta, buffer_only, PixelModel()):
+        with pytest.raises(Stop):
+            evaluate_attacks(model, (x, y), {})
+    with pytest.raises(Stop):
+        evaluate_attacks(on_meta, (x, y), {}, device="cpu")
+    assert [d.type for d in seen] == ["meta", "meta", "cpu", "cpu"]
+
+
+def test_attacked_names_the_unknown_attack():
+    res = _result([1, 1], pgd=[1, 0])
+    with pytest.raises(ValueError, match=r"name: no attack 'fgsm'; known: \['pgd'\]"):
+        res.attacked("fgsm")
+
+
+def test_accuracy_of_a_single_point():
+    res = _result([1], pgd=[0])
+    assert res.accuracy() == {"clean": 1.0, "pgd": 0.0, "robust": 0.0}
+
+
+class CoinAttack(Attack):
+    """Breaks each point with probability 1/2, drawn from torch's global RNG."""
+
+    def __init__(self, model):
+        super().__init__(model, eps=1.0)
+
+    def _perturb(self, x, y):
+        x_adv = x.clone()
+        hit = torch.rand(len(x)) < 0.5
+        x_adv[hit, 0, 0, 0] = ((y[hit] + 1) % K).float() / (K - 1)
+        return AttackResult(x_adv)
+
+
+def test_the_seed_reaches_the_attacks():
+    x, y = pixel_data(n=40, wrong=())
+    def run(seed):
+        return evaluate_attacks(PixelModel(), (x, y), {"coin": CoinAttack(PixelModel())},
+                                batch_size=8, seed=seed).correct["coin"]
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+
+
+def test_progress_bars_and_timings_per_pass():
+    x, y = pixel_data()
+    bars = []
+
+    class Bar:
+        def __init__(self, name, total):
+            self.name, self.total, self.done = name, total, 0
+            bars.append(self)
+
+        def update(self, k):
+            self.done += k
+
+        def close(self):
+            pass
+
+    res = evaluate_attacks(PixelModel(), (x, y), {"flip": FlipAttack(PixelModel(), {1})},
+                           batch_size=5, progress=Bar)
+    assert [b.name for b in bars] == ["clean", "flip"] and all(b.done == b.total for b in bars)
+    assert list(res.time_s) == ["clean", "flip"]
+
+
+class ShiftAttack(Attack):
+    """Moves two free pixels of every point by 0.3 and 0.4 (an L2 step of 0.5, Linf 0.4)."""
+
+    def __init__(self, model):
+        super().__init__(model, eps=1.0)
+
+    def _perturb(self, x, y):
+        x_adv = x.clone()
+        x_adv[:, 0, 1, 0] = (x[:, 0, 1, 0] - 0.3).where(x[:, 0, 1, 0] > 0.5, x[:, 0, 1, 0] + 0.3)
+        x_adv[:, 0, 1, 1] = (x[:, 0, 1, 1] - 0.4).where(x[:, 0, 1, 1] > 0.5, x[:, 0, 1, 1] + 0.4)
+        return AttackResult(x_adv)
+
+
+def test_max_perturbation_in_the_threat_norm():
+    """``norm`` measures every attack's perturbation in the threat model's norm (by default
+    the attack's own, L∞ here)."""
+    x, y = pixel_data()
+    attack = {"shift": ShiftAttack(PixelModel())}
+    own = evaluate_attacks(PixelModel(), (x, y), attack).max_perturbation["shift"]
+    l2 = evaluate_attacks(PixelModel(), (x, y), attack, norm="L2").max_perturbation["shift"]
+    assert own == pytest.approx(0.4) and l2 == pytest.approx(0.5)
