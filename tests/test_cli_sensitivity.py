@@ -21,7 +21,7 @@ from scipy.stats import bootstrap
 
 from robustkit.attacks import PGD
 from robustkit.cli import main
-from robustkit.cli.compare import model_labels
+from robustkit.evaluation.api import model_labels
 from robustkit.data import first_n, load_dataset
 from robustkit.sensitivity import intervention_test, jaccard, neuron_sensitivity, top_k_neurons
 from robustkit.sensitivity.measure import per_sample_sensitivity

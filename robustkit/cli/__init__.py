@@ -22,7 +22,17 @@ import sys
 
 from robustkit.errors import UserError, user_input
 
-__all__ = ["main", "CLIError", "user_input"]
+__all__ = ["main", "CLIError", "MODEL_FORMS", "user_input"]
+
+# The --model forms, in the --help of evaluate, sensitivity and inspect.
+MODEL_FORMS = """\
+model forms (--model SPEC):
+  NAME               a registry model (robustkit.models.MODELS), usually with --checkpoint
+  FILE.py:FN         FN() returns an nn.Module taking [0, 1] inputs (normalising itself)
+  robustbench:NAME   a RobustBench zoo model (downloads its weights; no --checkpoint)
+  robustkit:NAME     a reference model shipped with robustkit (offline), e.g.
+                     robustkit:mnist_smallcnn_robust, robustkit:mnist_smallcnn_standard
+"""
 
 
 class CLIError(UserError):

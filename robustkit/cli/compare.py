@@ -1,25 +1,23 @@
-"""What the commands that compare several models share (``robustkit sensitivity`` and
-``robustkit inspect``): repeated ``--model``/``--checkpoint``/``--name`` flags tied to the model
-before them, labels as ``robustkit evaluate`` names models, ``--dataset``/``--eps``/``--attack``
-parsing and the first N test images. The attack itself (the full-strength PGD of methods.md §4.1)
-is the library's (``robustkit.sensitivity.pairs``).
+"""Flags shared by the commands that compare several models (``robustkit sensitivity`` and
+``robustkit inspect``): repeated ``--model``/``--checkpoint``/``--name`` tied to the model before
+them, the data, budget, attack and output flags. Labels, images and models come from the library
+(``robustkit.evaluation.api``); the attack itself is ``robustkit.sensitivity.pairs``'.
 
 Example:
-    >>> entries = model_entries(args.entries); labels = model_labels(entries)
-    >>> x, y, boxes = load_images("sample-mnist", None, 16)
+    >>> c = parse(args, n_min=2); x, y, boxes, models = load(args, c)
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from robustkit.cli import CLIError, user_input
-from robustkit.errors import ConfigError, DataError, ModelError
+from robustkit.errors import ConfigError
 
-__all__ = ["PerModel", "attack_spec", "dataset_and_eps", "integer", "load_images",
-           "load_model_arg", "model_entries", "model_labels"]
+__all__ = ["PerModel", "add_flags", "integer", "load", "model_entries", "parse"]
 
 
 class PerModel(argparse.Action):
@@ -27,9 +25,33 @@ class PerModel(argparse.Action):
     or a name is tied to the ``--model`` just before it (checked in ``model_entries``)."""
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
-        entries = list(getattr(namespace, "entries", None) or [])
-        entries.append((self.dest, values))
-        namespace.entries = entries
+        namespace.entries = [*(getattr(namespace, "entries", None) or []), (self.dest, values)]
+
+
+def add_flags(p, what: str, n: str, batch: str, attack: str) -> None:
+    """The shared flags; ``what`` completes "--model: model to ...", the rest are defaults."""
+    a = p.add_argument
+    a("--model", action=PerModel, metavar="SPEC", help=f"model to {what} (repeatable): NAME | "
+      "FILE.py:FN | robustbench:NAME | robustkit:NAME (see model forms below)")
+    a("--checkpoint", action=PerModel, metavar="PATH",
+      help="weights of the --model just before it (loaded weights-only, strictly)")
+    a("--name", action=PerModel, metavar="LABEL",
+      help="label of the --model just before it (default: as robustkit evaluate names it)")
+    a("--dataset", help="mnist, cifar10, cifar100, tinyimagenet, sample-mnist, sample-cifar10")
+    a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
+    a("--n-examples", metavar="N", default=n, help=f"first N test images (default {n})")
+    a("--attack", default="pgd20", help=f"pgdK or cwK: K steps, alpha = eps/4, random start, "
+                                        f"last iterate{attack} (default pgd20)")
+    a("--eps", help="L-inf budget in [0, 1] pixel units, number or fraction (default: the "
+                    "dataset's, as robustkit evaluate: CIFAR/Tiny-ImageNet 8/255, MNIST 0.3)")
+    a("--batch-size", metavar="B", default=batch,
+      help=f"images per forward/attack batch (default {batch})")
+    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    a("--seed", default="0", help="seed of the random starts, random draws and bootstrap "
+                                  "(default 0); the same seed gives the same results")
+    a("--out", metavar="DIR", required=True, help="output folder (created)")
+    a("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(entries=None)
 
 
 def integer(text: str, flag: str, lo: int) -> int:
@@ -49,14 +71,14 @@ def model_entries(raw: list[tuple[str, str]] | None) -> list[dict[str, Any]]:
     for dest, value in raw or []:
         if dest == "model":
             models.append({"spec": value, "checkpoint": None, "name": None})
-            continue
-        if not models:
+        elif not models:
             raise CLIError(f"--{dest} {value!r} comes before any --model; it applies to the "
                            "--model just before it")
-        if models[-1][dest] is not None:
+        elif models[-1][dest] is not None:
             raise CLIError(f"--model {models[-1]['spec']} has two --{dest} values; give one "
                            "after each --model")
-        models[-1][dest] = value
+        else:
+            models[-1][dest] = value
     if not models:
         raise CLIError("give at least one --model")
     for m in models:
@@ -65,84 +87,34 @@ def model_entries(raw: list[tuple[str, str]] | None) -> list[dict[str, Any]]:
     return models
 
 
-def model_labels(models: list[dict[str, Any]]) -> list[str]:
-    """As ``robustkit evaluate`` names each model; repeated default names get the checkpoint's
-    folder (else its stem) appended, so two checkpoints of one architecture stay apart."""
-    from robustkit.cli.evaluate import _default_name, check_name
-
-    labels = [check_name(m["name"]) if m["name"] is not None else _default_name(m["spec"])
-              for m in models]
-    for label in sorted(set(labels)):
-        group = [i for i, lb in enumerate(labels) if lb == label and models[i]["name"] is None]
-        if len(group) < 2:
-            continue
-        for tag in (lambda p: Path(p).parent.name, lambda p: Path(p).stem):
-            cand = [f"{label}@{tag(models[i]['checkpoint'])}" if models[i]["checkpoint"]
-                    else label for i in group]
-            if len(set(cand)) == len(group) and all(c != f"{label}@" for c in cand):
-                for i, c in zip(group, cand, strict=True):
-                    labels[i] = c
-                break
-    seen = [lb for lb in labels if labels.count(lb) > 1]
-    if seen:
-        raise CLIError(f"two models are labelled {seen[0]!r}; give each a --name after its "
-                       "--model")
-    return labels
-
-
-def attack_spec(text: str):
-    """``--attack``: one ``pgdK`` or ``cwK`` (``sensitivity.pairs.parse_pair_attack``)."""
+def parse(args, n_min: int) -> SimpleNamespace:
+    """The shared flags checked (nothing loaded): entries, labels, info, eps, attack, n,
+    batch_size, seed."""
+    from robustkit.evaluation.api import dataset_eps, model_labels
     from robustkit.sensitivity.pairs import parse_pair_attack
 
+    entries = model_entries(args.entries)
+    labels = model_labels(entries)
+    info, eps = dataset_eps(args.dataset, args.eps)
     with user_input(ConfigError, "--attack"):
-        return parse_pair_attack(text)
+        attack = parse_pair_attack(args.attack).name
+    return SimpleNamespace(entries=entries, labels=labels, info=info, eps=eps, attack=attack,
+                           n=integer(args.n_examples, "--n-examples", n_min),
+                           batch_size=integer(args.batch_size, "--batch-size", 1),
+                           seed=integer(args.seed, "--seed", 0))
 
 
-def dataset_and_eps(args):
-    """``--dataset`` (its ``DATASETS`` entry) and ``--eps`` (default: the dataset's L-inf eps)."""
-    from robustkit.data import DATASETS
-    from robustkit.utils import parse_number
+def load(args, c: SimpleNamespace):
+    """``(out, device, x, y, boxes, models)``: --out checked before any data or model loads."""
+    from robustkit.evaluation.api import load_models, load_test_images
+    from robustkit.utils import check_writable, resolve_device, seed_everything
 
-    if args.dataset is None:
-        raise CLIError("--dataset is required")
-    if args.dataset not in DATASETS:
-        raise CLIError(f"--dataset {args.dataset!r}: unknown; valid: {', '.join(DATASETS)}")
-    info = DATASETS[args.dataset]
-    if args.eps is None:
-        eps = float(info.eps["Linf"])
-    else:
-        with user_input(ConfigError, "--eps"):
-            eps = parse_number(args.eps)
-        if not 0 < eps <= 1:
-            raise CLIError(f"--eps {args.eps!r}: must lie in (0, 1] (pixel units)")
-    return info, eps
-
-
-def load_model_arg(spec: str, checkpoint: str | None, info, dataset: str, device):
-    from robustkit.models import load_model
-
-    c, h, _ = info.input_shape
-    # load_model runs one forward on a zero image of the dataset's shape: a wrong class count or
-    # input shape is a one-line ModelError here, before any attack.
-    with user_input(ModelError, f"--model {spec}"):
-        return load_model(spec, num_classes=info.num_classes, in_channels=c, input_size=h,
-                          mean=info.mean, std=info.std, checkpoint=checkpoint,
-                          dataset=dataset.removeprefix("sample-"), threat_model="Linf",
-                          device=device)
-
-
-def load_images(dataset: str, root: str | None, n: int):
-    """``(x, y, boxes)``: the first ``n`` test images of ``dataset`` in file order, as tensors
-    (``boxes`` ``(n, 4)`` or ``None``); ``--n-examples`` beyond the split is one line."""
-    import torch
-
-    from robustkit.data import first_n, load_dataset
-
-    with user_input(DataError, f"--dataset {dataset}"):
-        test = load_dataset(dataset, "test", root)
-    if n > len(test):
-        raise CLIError(f"--n-examples {n} exceeds the {len(test)} test images of {dataset} found")
-    data = first_n(test, n)
-    x = torch.stack([data[i][0] for i in range(n)])
-    y = torch.stack([torch.as_tensor(data[i][1]) for i in range(n)]).long()
-    return x, y, getattr(data, "boxes", None)
+    with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
+        device = resolve_device(args.device)
+    out = check_writable(Path(args.out), "--out")
+    x, y, boxes = load_test_images(args.dataset, args.data_root, c.n)
+    seed_everything(c.seed)  # a FILE.py:FN factory that does not seed still builds the same model
+    c.model_info = {lb: {"model": e["spec"], "checkpoint": e["checkpoint"]}
+                    for lb, e in zip(c.labels, c.entries, strict=True)}
+    c.about = {"dataset": args.dataset, "split": "test", "device": str(device)}
+    return out, device, x, y, boxes, load_models(c.entries, c.labels, args.dataset, device)

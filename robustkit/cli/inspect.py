@@ -13,20 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from robustkit.cli import CLIError, user_input
-from robustkit.cli.compare import (
-    PerModel,
-    attack_spec,
-    dataset_and_eps,
-    integer,
-    load_images,
-    load_model_arg,
-    model_entries,
-    model_labels,
-)
-from robustkit.errors import ConfigError
+from robustkit.cli import MODEL_FORMS, CLIError
+from robustkit.cli.compare import add_flags, integer, load, parse
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +25,9 @@ DEFAULT_EXPLAINERS = "gradient,smoothgrad,adaptgrad"
 # --faithfulness: deletion and insertion AUC with this many steps (methods.md §8.2 item 7)
 FAITHFULNESS_STEPS = 32
 
-EPILOG = """\
-model forms (as in robustkit sensitivity; repeat --model to compare models):
-  NAME | FILE.py:FN | robustbench:NAME | robustkit:NAME, each optionally followed by
-  --checkpoint PATH and --name LABEL. The first model is the reference of the paired tests.
+EPILOG = MODEL_FORMS + """\
+  Repeat --model to compare models; --checkpoint and --name apply to the --model just before
+  them. The first model is the reference of the paired tests.
 
 protocol (methods.md section 8.1): the first N test images; target = the true label; x' = PGD
   (--attack pgdK or cwK, L-inf, alpha = eps/4, random start, last iterate) white-box on each
@@ -84,110 +72,54 @@ def add_parser(sub) -> None:
                     "their white-box PGD counterparts, score the maps, compare the models "
                     "image by image and write figures, tables and a self-contained HTML page.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_flags(p, "explain; the first is the reference", n="16", batch="64", attack="")
     a = p.add_argument
-    a("--model", action=PerModel, metavar="SPEC",
-      help="model to explain (repeatable): NAME | FILE.py:FN | robustbench:NAME | "
-           "robustkit:NAME; the first is the reference")
-    a("--checkpoint", action=PerModel, metavar="PATH",
-      help="weights of the --model just before it (loaded weights-only, strictly)")
-    a("--name", action=PerModel, metavar="LABEL",
-      help="label of the --model just before it (default: as robustkit evaluate names it)")
-    a("--dataset", help="mnist, cifar10, cifar100, tinyimagenet, sample-mnist, sample-cifar10")
-    a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
-    a("--n-examples", metavar="N", default="16", help="first N test images (default 16)")
     a("--explainers", default=DEFAULT_EXPLAINERS,
       help=f"comma-separated, of {', '.join(CHOICES)} (default {DEFAULT_EXPLAINERS})")
-    a("--attack", default="pgd20", help="pgdK or cwK: K steps, alpha = eps/4, random start, "
-                                        "last iterate (default pgd20)")
-    a("--eps", help="L-inf budget in [0, 1] pixel units, number or fraction (default: the "
-                    "dataset's: CIFAR/Tiny-ImageNet 8/255, MNIST 0.3)")
     a("--n-samples", metavar="S", default="16",
       help="noise samples of smoothgrad/adaptgrad/ig-adaptgrad (default 16)")
     a("--ig-steps", metavar="K", default="32", help="integration steps of ig/ig-adaptgrad "
                                                     "(default 32)")
-    a("--batch-size", metavar="B", default="64", help="images per attack batch (default 64)")
-    a("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    a("--seed", default="0", help="seed of the random starts, explainer noise and bootstrap "
-                                  "(default 0)")
-    a("--out", metavar="DIR", required=True, help="output folder (created)")
     a("--faithfulness", action="store_true",
       help="also score the clean maps by deletion and insertion AUC (RISE; 32 steps, black "
            "baseline: 66 forward passes per image, model and explainer)")
     a("--grid-rows", metavar="R", default="16",
       help="images shown in each PNG grid: the first R (default 16); the metrics cover all N")
     a("--no-tensorboard", action="store_true", help="skip DIR/tb")
-    a("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(run=run, entries=None)
-
-
-def _explainers(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
-        raise CLIError(f"--explainers {text!r}: give one or more of {', '.join(CHOICES)}")
-    for name in names:
-        if name not in CHOICES:
-            raise CLIError(f"--explainers: unknown explainer {name!r}; valid: "
-                           f"{', '.join(CHOICES)}")
-    return list(dict.fromkeys(names))
-
-
-def _card_kind(spec: str) -> str | None:
-    """``"robust"``/``"standard"`` from a shipped model's card (objective ``natural`` =
-    standard), else ``None`` (the library then decides by adversarial accuracy)."""
-    if not spec.startswith("robustkit:"):
-        return None
-    from robustkit.models import model_card
-
-    try:
-        objective = model_card(spec.partition(":")[2])["objective"]["name"]
-    except (KeyError, TypeError, ValueError):  # no card, or one without an objective
-        return None
-    return ("standard" if objective == "natural" else "robust") if objective else None
+    p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from robustkit.utils import check_writable, resolve_device
-
-    entries = model_entries(args.entries)
-    labels = model_labels(entries)
-    info, eps = dataset_and_eps(args)
-    spec = attack_spec(args.attack)
-    explainers = _explainers(args.explainers)
-    n = integer(args.n_examples, "--n-examples", 2)  # a bootstrap needs two images
-    kw = dict(n_samples=integer(args.n_samples, "--n-samples", 1),
-              ig_steps=integer(args.ig_steps, "--ig-steps", 1),
-              batch_size=integer(args.batch_size, "--batch-size", 1),
-              grid_rows=integer(args.grid_rows, "--grid-rows", 1),
-              seed=integer(args.seed, "--seed", 0),
-              faithfulness_steps=FAITHFULNESS_STEPS if args.faithfulness else None)
-    with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
-        device = resolve_device(args.device)
-    out = check_writable(Path(args.out), "--out")  # before any model or data is loaded
-
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from robustkit.cli.progress import tqdm_factory
+    from robustkit.evaluation.api import card_kind
     from robustkit.evaluation.results import format_eps
     from robustkit.saliency import compare
-    from robustkit.utils import seed_everything
 
-    x, y, boxes = load_images(args.dataset, args.data_root, n)
-    seed_everything(kw["seed"])
-    models = {lb: load_model_arg(e["spec"], e["checkpoint"], info, args.dataset, device)
-              for lb, e in zip(labels, entries, strict=True)}
-    kinds = {lb: k for lb, e in zip(labels, entries, strict=True)
-             if (k := _card_kind(e["spec"])) is not None}
+    c = parse(args, n_min=2)  # a bootstrap needs two images
+    names = list(dict.fromkeys(s.strip() for s in args.explainers.split(",") if s.strip()))
+    bad = [e for e in names if e not in CHOICES]
+    if not names or bad:
+        raise CLIError(f"--explainers: unknown explainer {bad[0]!r}; valid: {', '.join(CHOICES)}"
+                       if bad else f"--explainers {args.explainers!r}: give one or more of "
+                       f"{', '.join(CHOICES)}")
+    kw = dict(n_samples=integer(args.n_samples, "--n-samples", 1),
+              ig_steps=integer(args.ig_steps, "--ig-steps", 1),
+              grid_rows=integer(args.grid_rows, "--grid-rows", 1),
+              faithfulness_steps=FAITHFULNESS_STEPS if args.faithfulness else None)
+    out, device, x, y, boxes, models = load(args, c)
+    kinds = {lb: k for lb, e in zip(c.labels, c.entries, strict=True)
+             if (k := card_kind(e["spec"])) is not None}
     logger.info("saliency of %s on the first %d %s test images; %s white-box, Linf eps=%s; "
-                "explainers %s", ", ".join(labels), n, args.dataset, spec.name, format_eps(eps),
-                ", ".join(explainers))
+                "explainers %s", ", ".join(c.labels), c.n, args.dataset, c.attack,
+                format_eps(c.eps), ", ".join(names))
     with logging_redirect_tqdm():
-        report = compare(
-            models, x, y, explainers=explainers, attack=spec.name, eps=eps, boxes=boxes,
-            kinds=kinds, kind_source="model card",
-            model_info={lb: {"model": e["spec"], "checkpoint": e["checkpoint"]}
-                        for lb, e in zip(labels, entries, strict=True)},
-            about={"dataset": args.dataset, "split": "test", "device": str(device)},
-            progress=tqdm_factory(False if args.no_progress else None), **kw)
+        report = compare(models, x, y, explainers=names, attack=c.attack, eps=c.eps,
+                         boxes=boxes, kinds=kinds, kind_source="model card",
+                         model_info=c.model_info, about=c.about, batch_size=c.batch_size,
+                         seed=c.seed, progress=tqdm_factory(False if args.no_progress else None),
+                         **kw)
     path = report.save(out, tensorboard=not args.no_tensorboard)
     print(report.table())
     print(f"results: {path}\nper-image values: {out / 'metrics.csv'}\n"

@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from robustkit.errors import ConfigError, ModelError, user_input
 from robustkit.evaluation.protocol import EvalResult, evaluate_attacks
 
-__all__ = ["evaluate", "default_name"]
+__all__ = ["evaluate", "default_name", "check_name", "model_labels", "card_kind", "dataset_eps",
+           "load_models", "load_test_images", "source_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,155 @@ def default_name(spec: str) -> str:
     if ":" in spec:
         return spec.rpartition(":")[2]
     return spec
+
+
+# ---- inputs of the commands that compare several models (robustkit sensitivity, inspect) -------
+def check_name(name: str, flag: str = "--name") -> str:
+    """``name`` when it is a name, not a path; a one-line ``ConfigError`` naming ``flag``.
+
+    A name becomes part of file names (``<out>/model_info/.../<name>.json``, TensorBoard run
+    folders), always through ``utils.safe_name``; a separator, ``.``/``..`` or a control
+    character says the user meant a path, so it is refused rather than silently renamed.
+    """
+    from robustkit.utils import check_plain_name
+
+    try:
+        return check_plain_name(name, flag)
+    except ValueError as err:
+        raise ConfigError(f"{err}; it names the entry and its files inside --out") from None
+
+
+def model_labels(models: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Labels of ``[{"spec", "checkpoint", "name"}]`` as ``robustkit evaluate`` names each model
+    (``name``, else :func:`default_name`); repeated default names get the checkpoint's folder
+    (else its stem) appended, so two checkpoints of one architecture stay apart.
+
+    Raises:
+        ConfigError: a name that is a path, or two models with one label.
+
+    Example:
+        >>> model_labels([{"spec": "small_cnn", "checkpoint": "runs/nat/best.pt", "name": None},
+        ...               {"spec": "small_cnn", "checkpoint": "runs/at/best.pt", "name": None}])
+        ['small_cnn@nat', 'small_cnn@at']
+    """
+    labels = [check_name(m["name"]) if m["name"] is not None else default_name(m["spec"])
+              for m in models]
+    for label in sorted(set(labels)):
+        group = [i for i, lb in enumerate(labels) if lb == label and models[i]["name"] is None]
+        if len(group) < 2:
+            continue
+        for tag in (lambda p: Path(p).parent.name, lambda p: Path(p).stem):
+            cand = [f"{label}@{tag(models[i]['checkpoint'])}" if models[i]["checkpoint"]
+                    else label for i in group]
+            if len(set(cand)) == len(group) and all(c != f"{label}@" for c in cand):
+                for i, c in zip(group, cand, strict=True):
+                    labels[i] = c
+                break
+    seen = [lb for lb in labels if labels.count(lb) > 1]
+    if seen:
+        raise ConfigError(f"two models are labelled {seen[0]!r}; give each a --name after its "
+                          "--model")
+    return labels
+
+
+def card_kind(spec: str) -> str | None:
+    """``"robust"``/``"standard"`` from a shipped model's card (objective ``natural`` =
+    standard) for ``robustkit:NAME``, else ``None`` (``saliency.compare`` then decides by
+    adversarial accuracy)."""
+    if not spec.startswith("robustkit:"):
+        return None
+    from robustkit.models import model_card
+
+    try:
+        objective = model_card(spec.partition(":")[2])["objective"]["name"]
+    except (KeyError, TypeError, ValueError):  # no card, or one without an objective
+        return None
+    return ("standard" if objective == "natural" else "robust") if objective else None
+
+
+def dataset_eps(dataset: str | None, eps: str | float | None) -> tuple[Any, float]:
+    """``(DATASETS[dataset], eps)``: the L∞ budget given (a number or a fraction such as
+    ``"8/255"``, in (0, 1]) or the dataset's; a ``ConfigError`` naming the flag otherwise."""
+    from robustkit.data import DATASETS
+    from robustkit.utils import parse_number
+
+    if dataset is None:
+        raise ConfigError("--dataset is required")
+    if dataset not in DATASETS:
+        raise ConfigError(f"--dataset {dataset!r}: unknown; valid: {', '.join(DATASETS)}")
+    info = DATASETS[dataset]
+    if eps is None:
+        return info, float(info.eps["Linf"])
+    with user_input(ConfigError, "--eps"):
+        value = parse_number(eps)
+    if not 0 < value <= 1:
+        raise ConfigError(f"--eps {eps!r}: must lie in (0, 1] (pixel units)")
+    return info, value
+
+
+def load_models(models: Sequence[Mapping[str, Any]], labels: Sequence[str], dataset: str,
+                device: Any) -> dict[str, nn.Module]:
+    """``{label: model}`` of ``[{"spec", "checkpoint"}]`` built for ``dataset`` (its classes,
+    shape, mean and std; L∞). Each runs one forward on a zero image of the dataset's shape, so
+    a wrong class count or input shape is a one-line ``ModelError`` naming ``--model SPEC``."""
+    from robustkit.data import DATASETS
+    from robustkit.models import load_model
+
+    info = DATASETS[dataset]
+    c, h, _ = info.input_shape
+    out = {}
+    for label, m in zip(labels, models, strict=True):
+        with user_input(ModelError, f"--model {m['spec']}"):
+            out[label] = load_model(
+                m["spec"], num_classes=info.num_classes, in_channels=c, input_size=h,
+                mean=info.mean, std=info.std, checkpoint=m.get("checkpoint"),
+                dataset=dataset.removeprefix("sample-"), threat_model="Linf", device=device)
+    return out
+
+
+def load_test_images(dataset: str, root: str | None, n: int) -> tuple[Tensor, Tensor, Any]:
+    """``(x, y, boxes)``: the first ``n`` test images of ``dataset`` in file order (``boxes``
+    ``(n, 4)`` for datasets with object boxes, else ``None``); ``n`` beyond the split is one
+    ``ConfigError`` line naming ``--n-examples``."""
+    from robustkit.data import first_n, load_dataset
+    from robustkit.errors import DataError
+
+    with user_input(DataError, f"--dataset {dataset}"):
+        test = load_dataset(dataset, "test", root)
+    if n > len(test):
+        raise ConfigError(f"--n-examples {n} exceeds the {len(test)} test images of {dataset} "
+                          "found")
+    data = first_n(test, n)
+    x = torch.stack([data[i][0] for i in range(n)])
+    y = torch.stack([torch.as_tensor(data[i][1]) for i in range(n)]).long()
+    return x, y, getattr(data, "boxes", None)
+
+
+def source_model(name: str | None, models: Sequence[Mapping[str, Any]], labels: Sequence[str],
+                 checkpoint: str | None, dataset: str, device: Any):
+    """``(label, model)`` of ``--source-model NAME``: ``(label, None)`` when ``name`` is a
+    label or the spec of one of ``models`` (measured with its own weights), ``(default_name,
+    model)`` for another model spec (with ``checkpoint``), ``(None, None)`` without a name
+    (white-box on each model)."""
+    if name is None:
+        if checkpoint is not None:
+            raise ConfigError("--source-checkpoint needs --source-model")
+        return None, None
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise ConfigError(f"--source-checkpoint {checkpoint!r}: file not found")
+    hits = [i for i, lb in enumerate(labels) if lb == name] or [
+        i for i, m in enumerate(models) if m["spec"] == name]
+    if len(hits) > 1:
+        raise ConfigError(f"--source-model {name!r} matches {len(hits)} models; use one of the "
+                          f"labels {', '.join(labels)}")
+    if hits:
+        if checkpoint is not None:
+            raise ConfigError(f"--source-model {name!r} is a measured --model (with its own "
+                              "weights); --source-checkpoint applies only to another model")
+        return labels[hits[0]], None
+    label = default_name(name)
+    spec = [{"spec": name, "checkpoint": checkpoint}]
+    return label, load_models(spec, [label], dataset, device)[label]
 
 
 def architecture(spec: str | None, model: nn.Module) -> str:
