@@ -11,21 +11,40 @@ The covering test files come from ``COVERING`` below, else from the tests that i
 ``TESTS="tests/a.py tests/b.py"`` overrides both. ``tests/MUTATION.md`` keeps the tally and the
 reasons a surviving mutant is equivalent.
 
+Narrowed runs (a recount after tests were added, or a module too slow to run whole):
+``--mutants NAME_OR_GLOB ...`` runs only those mutants (mutmut names such as
+``robustkit.training.trainer.xǁTrainerǁfit__mutmut_3``, or fnmatch globs such as
+``'robustkit.training.trainer.xǁTrainerǁfit__mutmut_*'``); ``--only-survivors-of SUMMARY``
+runs only the survivors (and timeouts) recorded in an earlier ``summary.json``. Tests are only
+ever added between the two runs, so a mutant killed then stays killed. A function whose code
+changed since (its mutants may be numbered differently) is rerun whole by a glob: the earlier
+summary records a hash of every function's source (``function_hashes``; for an older summary
+without them, the module copy beside it is read). The summary of a narrowed run counts the
+mutants not rerun as ``killed_earlier``; ``renumbered`` lists the functions rerun whole and
+``diff_mismatch`` any former survivor whose diff is not the same as before (then the earlier
+numbering did not hold: rerun that function with a glob). Copy the earlier summary.json out of
+``.mutate/<module>/`` first, or pass it there: it is read before the scratch copy is replaced.
+
 Example:
     make mutate MODULE=robustkit/objectives/schedules.py
     .venv/bin/python tests/mutate.py robustkit/objectives/schedules.py --max-children 2
     cd .mutate/robustkit_objectives_schedules && ../../.venv/bin/mutmut show <mutant name>
+    .venv/bin/python tests/mutate.py robustkit/training/trainer.py --max-children 1 \
+        --only-survivors-of .mutate/robustkit_training_trainer/summary.json
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +165,43 @@ def scratch_copy(dest: Path) -> None:
         shutil.copy2(src, target)
 
 
+def function_hashes(root: Path, module: str) -> dict[str, str]:
+    """mutmut's name of every function and method of ``module`` (a file or folder under
+    ``root``) -> a hash of its source (``ast.dump``: line numbers and comments do not count)."""
+    path = root / module
+    files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+    out = {}
+    for file in files:
+        dotted = str(file.relative_to(root).with_suffix("")).replace("/", ".")
+        dotted = dotted.removesuffix(".__init__")
+        tree = ast.parse(file.read_text(encoding="utf-8"))
+        for node in tree.body:
+            pairs = [(f"x_{node.name}", node)] if isinstance(
+                node, (ast.FunctionDef, ast.AsyncFunctionDef)) else [
+                (f"x\u01c1{node.name}\u01c1{sub.name}", sub) for sub in node.body
+                if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef))
+            ] if isinstance(node, ast.ClassDef) else []
+            for name, fn in pairs:
+                out[f"{dotted}.{name}"] = hashlib.sha1(ast.dump(fn).encode()).hexdigest()[:16]
+    return out
+
+
+def function_of(mutant: str) -> str:
+    return mutant.rsplit("__mutmut_", 1)[0]
+
+
+def survivors_to_rerun(old: dict, old_hashes: dict[str, str] | None,
+                       new_hashes: dict[str, str]) -> tuple[list[str], list[str]]:
+    """The mutant names (or globs) to rerun for an earlier summary, and the functions rerun
+    whole because their source changed (or is new) since that summary."""
+    names = list(old["survived"]) + list(old["timeout"])
+    if old_hashes is None:  # unknown: trust the numbering, the diffs are checked afterwards
+        return names, []
+    changed = sorted(f for f, h in new_hashes.items() if old_hashes.get(f) != h)
+    keep = [n for n in names if function_of(n) not in changed]
+    return keep + [f"{f}__mutmut_*" for f in changed], changed
+
+
 def configure(dest: Path, module: str, tests: list[str], max_children: int) -> None:
     """Append a ``[tool.mutmut]`` section to the copy's pyproject.toml."""
     glob = module.rstrip("/") + "/*" if (ROOT / module).is_dir() else module
@@ -184,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant runs")
     parser.add_argument("--keep", action="store_true", help="reuse an existing scratch copy "
                         "(mutmut then resumes where it stopped)")
+    narrow = parser.add_mutually_exclusive_group()
+    narrow.add_argument("--mutants", nargs="+", default=[], metavar="NAME_OR_GLOB",
+                        help="run only these mutants (mutmut names or fnmatch globs)")
+    narrow.add_argument("--only-survivors-of", type=Path, metavar="SUMMARY",
+                        help="run only the survivors and timeouts of an earlier summary.json "
+                        "(functions changed since are rerun whole)")
     args = parser.parse_args(argv)
     module = args.module.strip()
     if not (ROOT / module).exists() or not module.startswith("robustkit/"):
@@ -192,6 +254,17 @@ def main(argv: list[str] | None = None) -> int:
     if not tests:
         parser.error(f"no test file covers {module}; pass TESTS=...")
     dest = ROOT / ".mutate" / slug(module)
+    new_hashes = function_hashes(ROOT, module)
+    selected, renumbered, old = list(args.mutants), [], None
+    if args.only_survivors_of:  # read before the scratch copy (which may hold it) is replaced
+        old = json.loads(args.only_survivors_of.read_text(encoding="utf-8"))
+        old_hashes = old.get("function_hashes")
+        beside = args.only_survivors_of.resolve().parent
+        if old_hashes is None and (beside / module).exists():
+            old_hashes = function_hashes(beside, module)
+        selected, renumbered = survivors_to_rerun(old, old_hashes, new_hashes)
+        if not selected:
+            parser.error(f"{args.only_survivors_of} lists no survivor to rerun")
     if dest.exists() and not args.keep:
         shutil.rmtree(dest)
     if not dest.exists():
@@ -202,9 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     # mutmut redraws a spinner many times a second: its output goes to a log, not the terminal
     # one torch thread per mutant process: max_children processes share the cores already
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    if selected:
+        print(f"only {len(selected)} mutant names/globs" + (
+            f" (functions changed since, rerun whole: {', '.join(renumbered)})"
+            if renumbered else ""), flush=True)
+    start = time.monotonic()
     with open(dest / "mutmut.log", "w", encoding="utf-8") as log:
-        run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children)],
-                             cwd=dest, stdout=log, stderr=subprocess.STDOUT, env=env)
+        run = subprocess.run([str(mutmut), "run", "--max-children", str(args.max_children),
+                              *selected], cwd=dest, stdout=log, stderr=subprocess.STDOUT,
+                             env=env)
+    wall = time.monotonic() - start
     if run.returncode:
         tail = (dest / "mutmut.log").read_text(encoding="utf-8", errors="replace")[-2000:]
         print(f"mutmut run failed (exit {run.returncode}); end of mutmut.log:\n{tail}")
@@ -212,24 +292,42 @@ def main(argv: list[str] | None = None) -> int:
                          capture_output=True, text=True)
     groups = parse_results(res.stdout)
     total = sum(len(v) for v in groups.values())
+    not_rerun = groups.pop("not checked", []) if selected else []
     summary = {
         "module": module, "tests": tests, "mutants": total,
-        "killed": len(groups.get("killed", [])),
+        "killed": len(groups.get("killed", [])) + len(not_rerun),
         "survived": groups.get("survived", []),
         "timeout": groups.get("timeout", []),
         "other": {k: v for k, v in groups.items() if k not in ("killed", "survived", "timeout")},
+        "wall_s": round(wall, 1), "max_children": args.max_children,
+        "function_hashes": new_hashes,
     }
-    diffs = {}
-    for name in summary["survived"] + summary["timeout"]:
+    if selected:  # narrowed: the mutants not rerun were killed by the earlier run
+        summary.update(selected=selected, renumbered=renumbered,
+                       rerun=total - len(not_rerun), killed_earlier=len(not_rerun))
+    def show(name: str) -> str:
         shown = subprocess.run([str(mutmut), "show", name], cwd=dest, capture_output=True,
                                text=True).stdout
-        diffs[name] = "\n".join(
-            line for line in shown.splitlines()
-            if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+        return "\n".join(line for line in shown.splitlines()
+                         if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+
+    diffs = {name: show(name) for name in summary["survived"] + summary["timeout"]}
     summary["diffs"] = diffs
+    if old is not None:  # a former survivor whose diff changed: the numbering did not hold
+        olddiffs = old.get("diffs", {})
+        summary["diff_mismatch"] = sorted(
+            n for n in old["survived"] + old["timeout"]
+            if function_of(n) not in renumbered and n in olddiffs
+            and (diffs[n] if n in diffs else show(n)) != olddiffs[n])
     (dest / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    print(f"{module}: {total} mutants, {summary['killed']} killed, "
-          f"{len(summary['survived'])} survived, {len(summary['timeout'])} timeouts")
+    print(f"{module}: {total} mutants, {summary['killed']} killed"
+          + (f" ({summary['killed_earlier']} in an earlier run, {summary['rerun']} rerun)"
+             if selected else "")
+          + f", {len(summary['survived'])} survived, {len(summary['timeout'])} timeouts, "
+          f"{wall:.0f} s")
+    if summary.get("diff_mismatch"):
+        print("  numbering changed (rerun these functions with a glob): "
+              + ", ".join(summary["diff_mismatch"]))
     for name, diff in diffs.items():
         print(f"  {name}:\n    " + diff.replace("\n", "\n    "))
     return run.returncode

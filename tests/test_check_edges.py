@@ -298,3 +298,35 @@ def test_fractions_on_a_single_point():
     c = next(c for c in checks if c.name == "gradient_gap:pgd20")
     assert (c.severity, c.details["gap"]) == ("warning", 1.0)
     assert "(100.00% of the evaluated)" in c.message
+
+
+def test_n_classes_with_a_single_forward_pass():
+    """``repeats=1``: the class count comes from the one forward pass there is."""
+    x = torch.rand(2, 10, 1, 1, dtype=torch.float64) * 5
+    checks = pre_checks(Identity(), x, torch.zeros(2, dtype=torch.long), num_targets=9,
+                        repeats=1)
+    c = next(c for c in checks if c.name == "n_classes")
+    assert c.severity == "ok" and c.details == {"num_classes": 10, "num_targets": 9}
+
+
+class TinySlope(nn.Module):
+    """float32 logits whose input gradient is tiny (~1e-43, subnormal) but not zero."""
+
+    def __init__(self):
+        super().__init__()
+        w = torch.zeros(4, 10)
+        w[:, 0] = 1e-43
+        self.w = nn.Parameter(w)
+
+    def forward(self, x):
+        return x.flatten(1) @ self.w
+
+
+def test_zero_gradient_check_is_per_point_not_a_batch_average():
+    """Each point's own gradient is tested (the loss is summed): averaged over a batch of 1024
+    the ~1e-43 gradients would underflow to exact zeros and the check would fail every point."""
+    n = 1024
+    x = torch.rand(n, 4, 1, 1)
+    checks = pre_checks(TinySlope(), x, torch.zeros(n, dtype=torch.long))
+    c = next(c for c in checks if c.name == "gradients")
+    assert (c.severity, c.details["zero_gradient_points"]) == ("ok", 0)
