@@ -13,7 +13,7 @@ import yaml
 
 from robustkit.attacks.specs import parse_attacks
 from robustkit.cli import main
-from robustkit.cli.evaluate import _default_name
+from robustkit.evaluation.api import default_name as _default_name
 from robustkit.config import load_eval_config
 from robustkit.data import first_n, load_dataset
 from robustkit.models import create_model

@@ -19,24 +19,15 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import re
 from pathlib import Path
-from typing import Any
 
-from robustkit.cli import CLIError, user_input
-from robustkit.errors import ConfigError, DataError
-from robustkit.evaluation.api import default_name as _default_name  # cli/sensitivity, compare
-from robustkit.utils import check_plain_name
+from robustkit.cli import MODEL_FORMS, CLIError, user_input
+from robustkit.errors import ConfigError
+from robustkit.evaluation.api import check_name, default_name
 
 logger = logging.getLogger(__name__)
 
-EPILOG = """\
-model forms:
-  NAME               a registry model (robustkit.models.MODELS), usually with --checkpoint
-  FILE.py:FN         FN() returns an nn.Module taking [0, 1] inputs (normalising itself)
-  robustbench:NAME   a RobustBench zoo model (downloads its weights; no --checkpoint)
-  robustkit:NAME     a reference model shipped with robustkit (offline), e.g.
-                     robustkit:mnist_smallcnn_robust, robustkit:mnist_smallcnn_standard
+EPILOG = MODEL_FORMS + """\
 
 attack forms (--attacks, comma separated, run in order; eps/norm from the evaluation):
   clean              always reported
@@ -108,19 +99,6 @@ def _settings(args: argparse.Namespace):
     return load_eval_config(args.config, flags)
 
 
-def check_name(name: str, flag: str = "--name") -> str:
-    """``name`` when it is a name, not a path; a one-line ``CLIError`` naming ``flag`` otherwise.
-
-    A name becomes part of file names (``<out>/model_info/.../<name>.json``, TensorBoard run
-    folders), always through ``utils.safe_name``; a separator, ``.``/``..`` or a control
-    character says the user meant a path, so it is refused rather than silently renamed.
-    """
-    try:
-        return check_plain_name(name, flag)
-    except ValueError as err:
-        raise CLIError(f"{err}; it names the entry and its files inside --out") from None
-
-
 # Collective timeout of a sharded evaluation: on a resume, a rank whose state is complete waits
 # at the first gather for the others' remaining AutoAttack batches, which can take hours; the
 # default 30 minutes would kill a healthy run (torchrun already stops every rank when one dies).
@@ -131,19 +109,18 @@ EVAL_TIMEOUT_S = 7 * 24 * 3600
 def run(args) -> int:
     from robustkit import distributed as dist
     from robustkit.config import to_container
+    from robustkit.evaluation.api import default_out
     from robustkit.utils import check_writable, resolve_device
 
     cfg = _settings(args)  # every value a user can get wrong is checked here, before loading
     s = to_container(cfg)
-    tm = s["threat_model"]
     if s["checkpoint"] is not None and not Path(s["checkpoint"]).is_file():
         raise CLIError(f"--checkpoint {s['checkpoint']!r}: file not found")
     # torch.device("gpu") raises RuntimeError; a CUDA device without CUDA, ValueError.
     with user_input(ConfigError, "--device", (ValueError, RuntimeError)):
         device = resolve_device(s["device"])
-    name = check_name(s["name"]) if s["name"] is not None else _default_name(s["model"])
-    out = Path(s["out"] or Path("runs", "evaluate", re.sub(r"[^\w.-]+", "_",
-                                                           f"{name}-{s['dataset']}-{tm}")))
+    name = check_name(s["name"]) if s["name"] is not None else default_name(s["model"])
+    out = Path(s["out"] or default_out(name, s["dataset"], s["threat_model"]))
     # Before any model or data is loaded: a read-only, unwritable or mistyped --out costs nothing.
     check_writable(out, "--out")
     check_writable(out / "state", "--out state folder")
@@ -158,67 +135,35 @@ def run(args) -> int:
         dist.cleanup()
 
 
-def _run(args, cfg, s: dict[str, Any], name: str, out: Path, where) -> int:
+def _run(args, cfg, s: dict, name: str, out: Path, where) -> int:
     """The evaluation proper, on every rank (``where``: ``distributed.DistInfo``)."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from robustkit import distributed as dist
     from robustkit.cli.progress import tqdm_factory
-    from robustkit.data import first_n, load_dataset, resolve_root
-    from robustkit.evaluation.api import evaluate
-    from robustkit.evaluation.state import discard_state, rank_dir
-    from robustkit.utils import clean_tmp
+    from robustkit.config.build import save_eval_config
+    from robustkit.evaluation.api import evaluate, load_eval_data, reset_state
 
     main = where.rank == 0
-    state = out / "state"
-    if main:
-        # Only rank 0 writes into --out itself; each rank's state folder is cleaned by its own
-        # store. Another rank never writes here, so no live temporary file is removed.
-        clean_tmp(out)
-    if args.overwrite:  # before any rank opens its state (the barrier below)
-        world = where.world_size
-        if world > 1:  # each rank its own folder: right with or without a shared file system
-            discard_state(rank_dir(state, where.rank, world))
-        if main:  # the single-process state and other world sizes' folders
-            discard_state(state, keep_world=world if world > 1 else None)
-    dist.barrier()
-
-    with user_input(DataError, f"--dataset {s['dataset']}"):
-        test = load_dataset(s["dataset"], "test", s["data_root"])
-    n = s["n_examples"] or len(test)
-    if n > len(test):
-        raise CLIError(f"--n-examples {n} exceeds the {len(test)} test images of "
-                       f"{s['dataset']} found")
-    # The shipped samples ignore --data-root; for every other dataset the folder is part of
-    # what was evaluated (the library adds the hashes of the images and the weights).
-    data_root = (None if s["dataset"].startswith("sample-")
-                 else str(resolve_root(s["data_root"]).resolve()))
+    reset_state(out, where.rank, where.world_size, args.overwrite)
+    dist.barrier()  # no rank opens its state before every --overwrite is done
+    data, n, data_root = load_eval_data(s["dataset"], s["data_root"], s["n_examples"])
     bars = not args.no_progress and main
     # log lines between the bars, not through them (only while there are bars to avoid)
     with logging_redirect_tqdm() if bars else contextlib.nullcontext():
         result = evaluate(
-            s["model"], first_n(test, n), attacks=s["attacks"], eps=s["eps"],
+            s["model"], data, attacks=s["attacks"], eps=s["eps"],
             norm=s["threat_model"], dataset=s["dataset"], checkpoint=s["checkpoint"],
             name=name, subset=f"first {n} test images", batch_size=s["batch_size"],
             protocol=s["protocol"], aa_version=s["aa_version"], aa_attacks=s["aa_attacks"],
-            seed=s["seed"], device=where.device, state_dir=state,
+            seed=s["seed"], device=where.device, state_dir=out / "state",
             progress=tqdm_factory(None if bars else False),
             fingerprint={"data_root": data_root}, shard=True)
     if not main:
         return 0
-    _save_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
+    save_eval_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
     paths = result.save(out)
     print(result.table())
     print(f"results: {paths['results']}\nRobustBench JSON: {paths['model_info']}")
     logger.info("wrote %s and %s", paths["results"], paths["model_info"])
     return 0
-
-
-def _save_config(cfg, path: Path) -> None:
-    """``save_config``, with a failed write (full disk, read-only) as one ``OutputError`` line."""
-    from robustkit.config import save_config
-    from robustkit.utils import output_errors
-
-    with output_errors(path, "; the evaluation state is intact: free space or fix the "
-                             "permissions and rerun the same command (nothing is recomputed)"):
-        save_config(cfg, path)

@@ -33,7 +33,7 @@ from robustkit.config.loading import build_config, load_config, save_config, to_
 from robustkit.errors import CheckpointError, ConfigError, OutputError, user_input
 from robustkit.utils import output_errors
 
-__all__ = ["Run", "build"]
+__all__ = ["Run", "build", "save_eval_config"]
 
 log = logging.getLogger(__name__)
 
@@ -214,6 +214,14 @@ def build(
         _resume(trainer, resume, cfg)
     return Run(cfg, loaders, model, objective, optimizer, scheduler, trainer, out_dir,
                steps_per_epoch, resume)
+
+
+def save_eval_config(cfg: Any, path: Path) -> None:
+    """``robustkit evaluate``'s resolved settings to ``path`` (``config.yaml`` beside the
+    results); a failed write (full disk, read-only) is one ``OutputError`` line."""
+    with output_errors(path, "; the evaluation state is intact: free space or fix the "
+                             "permissions and rerun the same command (nothing is recomputed)"):
+        save_config(cfg, path)
 
 
 def _config(config: Any, overrides: Sequence[str]) -> DictConfig:

@@ -26,7 +26,8 @@ from robustkit.errors import ConfigError, ModelError, user_input
 from robustkit.evaluation.protocol import EvalResult, evaluate_attacks
 
 __all__ = ["evaluate", "default_name", "check_name", "model_labels", "card_kind", "dataset_eps",
-           "load_models", "load_test_images", "source_model"]
+           "load_models", "load_test_images", "source_model", "default_out", "load_eval_data",
+           "reset_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -351,6 +352,49 @@ def source_model(name: str | None, models: Sequence[Mapping[str, Any]], labels: 
     label = default_name(name)
     spec = [{"spec": name, "checkpoint": checkpoint}]
     return label, load_models(spec, [label], dataset, device)[label]
+
+
+# ---- the steps of robustkit evaluate around evaluate() -----------------------------------------
+def default_out(name: str, dataset: str, threat_model: str) -> Path:
+    """``runs/evaluate/<name>-<dataset>-<threat model>`` (unsafe characters as ``_``)."""
+    import re
+
+    return Path("runs", "evaluate", re.sub(r"[^\w.-]+", "_", f"{name}-{dataset}-{threat_model}"))
+
+
+def reset_state(out: Path, rank: int, world: int, overwrite: bool) -> None:
+    """Before a (sharded) evaluation opens its state in ``out/state``: rank 0 removes stale
+    temporary files of ``out``; ``overwrite`` discards earlier state, each rank its own folder
+    (right with or without a shared file system), rank 0 the single-process state and the
+    folders of other world sizes."""
+    from robustkit.evaluation.state import discard_state, rank_dir
+    from robustkit.utils import clean_tmp
+
+    state = out / "state"
+    if rank == 0:  # only rank 0 writes into out itself: no live temporary file is removed
+        clean_tmp(out)
+    if overwrite:
+        if world > 1:
+            discard_state(rank_dir(state, rank, world))
+        if rank == 0:
+            discard_state(state, keep_world=world if world > 1 else None)
+
+
+def load_eval_data(dataset: str, root: str | None, n: int | None) -> tuple[Any, int, str | None]:
+    """``(data, n, data_root)``: the first ``n`` (default all) test images of ``dataset`` as a
+    dataset, and the resolved data folder that a resume must match (``None`` for the shipped
+    ``sample-*`` sets, which ignore the root)."""
+    from robustkit.data import first_n, load_dataset, resolve_root
+    from robustkit.errors import DataError
+
+    with user_input(DataError, f"--dataset {dataset}"):
+        test = load_dataset(dataset, "test", root)
+    n = n or len(test)
+    if n > len(test):
+        raise ConfigError(f"--n-examples {n} exceeds the {len(test)} test images of {dataset} "
+                          "found")
+    data_root = None if dataset.startswith("sample-") else str(resolve_root(root).resolve())
+    return first_n(test, n), n, data_root
 
 
 def architecture(spec: str | None, model: nn.Module) -> str:
