@@ -24,6 +24,7 @@ from robustkit.objectives.base import Objective, ObjectiveOutput
 from robustkit.testing import TinyCNN, separable_toy_data
 from robustkit.training.checkpoint import load_checkpoint, save_checkpoint
 from robustkit.training.trainer import Trainer
+from robustkit.utils import seed_everything
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ from robustkit.testing import TinyCNN, separable_toy_data
 from robustkit.training.callbacks import CheckpointCallback
 from robustkit.training.checkpoint import load_checkpoint
 from robustkit.training.trainer import Trainer
+from robustkit.utils import seed_everything
 
 
 class Noisy(Objective):
@@ -258,3 +260,19 @@ def test_the_cuda_stream_resumes_and_a_cpu_checkpoint_loads_on_cuda():
     cpu_state = _trainer().state_dict()
     assert "cuda" not in cpu_state["rng"][0]
     cuda_trainer().load_state_dict(cpu_state)
+
+
+def test_a_rank_beyond_the_saved_states_reseeds_from_its_state_plus_its_rank(tmp_path,
+                                                                             monkeypatch):
+    """The rule of ``_load_rng``, checked against a plain replay: rank 2 of 3 resumed from a
+    1-process checkpoint takes saved state 2 % 1 = 0, draws a seed in [0, 2**31 - 1) from it,
+    adds its rank and seeds every generator with that (a reproducible, documented stream)."""
+    state = load_checkpoint(_checkpoint(tmp_path))
+    monkeypatch.setattr(dist, "world_size", lambda: 3)
+    monkeypatch.setattr(dist, "rank", lambda: 2)
+    got = _draws_after(state)
+    monkeypatch.setattr(dist, "world_size", lambda: 1)
+    monkeypatch.setattr(dist, "rank", lambda: 0)
+    _trainer().load_state_dict(state)  # the saved state itself, then the replayed reseed
+    seed_everything(int(torch.randint(0, 2**31 - 1, ()).item()) + 2)
+    assert _draws() == got
