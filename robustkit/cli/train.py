@@ -98,28 +98,9 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         state = r.fit(rundir=rundir if owner else None)
         if main:
-            print(_summary(r, state, time.perf_counter() - start))
+            print(r.summary(state, time.perf_counter() - start))
     finally:
         rundir.release()
         dist.cleanup()  # no-op without torchrun
     return 0
 
-
-def _summary(r: Run, state: Any, seconds: float) -> str:
-    """What was trained and where it is; names only the files that exist."""
-    metrics = state.metrics
-    shown = {k: v for k, v in metrics.items() if k.startswith("eval/") or k == "train/acc"}
-    since = f" (resumed from {r.resume})" if r.resume is not None else ""
-    lines = [f"trained {r.cfg.objective.name} {r.cfg.model.name} on {r.cfg.data.name} for "
-             f"{state.epoch} epochs in {seconds:.1f} s{since}",
-             "  final: " + (", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "-")]
-    files = [n for n in ("config.yaml", "last.pt") if (r.out_dir / n).is_file()]
-    if state.best is not None and (r.out_dir / "best.pt").is_file():
-        monitor = f"eval/pgd{r.cfg.trainer.eval_steps}"
-        files.append(f"best.pt [{monitor}={state.best:.4f}, epoch {state.best_epoch}]")
-    if r.cfg.log.jsonl and (r.out_dir / "metrics.jsonl").is_file():
-        files.append("metrics.jsonl")
-    lines.append(f"  run dir: {r.out_dir}  ({', '.join(files) or 'no files written'})")
-    if r.cfg.log.tensorboard and (r.out_dir / "tb").is_dir():
-        lines.append(f"  tensorboard --logdir {r.out_dir / 'tb'}")
-    return "\n".join(lines)

@@ -77,6 +77,27 @@ class Run:
                 f"{c.objective.name}, {c.trainer.epochs} epochs x {self.steps_per_epoch} steps, "
                 f"device {self.trainer.device}, run dir {self.out_dir}")
 
+    def summary(self, state: Any, seconds: float) -> str:
+        """What was trained and where it is (the lines ``robustkit train`` prints at the end);
+        names only the files that exist."""
+        shown = {k: v for k, v in state.metrics.items()
+                 if k.startswith("eval/") or k == "train/acc"}
+        since = f" (resumed from {self.resume})" if self.resume is not None else ""
+        c, out = self.cfg, self.out_dir
+        lines = [f"trained {c.objective.name} {c.model.name} on {c.data.name} for "
+                 f"{state.epoch} epochs in {seconds:.1f} s{since}",
+                 "  final: " + (", ".join(f"{k}={v:.4f}" for k, v in shown.items()) or "-")]
+        files = [n for n in ("config.yaml", "last.pt") if (out / n).is_file()]
+        if state.best is not None and (out / "best.pt").is_file():
+            monitor = f"eval/pgd{c.trainer.eval_steps}"
+            files.append(f"best.pt [{monitor}={state.best:.4f}, epoch {state.best_epoch}]")
+        if c.log.jsonl and (out / "metrics.jsonl").is_file():
+            files.append("metrics.jsonl")
+        lines.append(f"  run dir: {out}  ({', '.join(files) or 'no files written'})")
+        if c.log.tensorboard and (out / "tb").is_dir():
+            lines.append(f"  tensorboard --logdir {out / 'tb'}")
+        return "\n".join(lines)
+
     def fit(self, rundir: Any = None) -> Any:
         """Train as ``robustkit train`` does; returns the final ``TrainerState``.
 
