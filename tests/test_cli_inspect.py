@@ -72,13 +72,13 @@ def test_summary_shape(summary):
         assert {"clean_accuracy", "adv_accuracy", "kind"} <= set(m)
     assert summary["models"][STD]["kind"] == "standard"  # from the shipped model cards
     assert summary["models"][ROB]["kind"] == "robust"
-    per_input = len(MAP_METRICS) * 2 + len(PAIR_METRICS)
+    per_input = len(MAP_METRICS) * 2 + len(PAIR_METRICS) * 2  # pair and the noise control
     assert len(summary["metrics"]) == len(EXPLAINERS) * per_input * 2
     assert len(summary["pairs"]) == len(EXPLAINERS) * per_input
     for r in summary["metrics"]:
         assert set(r) >= {"explainer", "metric", "input", "model", "mean", "ci95"}
-        assert r["input"] in ("clean", "adv", "pair")
-        assert (r["metric"] in PAIR_METRICS) == (r["input"] == "pair")
+        assert r["input"] in ("clean", "adv", "pair", "noise")
+        assert (r["metric"] in PAIR_METRICS) == (r["input"] in ("pair", "noise"))
     for p in summary["pairs"]:
         assert set(p) >= {"explainer", "metric", "input", "a", "b", "diff_mean", "ci95",
                           "wilcoxon_p"}

@@ -136,8 +136,11 @@ def test_maps_and_metrics_are_the_computed_ones(both):
                   generator=torch.Generator().manual_seed(SEED))
         x_adv = torch.cat([pgd(x[i:i + BATCH], y[i:i + BATCH]) for i in range(0, N, BATCH)])
         assert torch.equal(report.x_adv[label], x_adv)
+        with torch.no_grad():
+            target = model(x).argmax(1)  # the default target: the class predicted on x
+        assert not torch.equal(target, y)  # so a map of the true label would differ
         for key, xi in (("clean", x), ("adv", x_adv)):
-            g = Gradient(model).attribute(xi, target=y)
+            g = Gradient(model).attribute(xi, target=target)
             torch.testing.assert_close(report.attributions["gradient"][label][key], g)
             rows = images[(images.model == label) & (images.explainer == "gradient")
                           & (images.input == key) & (images.metric == "sparseness")]
@@ -149,7 +152,8 @@ def test_maps_and_metrics_are_the_computed_ones(both):
         # AdaptGrad seeded by --seed once per model and explainer, batches drawn in turn
         ag = create_explainer("adaptgrad", model, n_samples=2, seed=SEED)
         torch.testing.assert_close(report.attributions["adaptgrad"][label]["clean"], torch.cat(
-            [ag.attribute(x[i:i + BATCH], target=y[i:i + BATCH]) for i in range(0, N, BATCH)]))
+            [ag.attribute(x[i:i + BATCH], target=target[i:i + BATCH])
+             for i in range(0, N, BATCH)]))
         residual = images[(images.model == label) & (images.metric == "adaptgrad_residual")
                           & (images.input == "clean")]
         np.testing.assert_allclose(residual["value"], M.adaptgrad_residual(
@@ -225,8 +229,10 @@ def test_repr_html_escapes_and_shows_every_row(both):
     _, _, report, _ = both
     page = report._repr_html_()
     assert A not in page and "a&lt;&amp;&gt;" in page
-    assert page.count("<tr>") == (1 + len(report.models)) + (1 + len(report.metrics)) + (
-        1 + len(report.pairs))
+    wide = len(report.metrics) // len(report.models)  # one row per explainer, metric, input
+    assert page.count("<tr>") == (1 + len(report.models)) + (1 + wide) + (
+        1 + len(report.stability)) + (1 + len(report.explainer_differences)) + (
+        1 + len(report.metrics)) + (1 + len(report.pairs))
     r = report.metrics[0]
     assert f"<td class=n>{r['mean']:.4g}</td>" in page
 

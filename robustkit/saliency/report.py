@@ -36,18 +36,31 @@ class SaliencyReport:
         n: number of images.
         models: ``{label: {"model", "checkpoint", "clean_accuracy", "adv_accuracy", "kind",
             "kind_source"}}``.
-        metrics: ``[{"explainer", "metric", "input", "model", "n", "mean", "ci95"}]``.
+        metrics: ``[{"explainer", "metric", "input", "model", "n", "mean", "ci95"}]``; input
+            ``clean`` (map of x), ``adv`` (of x'), ``pair`` (x vs x'), ``noise`` (x vs x + δ,
+            the shared-perturbation control).
         pairs: ``[{"explainer", "metric", "input", "a", "b", "n", "diff_mean", "ci95", "d_z",
-            "wilcoxon_p"}]``, b − a with a = the first model.
-        settings: the run's settings (``explainers``, ``eps``, ``attack_settings``, ``ci``, ...).
+            "d_z_ci95", "wilcoxon_p", "p_adjusted"}]``, b − a with a = the first model;
+            ``p_adjusted`` by ``settings["correction"]`` (``method``, ``family``, ``m``).
+        settings: the run's settings (``explainers``, ``eps``, ``attack_settings``, ``ci``,
+            ``target``, ``subset``, ``n_given``, ``subset_indices``, ``correction``,
+            ``noise_control``, ``explainer_ci``, ...).
         box_chance: mean box area fraction (chance level of the box metrics), or ``None``.
         rows: per-image values ``(index, model, explainer, input, metric, value)``.
         x, y: the images ``(N, C, H, W)`` and labels ``(N,)``.
         x_adv: ``{label: (N, C, H, W)}``, each model's x'.
         attributions: ``{explainer: {label: {"clean": map of x, "adv": map of x'}}}``, raw maps
             shaped like x.
-        predicted, confidence: ``{label: {"clean" | "adv": (N,)}}``: predicted class and its
-            softmax probability.
+        predicted, confidence: ``{label: {"clean" | "adv" | "noise": (N,)}}``: predicted class
+            and its softmax probability.
+        stability: ``[{"explainer", "metric", "model", "prediction", "n", "mean", "ci95"}]``,
+            the x-vs-x' stability over the images whose prediction x' leaves ``"unchanged"``
+            and those it ``"flipped"``.
+        explainer_differences: ``[{"metric", "input", "a", "b", "first", "second", "n",
+            "d_z_first", "d_z_second", "abs_d_z_difference", "ci95", "verdict"}]``: for every
+            two explainers, the paired bootstrap CI of ``|d_z(second)| − |d_z(first)|``.
+        directions: ``{metric: {"better": "higher" | "lower", "meaning"}}``: which direction
+            means a more interpretable map.
 
     Example:
         >>> report = compare(models, x, y, explainers=["gradient"], attack="pgd20", eps=0.3)
@@ -68,6 +81,9 @@ class SaliencyReport:
     attributions: dict[str, dict[str, dict[str, Tensor]]] = field(repr=False)
     predicted: dict[str, dict[str, Tensor]] = field(repr=False)
     confidence: dict[str, dict[str, Tensor]] = field(repr=False)
+    stability: list[dict[str, Any]] = field(default_factory=list)
+    explainer_differences: list[dict[str, Any]] = field(default_factory=list)
+    directions: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_dict(self, tensorboard: bool = True) -> dict[str, Any]:
         """The ``summary.json`` content (a copy) that ``save(tensorboard=...)`` writes.
@@ -81,34 +97,109 @@ class SaliencyReport:
         out: dict[str, Any] = {"n": self.n, "models": self.models}
         if self.box_chance is not None:
             out["box_chance"] = self.box_chance
-        out.update(metrics=self.metrics, pairs=self.pairs, settings=self.settings,
+        out.update(metrics=self.metrics, pairs=self.pairs,
+                   stability_by_prediction=self.stability,
+                   explainer_differences=self.explainer_differences,
+                   directions=self.directions, settings=self.settings,
                    grids={ex: grid_filename(ex) for ex in self.settings["explainers"]})
         if tensorboard:
             out["tensorboard"] = "tb"
         return copy.deepcopy(out)
 
-    def to_frame(self, what: Literal["metrics", "pairs", "images"] = "metrics"):
+    def to_frame(self, what: Literal["metrics", "pairs", "wide", "stability", "explainers",
+                                     "images"] = "metrics"):
         """A ``pandas.DataFrame``: the means and CIs (``"metrics"``: one row per explainer,
-        metric, input and model), the paired differences (``"pairs"``) or the per-image values
+        metric, input and model), the paired differences (``"pairs"``), the wide table the page
+        leads with (``"wide"``: one row per metric, input and explainer, each model's mean, d_z
+        with its CI and the adjusted p per compared model, and which direction is more
+        interpretable), the stability split by flipped / unchanged predictions
+        (``"stability"``), the explainer differences (``"explainers"``) or the per-image values
         (``"images"``, ``metrics.csv``'s rows).
 
         Example:
-            >>> report.to_frame().pivot_table(index=["explainer", "metric", "input"],
-            ...                               columns="model", values="mean")
+            >>> report.to_frame("wide")[["metric", "explainer", "better"]]
         """
         import pandas as pd
 
         if what == "images":
             return pd.DataFrame(self.rows, columns=["index", "model", "explainer", "input",
                                                     "metric", "value"])
-        if what not in ("metrics", "pairs"):
-            raise ValueError(f"what must be 'metrics', 'pairs' or 'images', got {what!r}")
+        if what == "wide":
+            from robustkit.reports.inspect import wide_rows
+
+            return pd.DataFrame(wide_rows(self.to_dict()))
+        tables = {"metrics": self.metrics, "pairs": self.pairs, "stability": self.stability,
+                  "explainers": self.explainer_differences}
+        if what not in tables:
+            raise ValueError(f"what must be one of {', '.join([*tables, 'wide', 'images'])}, "
+                             f"got {what!r}")
         rows = []
-        for r in self.metrics if what == "metrics" else self.pairs:
+        for r in tables[what]:
             r = dict(r)
-            ci = r.pop("ci95")
-            rows.append({**r, "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None})
+            for key, low, high in (("ci95", "ci_low", "ci_high"),
+                                   ("d_z_ci95", "d_z_ci_low", "d_z_ci_high")):
+                if key in r:
+                    ci = r.pop(key)
+                    r.update({low: ci[0] if ci else None, high: ci[1] if ci else None})
+            rows.append(r)
         return pd.DataFrame(rows)
+
+    def compare_explainers(self, first: str, second: str, metric: str, input: str = "clean",
+                           model: str | None = None) -> dict[str, Any]:
+        """Does ``second`` separate the reference model from ``model`` (default: the second
+        model) more than ``first`` on ``metric``? The paired bootstrap CI (same images, BCa,
+        the report's seed) of ``|d_z(second)| − |d_z(first)|``; ``verdict`` names the explainer
+        that separates more, or says "could not decide" where the CI covers 0.
+
+        Raises:
+            ValueError: an explainer, metric, input or model the report does not hold.
+
+        Example:
+            >>> report.compare_explainers("gradient", "adaptgrad", "stability_cos", "pair")
+            {..., 'ci95': [-0.12, 0.31], 'verdict': 'could not decide (the CI covers 0)'}
+        """
+        from robustkit.saliency.ranking import explainer_difference
+
+        labels = list(self.models)
+        b = model if model is not None else (labels[1] if len(labels) > 1 else None)
+        if b is None or b not in labels[1:]:
+            raise ValueError(f"model must be one of the compared models {labels[1:]}, "
+                             f"got {model!r}")
+        return explainer_difference(self.rows, first, second, metric, input, labels[0], b,
+                                    n=self.n, seed=self.settings["seed"])
+
+    def rank_explainers(self, metric: str, input: str = "clean",
+                        model: str | None = None) -> list[dict[str, Any]]:
+        """The explainers ordered by how strongly they separate the reference model from
+        ``model`` (default: the second) on ``metric``: ``|d_z|`` largest first, each with the
+        CI of its lead over the next one (``compare_explainers``). A rank whose CI covers 0 is
+        not decided: the data cannot order those two explainers.
+
+        Returns:
+            ``[{"rank", "explainer", "d_z", "n", "next", "lead", "ci95", "decided"}]``
+            (``next`` etc. ``None`` for the last).
+
+        Example:
+            >>> for r in report.rank_explainers("total_variation"):
+            ...     print(r["rank"], r["explainer"], r["d_z"], r["ci95"], r["decided"])
+        """
+        labels = list(self.models)
+        b = model if model is not None else (labels[1] if len(labels) > 1 else None)
+        dz = {p["explainer"]: p["d_z"] for p in self.pairs
+              if (p["metric"], p["input"], p["b"]) == (metric, input, b)}
+        if not dz:
+            raise ValueError(f"no paired differences of {metric!r} ({input}) against {b!r}")
+        order = sorted(dz, key=lambda e: -abs(dz[e]) if dz[e] is not None else 0.0)
+        out = []
+        for i, ex in enumerate(order):
+            nxt = order[i + 1] if i + 1 < len(order) else None
+            c = self.compare_explainers(nxt, ex, metric, input, b) if nxt else None
+            out.append({"rank": i + 1, "explainer": ex, "d_z": dz[ex],
+                        "n": c["n"] if c else None, "next": nxt,
+                        "lead": c["abs_d_z_difference"] if c else None,
+                        "ci95": c["ci95"] if c else None,
+                        "decided": bool(c and c["ci95"] and c["ci95"][0] > 0)})
+        return out
 
     def plot(self) -> dict[str, Any]:
         """One grid per explainer, ``{explainer: matplotlib Figure}`` (no pyplot): rows = the
@@ -131,7 +222,8 @@ class SaliencyReport:
                          for key in ("clean", "adv")} for lb in self.models}
         return {ex: grid_figure(
             self.x[:r].numpy(),
-            {lb: {key: percentile_scale(signed_map(a[:r].float())) for key, a in v.items()}
+            {lb: {key: percentile_scale(signed_map(v[key][:r].float()))
+                  for key in ("clean", "adv")}
              for lb, v in self.attributions[ex].items()},
             captions, grid_title(ex, s, r),
             row_labels=[f"#{i}  y = {int(t)}" for i, t in enumerate(self.y[:r])])
