@@ -276,3 +276,17 @@ def test_a_rank_beyond_the_saved_states_reseeds_from_its_state_plus_its_rank(tmp
     _trainer().load_state_dict(state)  # the saved state itself, then the replayed reseed
     seed_everything(int(torch.randint(0, 2**31 - 1, ()).item()) + 2)
     assert _draws() == got
+
+
+def test_a_cuda_checkpoint_resumes_on_the_cpu_without_touching_cuda(tmp_path, monkeypatch):
+    """A checkpoint written on CUDA (its RNG state holds "cuda") resumed on the CPU restores the
+    CPU streams and never calls the CUDA generator (no CUDA on the machine, or not wanted)."""
+    state = load_checkpoint(_checkpoint(tmp_path))
+    expected = _draws_after(state)
+    state["rng"][0]["cuda"] = torch.zeros(16, dtype=torch.uint8)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a, **k: calls.append(a))
+    assert _draws_after(state) == expected
+    assert "cuda" not in _trainer().state_dict()["rng"][0]
+    assert calls == []
