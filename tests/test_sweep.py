@@ -1,0 +1,339 @@
+"""robustkit.sweep: grid expansion, names, file errors, statistics against plain computations,
+and the runner end to end on tiny runs (skip finished, resume unfinished, submitit's local
+executor, the CLI)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustkit.errors import ConfigError
+from robustkit.sweep import (
+    collect,
+    expand_grid,
+    holm,
+    load_sweep,
+    mcnemar,
+    parse_sweep,
+    run,
+    run_name,
+    status,
+    wilson,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "sweeps" / "smoke.yaml"
+JR = str(ROOT / "configs" / "train" / "mnist_jr.yaml")
+NATURAL = str(ROOT / "configs" / "train" / "mnist_natural.yaml")
+
+
+# --- the file -> runs ---------------------------------------------------------------------
+
+def test_expand_grid_is_the_cartesian_product_times_the_list():
+    grid = {"a": [1, 2, 3], "b": ["x", "y"]}
+    items = [{"c": 0}, {"c": 1, "d": True}]
+    expected = []
+    for a in grid["a"]:  # plain nested loops, key order
+        for b in grid["b"]:
+            for item in items:
+                expected.append({"a": a, "b": b, **item})
+    assert expand_grid(grid, items) == expected
+    assert expand_grid(grid) == [dict(zip("ab", p, strict=True))
+                                 for p in itertools.product([1, 2, 3], "xy")]
+    assert expand_grid({}, None) == [{}]
+    assert expand_grid(None, [{"c": 2}]) == [{"c": 2}]
+
+
+def test_run_names_are_deterministic_safe_and_distinct():
+    assert run_name("jr", {"objective.params.lam": 0.01}, 0) == "jr_lam0.01_seed0"
+    assert run_name("jr", {"objective.params.lam": 1e-3}, 3) == "jr_lam0.001_seed3"
+    # two keys with the same last part keep their whole key
+    two = run_name("x", {"attack.params.eps": 0.1, "objective.params.eps": 0.2}, 0)
+    assert "attack.params.eps0.1" in two and "objective.params.eps0.2" in two
+    frac = run_name("x", {"objective.params.eps": "8/255"}, 1)
+    assert "/" not in frac and frac.endswith("_seed1")
+    assert frac == run_name("x", {"objective.params.eps": "8/255"}, 1)
+    assert frac != run_name("x", {"objective.params.eps": "8_255"}, 1)
+
+
+def _sweep(**kw):
+    data = {"name": "t", "out": "/tmp/unused", "base": JR,
+            "eval": {"dataset": "sample-mnist", "n": 8}}
+    data.update(kw)
+    return data
+
+
+def test_parse_groups_seeds_overrides_and_out_dirs(tmp_path):
+    spec = parse_sweep(_sweep(
+        out=str(tmp_path), seeds=[0, 1], overrides=["trainer.epochs=1"],
+        groups=[{"label": "jr", "grid": {"objective.params.lam": [0.1, 1.0]},
+                 "overrides": ["data.limit=8"]},
+                {"label": "nat", "base": NATURAL, "seeds": [5]}],
+        baseline="jr"))
+    names = [r.name for r in spec.runs]
+    assert names == ["jr_lam0.1_seed0", "jr_lam0.1_seed1", "jr_lam1_seed0", "jr_lam1_seed1",
+                     "nat_seed5"]
+    r = spec.runs[2]
+    assert r.out_dir == tmp_path / "jr_lam1_seed0" and r.index == 1 and r.stem == "jr_lam1"
+    assert r.overrides[:2] == ("trainer.epochs=1", "data.limit=8")
+    assert "objective.params.lam=1.0" in r.overrides and "seed=0" in r.overrides
+    assert f"trainer.out_dir={tmp_path / 'jr_lam1_seed0'}" in r.overrides
+    assert "trainer.resume=auto" in r.overrides
+    assert spec.runs[4].overrides[0] == "trainer.epochs=1" and "data.limit=8" not in \
+        spec.runs[4].overrides
+    # the list form: explicit sets, combined with every grid point
+    spec = parse_sweep(_sweep(grid={"objective.params.lam": [1]},
+                              list=[{"objective.params.n_proj": 1},
+                                    {"objective.params.n_proj": 2}]))
+    assert [r.name for r in spec.runs] == ["mnist_jr_lam1_n_proj1_seed0",  # label: base stem
+                                          "mnist_jr_lam1_n_proj2_seed0"]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"out": None}, "'out'"),
+    ({"base": "nope.yaml"}, "not found"),
+    ({"seeds": [0.5]}, "'seeds'"),
+    ({"grid": {"objective.params.lam": []}}, "non-empty list"),
+    ({"baseline": "nobody"}, "neither a run nor a label"),
+    ({"eval": {"n": 0}}, "'n'"),
+    ({"eval": {"checkpoint": "middle"}}, "'checkpoint'"),
+    ({"name": "../x"}, "a name, not a path"),
+    ({"groups": [{"label": "a"}, {"label": "a"}]}, "share the name"),
+    ({"overrides": ["no_equals_sign"]}, "key=value"),
+])
+def test_bad_sweep_files_raise_one_line_config_errors(change, needle):
+    data = _sweep()
+    data.update(change)
+    with pytest.raises(ConfigError, match=needle) as err:
+        parse_sweep(data)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_bad_file_exits_2_with_one_line(tmp_path, capsys):
+    from robustkit.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nout: [unclosed\n")
+    assert main(["sweep", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("robustkit sweep: error:") and "\n" not in err
+    assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+# --- statistics against plain computations -------------------------------------------------
+
+def _plain_mcnemar(a, b):
+    n01 = sum(1 for u, v in zip(a, b, strict=True) if u and not v)
+    n10 = sum(1 for u, v in zip(a, b, strict=True) if v and not u)
+    d = n01 + n10
+    if d == 0:
+        return n01, n10, 1.0
+    if d < 25:  # exact: twice the smaller tail of Binomial(d, 1/2), capped at 1
+        tail = sum(math.comb(d, k) for k in range(min(n01, n10) + 1)) / 2 ** d
+        return n01, n10, min(1.0, 2 * tail)
+    stat = (abs(n01 - n10) - 1) ** 2 / d  # chi2, 1 dof: sf(x) = erfc(sqrt(x / 2))
+    return n01, n10, math.erfc(math.sqrt(stat / 2))
+
+
+@pytest.mark.parametrize("n, p_a, p_b, seed", [(30, 0.6, 0.5, 0), (200, 0.7, 0.6, 1),
+                                               (1000, 0.9, 0.85, 2), (40, 0.5, 0.5, 3)])
+def test_mcnemar_equals_the_plain_computation(n, p_a, p_b, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.random(n) < p_a, rng.random(n) < p_b
+    n01, n10, p, method = mcnemar(a, b)
+    e01, e10, ep = _plain_mcnemar(a.tolist(), b.tolist())
+    assert (n01, n10) == (e01, e10)
+    assert p == pytest.approx(ep, rel=1e-9, abs=1e-12)
+    assert method == ("exact" if e01 + e10 < 25 else "chi2")
+    # symmetric in the two runs
+    assert mcnemar(b, a)[2] == pytest.approx(p, rel=1e-12)
+
+
+def test_mcnemar_edges():
+    assert mcnemar([True, False], [True, False]) == (0, 0, 1.0, "exact")
+    # 10 discordant pairs all one way: exact p = 2 / 2**10
+    a, b = [True] * 10 + [False] * 5, [False] * 10 + [False] * 5
+    assert mcnemar(a, b)[2] == pytest.approx(2 / 1024)
+    assert mcnemar(a, b, exact=False)[3] == "chi2"
+    with pytest.raises(ValueError, match="paired"):
+        mcnemar([True], [True, False])
+
+
+def test_holm_equals_the_plain_step_down_loop():
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 5, 12):
+        p = rng.random(m) ** 3
+        p[0] = p[-1]  # a tie
+        order = sorted(range(m), key=lambda i: p[i])
+        expected, running = [0.0] * m, 0.0
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (m - rank) * p[i]))
+            expected[i] = running
+        assert holm(p) == pytest.approx(expected, rel=1e-12)
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (7, 10), (930, 1000), (1000, 1000)])
+def test_wilson_equals_the_formula(k, n):
+    z, p = 1.959963984540054, k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    lo, hi = wilson(k, n)
+    assert lo == pytest.approx(max(0.0, centre - half), abs=1e-9)
+    assert hi == pytest.approx(min(1.0, centre + half), abs=1e-9)
+
+
+# --- penalties at initialisation ----------------------------------------------------------
+
+def test_penalty_is_igr_lambda_times_the_plain_gradient_norm_and_linear_in_lambda():
+    from robustkit.models import create_model
+    from robustkit.sweep.calibrate import match_lams, penalty, penalty_at_init
+
+    torch.manual_seed(0)
+    model = create_model("small_cnn", num_classes=10, in_channels=1, input_size=28)
+    torch.nn.init.normal_(model.model.classifier.fc3.weight, std=0.1)  # not the zero init
+    x, y = torch.rand(6, 1, 28, 28), torch.tensor([0, 1, 2, 3, 4, 5])
+    got = penalty("igr", model, x, y, lam=0.7)
+    norms = []
+    model.eval()  # penalty() measures without dropout
+    for i in range(6):  # per-sample input gradient of the CE, by hand
+        xi = x[i:i + 1].double().requires_grad_()
+        ce = F.cross_entropy(model.double()(xi), y[i:i + 1])
+        (g,) = torch.autograd.grad(ce, xi)
+        norms.append(float(g.pow(2).sum()))
+    model.float()
+    assert got == pytest.approx(0.7 * sum(norms) / 6, rel=1e-6)
+    assert got > 0
+    assert penalty("jr", model, x, y, lam=2.0) == pytest.approx(
+        2 * penalty("jr", model, x, y, lam=1.0), rel=1e-9)
+    # a fresh small_cnn has a zero last layer: constant logits, every penalty exactly 0
+    assert penalty_at_init(JR, x, y) == 0.0
+    assert match_lams({"a": 0.33, "b": 82.8}, [0.3, 3]) == {"a": [0.9, 9.0], "b": [0.004, 0.04]}
+    with pytest.raises(ValueError, match="unit penalty"):
+        match_lams({"a": 0.0}, [1.0])
+
+
+# --- the runner, end to end ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The shipped smoke sweep (3 tiny runs), run once with two processes at a time."""
+    out = tmp_path_factory.mktemp("sweep")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # the sweep file's base paths are relative to the current folder
+    try:
+        spec = load_sweep(SMOKE, out=out)
+        result = run(spec, jobs=2)
+    finally:
+        os.chdir(cwd)
+    return spec, result
+
+
+def test_smoke_sweep_runs_every_run_and_collects_one_table(smoke):
+    spec, result = smoke
+    assert result.failed == {} and sorted(result.ran) == sorted(r.name for r in spec.runs)
+    table = result.table
+    runs = table.runs
+    for col in ("run", "label", "objective", "objective.params.lam", "seed", "n", "clean",
+                "clean_lo", "clean_hi", "pgd5", "pgd5_lo", "pgd5_hi", "robust", "robust_lo",
+                "robust_hi", "penalty_init", "train_s", "eval_s", "epochs"):
+        assert col in runs.columns, col
+    assert list(runs["n"]) == [64] * 3 and list(runs["epochs"]) == [1] * 3
+    assert (runs["robust_lo"] <= runs["robust"]).all() and (runs["robust"] <=
+                                                             runs["robust_hi"]).all()
+    # every run on the same images: labels in flags.json identical
+    flags = {r.name: json.loads((r.out_dir / "eval" / "flags.json").read_text())
+             for r in spec.runs}
+    labels = {tuple(f["labels"]) for f in flags.values()}
+    assert len(labels) == 1
+    row = runs.set_index("run").loc["jr_lam0.1_seed0"]
+    assert row["clean"] == sum(flags["jr_lam0.1_seed0"]["clean"]) / 64
+    # paired tests against jr_lam0.01: McNemar on the flags, Holm over the 2 comparisons
+    tests = table.tests.set_index("run")
+    assert sorted(tests.index) == ["jr_lam0.1_seed0", "natural_seed0"]
+    base = flags["jr_lam0.01_seed0"]["robust"]
+    ps = []
+    for name in tests.index:
+        e01, e10, ep = _plain_mcnemar(flags[name]["robust"], base)
+        assert (tests.loc[name, "b"], tests.loc[name, "c"]) == (e01, e10)
+        assert tests.loc[name, "p"] == pytest.approx(ep)
+        ps.append(ep)
+    assert list(tests["p_holm"]) == pytest.approx(holm(ps))
+    assert "Holm over m = 2" in table.family and "jr_lam0.01" in table.family
+    # a collector built from the folder alone gives the same table
+    again = collect(spec.out, baseline="jr_lam0.01")
+    assert again.runs.sort_values("run").reset_index(drop=True).equals(
+        runs.sort_values("run").reset_index(drop=True))
+    fig = table.figure()
+    ax = fig.axes[0]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == ["jr", "natural"]
+    paths = table.save(spec.out / "report")
+    assert all(p.is_file() for p in paths.values())
+    assert (spec.out / "report" / "tests.csv").read_text().startswith("# Holm over m = 2")
+
+
+def test_rerun_skips_finished_and_resumes_unfinished(smoke, monkeypatch):
+    spec, _ = smoke
+    monkeypatch.chdir(ROOT)
+    again = run(spec)
+    assert again.ran == [] and sorted(again.skipped) == sorted(r.name for r in spec.runs)
+    # an unfinished run: its evaluation lost, last.pt kept; a longer schedule asked for
+    target = spec.runs[2]
+    (target.out_dir / "sweep_done.json").unlink()
+    assert status(target) == "partial"
+    first = [json.loads(line) for line in (target.out_dir / "metrics.jsonl").read_text()
+             .splitlines()]
+    longer = load_sweep(SMOKE, out=spec.out)
+    longer.runs = [r for r in longer.runs if r.name == target.name]
+    longer.baseline = None
+    r = longer.runs[0]
+    r.overrides = tuple(o if o != "trainer.epochs=1" else "trainer.epochs=2"
+                        for o in r.overrides)
+    result = run(longer)
+    assert result.ran == [target.name] and status(target) == "done"
+    record = json.loads((target.out_dir / "sweep_done.json").read_text())
+    assert record["epochs"] == 2
+    rows = [json.loads(line) for line in (target.out_dir / "metrics.jsonl").read_text()
+            .splitlines()]
+    assert rows[: len(first)] == first  # epoch 1 kept, not retrained
+    assert len(rows) > len(first)
+
+
+def test_submitit_local_executor_runs_a_tiny_sweep(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    monkeypatch.chdir(ROOT)
+    spec = load_sweep(SMOKE, out=tmp_path)
+    spec.runs = spec.runs[:1]
+    spec.baseline = None
+    result = run(spec, executor="local", jobs=1)
+    assert result.failed == {}, result.failed
+    assert result.ran == [spec.runs[0].name] and status(spec.runs[0]) == "done"
+    assert list((tmp_path / "submitit").glob("*/*_log.out"))  # submitit's own job logs
+    assert len(result.table.runs) == 1 and len(result.table.tests) == 0
+
+
+def test_cli_sweep_dry_run_and_collect(smoke, capsys, monkeypatch):
+    from robustkit.cli import main
+
+    spec, _ = smoke
+    monkeypatch.chdir(ROOT)
+    assert main(["sweep", str(SMOKE), "--out", str(spec.out), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done ") == 3 and "jr_lam0.1_seed0" in out
+    assert main(["sweep", str(SMOKE), "--out", str(spec.out), "--collect",
+                 "--baseline", "natural"]) == 0
+    out = capsys.readouterr().out
+    assert "Holm over m = 2" in out and (spec.out / "summary.csv").is_file()
+    assert main(["sweep", str(SMOKE), "--out", str(spec.out), "--executor", "local",
+                 "--jobs", "0"]) == 2
