@@ -6,14 +6,12 @@ prints (tables, progress bars). Each subcommand lives in its own module with ``a
 
 Errors: a :class:`~robustkit.errors.UserError` (a bad flag, config value, model, data or state)
 ends in one line on stderr, ``robustkit <command>: error: ...``, and exit code 2 (argparse's
-own usage errors also exit 2); a ``DataError`` keeps its lines (the paths searched, one per
-line, the expected layout and the fixes). Anything else is a bug: ``main`` lets it propagate,
-so Python prints the traceback and exits with code 1 (in-process callers get the exception
-itself). The library raises plain ``ValueError`` for bad arguments; the CLI converts it into a
-user error only where user input enters the library (:func:`user_input`), so a ``ValueError``
-from deeper code stays a visible bug. Ctrl-C at any point, the imports of the subcommands
-included, ends in one line ``interrupted`` (plus what to do, e.g. how to resume) and exit code
-130.
+own usage errors also exit 2). Anything else is a bug: ``main`` lets it propagate, so Python
+prints the traceback and exits with code 1 (in-process callers get the exception itself). The
+library raises plain ``ValueError`` for bad arguments; the CLI converts it into a user error
+only where user input enters the library (:func:`user_input`), so a ``ValueError`` from deeper
+code stays a visible bug. Ctrl-C at any point, the imports of the subcommands included, ends in
+one line ``interrupted`` (plus what to do, e.g. how to resume) and exit code 130.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import argparse
 import logging
 import sys
 
-from robustkit.errors import DataError, UserError, user_input
+from robustkit.errors import UserError, user_input
 
 __all__ = ["main", "CLIError", "MODEL_FORMS", "user_input"]
 
@@ -43,7 +41,7 @@ class CLIError(UserError):
 
 def _build_parser() -> argparse.ArgumentParser:
     from robustkit import __version__
-    from robustkit.cli import demo, evaluate, inspect, sensitivity, train
+    from robustkit.cli import demo, evaluate, inspect, sensitivity, sweep, train
 
     parser = argparse.ArgumentParser(
         prog="robustkit",
@@ -53,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logging; user errors also show their traceback")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, evaluate, sensitivity, inspect, demo):
+    for module in (train, evaluate, sensitivity, inspect, demo, sweep):
         module.add_parser(sub)
     return parser
 
