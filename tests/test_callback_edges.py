@@ -1,0 +1,122 @@
+"""The small callback pieces on their own (issue 18, mutation round of
+robustkit.training.callbacks.base and .jsonl): the probe callbacks' argument checks and probe
+set, and metrics.jsonl's lines, with a stand-in trainer (no training loop)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from robustkit.errors import OutputError
+from robustkit.training.callbacks import jsonl
+from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
+from robustkit.training.callbacks.jsonl import JSONLCallback, MetricsLogger
+
+
+def _perturb(model, x, y, generator):
+    return x
+
+
+# ---- base ------------------------------------------------------------------------------------
+
+
+def test_callback_events_are_no_ops():
+    cb = Callback()
+    assert cb.on_fit_start(None) is None and cb.on_epoch_end(None) is None
+    assert cb.on_batch_end(None, None, None) is None and cb.on_fit_end(None) is None
+    assert cb.on_exception(None, RuntimeError("x")) is None
+
+
+def test_first_items_stacks_the_first_n_with_long_labels():
+    x = torch.arange(5 * 3 * 2 * 2, dtype=torch.float32).reshape(5, 3, 2, 2)
+    ds = [(x[i].numpy(), int(i) % 2) for i in range(5)]  # arrays and Python ints, as datasets give
+    xs, ys = first_items(ds, 3)
+    assert torch.equal(xs, x[:3]) and xs.shape == (3, 3, 2, 2)
+    assert ys.dtype == torch.long and ys.tolist() == [0, 1, 0]
+    xs, ys = first_items(TensorDataset(x, torch.tensor([1, 2, 3, 4, 5], dtype=torch.int32)), 2)
+    assert torch.equal(xs, x[:2]) and ys.dtype == torch.long and ys.tolist() == [1, 2]
+
+
+def test_check_probe_args_returns_the_dataset_and_names_each_bad_argument():
+    ds = TensorDataset(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    assert check_probe_args(ds, _perturb, n=1, every=1) is ds
+    assert check_probe_args(DataLoader(ds, batch_size=2), _perturb, n=4) is ds
+    msg = "^data must be a non-empty Dataset or a DataLoader over one$"
+    for bad in (None, TensorDataset(torch.zeros(0, 1)), object(),
+                DataLoader(TensorDataset(torch.zeros(0, 1)))):
+        with pytest.raises(ValueError, match=msg):
+            check_probe_args(bad, _perturb)
+    with pytest.raises(ValueError, match=r"^perturb must be a function \(model, x, y, generator\) "
+                                         r"-> x_adv, got int$"):
+        check_probe_args(ds, 3)
+    for bad in (0, -1, True, 1.0, "2", None):
+        with pytest.raises(ValueError, match=rf"^every must be an int >= 1, got {bad!r}$"):
+            check_probe_args(ds, _perturb, n=2, every=bad)
+    with pytest.raises(ValueError, match=r"^n must be an int >= 1, got 0$"):  # the first bad one
+        check_probe_args(ds, _perturb, n=0, every=0)
+
+
+# ---- jsonl -----------------------------------------------------------------------------------
+
+
+def _trainer(**state):
+    base = {"epoch": 1, "step": 4, "batch": {}, "lr": 0.1, "metrics": {}}
+    return SimpleNamespace(state=SimpleNamespace(**{**base, **state}))
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_log_every_bounds():
+    assert MetricsLogger is JSONLCallback
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"^log_every must be >= 1 or None, got {bad}$"):
+            JSONLCallback("m.jsonl", log_every=bad)
+    assert JSONLCallback("m.jsonl", log_every=1).log_every == 1
+    assert JSONLCallback("m.jsonl").log_every is None
+
+
+def test_jsonl_epoch_and_step_lines(tmp_path, monkeypatch):
+    path = tmp_path / "a" / "b" / "metrics.jsonl"  # parent folders are created
+    monkeypatch.setattr(jsonl.time, "time", lambda: 1234.5)
+    cb = JSONLCallback(path, log_every=2)
+    for step in (1, 2, 3, 4):
+        cb.on_batch_end(_trainer(step=step, batch={"loss": torch.tensor(0.5 * step)}, lr=0.01),
+                        None, None)
+    cb.on_epoch_end(_trainer(metrics={"train/loss": 1.5, "eval/clean": float("nan"),
+                                      "eval/pgd": float("inf"), "n": 7}))
+    assert _lines(path) == [
+        {"type": "step", "epoch": 1, "step": 2, "train/loss": 1.0, "lr": 0.01},
+        {"type": "step", "epoch": 1, "step": 4, "train/loss": 2.0, "lr": 0.01},
+        {"type": "epoch", "epoch": 1, "step": 4, "time": 1234.5, "train/loss": 1.5,
+         "eval/clean": None, "eval/pgd": None, "n": 7}]
+    JSONLCallback(path).on_batch_end(_trainer(), None, None)  # epochs only: no step line
+    assert len(_lines(path)) == 3
+
+
+def test_jsonl_a_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    cb = JSONLCallback(path)
+    cb.on_epoch_end(_trainer(metrics={"a": 1.0}))
+    before = path.read_bytes()
+    real = os.write
+
+    def full_disk(fd, data):  # writes a few bytes, then the disk is full
+        if len(data) > 5:
+            return real(fd, bytes(data[:5]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jsonl.os, "write", full_disk)
+    with pytest.raises(OutputError, match="metrics.jsonl"):
+        cb.on_epoch_end(_trainer(epoch=2, metrics={"a": 2.0}))
+    assert path.read_bytes() == before
+    monkeypatch.setattr(jsonl.os, "write", lambda fd, data: real(fd, bytes(data[:3])))
+    cb.on_epoch_end(_trainer(epoch=3, metrics={"a": math.pi}))  # short writes are completed
+    assert _lines(path)[-1]["a"] == math.pi and len(_lines(path)) == 2
