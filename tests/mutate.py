@@ -77,9 +77,10 @@ COVERING: dict[str, list[str]] = {
     # CLI test (with the 4 best.pt resume tests of test_runs_train_dir and the full-disk one of
     # test_runs_train_io, 357 mutants took ~70 min): test_trainer.py pins best.pt's reconciling
     # at the Trainer level.
+    # base.py and jsonl.py: test_callback_edges.py calls them directly (a stand-in trainer), so
+    # the probe callbacks' slow tests (real training runs) are not needed to pin base.py
     "robustkit/training/callbacks/base.py": [
-        "tests/test_saliency_callback.py", "tests/test_sensitivity_callback.py",
-        "tests/test_trainer.py"],
+        "tests/test_callback_edges.py", "tests/test_trainer.py"],
     "robustkit/training/callbacks/checkpoint.py": [
         "tests/test_trainer.py", "tests/test_checkpoint.py"],
     "robustkit/training/callbacks/evaluation.py": [
@@ -90,7 +91,7 @@ COVERING: dict[str, list[str]] = {
             "test_eval_callback_builds_attacks_on_the_bare_model",
             "test_eval_callback_bad_arguments"))],
     "robustkit/training/callbacks/jsonl.py": [
-        "tests/test_trainer.py",
+        "tests/test_callback_edges.py", "tests/test_trainer.py",
         "tests/test_runs_train_dir.py::test_resumed_metrics_jsonl_equals_an_uninterrupted_run",
         "tests/test_runs_train_io.py::test_a_full_disk_is_one_line_and_corrupts_nothing"],
     "robustkit/training/callbacks/tensorboard.py": [
@@ -121,7 +122,8 @@ COVERING: dict[str, list[str]] = {
         "tests/test_checks.py", "tests/test_check_edges.py", "tests/test_evaluation.py",
         "tests/test_eval_inputs.py", "tests/test_eval_masking.py", "tests/test_masking_effort.py"],
     "robustkit/evaluation/results.py": [
-        "tests/test_evaluation.py", "tests/test_checks.py", "tests/test_check_edges.py",
+        "tests/test_results_edges.py", "tests/test_evaluation.py", "tests/test_checks.py",
+        "tests/test_check_edges.py",
         "tests/test_eval_inputs.py", "tests/test_eval_masking.py", "tests/test_eval_resume.py",
         "tests/test_eval_cli.py", "tests/test_cli_evaluate.py", "tests/test_output_names.py"],
     "robustkit/evaluation/masking.py": [
