@@ -957,8 +957,31 @@ def test_resume_refuses_scheduler_mismatch(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.StepLR(opt, 1)
     t2 = Trainer(model, CE(model), opt, sched, epochs=1)
-    with pytest.raises(ValueError, match="scheduler"):
+    with pytest.raises(ValueError, match="^scheduler: the checkpoint and this trainer disagree "
+                                         "on having one$"):
         t2.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+
+
+def test_cpu_batches_keep_their_memory_format():
+    """channels_last is for CUDA conv nets only: on the CPU a 4-D batch of a conv model reaches
+    the objective as it came (contiguous), with its labels and indices."""
+    seen = set()
+
+    class Layout(CE):
+        def loss(self, x, y, adv, ctx):
+            seen.add((x.device.type, x.is_contiguous(),
+                      x.is_contiguous(memory_format=torch.channels_last),
+                      tuple(ctx.idx.tolist()[:2])))
+            return super().loss(x, y, adv, ctx)
+
+    torch.manual_seed(0)
+    model = TinyCNN(in_channels=3, num_classes=2, size=8)
+    x, y = separable_toy_data(16, (3, 8, 8))
+    loader = DataLoader(TensorDataset(x, y, torch.arange(16)), batch_size=16)
+    trainer = trainer_for(model, Layout(model))
+    assert trainer.channels_last is False
+    trainer.fit(loader)
+    assert seen == {("cpu", True, False, (0, 1))}
 
 
 @pytest.mark.gpu
