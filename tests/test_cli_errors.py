@@ -193,3 +193,49 @@ def test_shell_exit_codes(tmp_path):
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+# Where each reader looks under --data-root (robustkit/data/*.py), in its order: the oracle of
+# the "data not found" message, written out here rather than read from the library.
+SEARCHED = {
+    "mnist": ["MNIST/raw", "", "mnist/MNIST/raw", "mnist"],
+    "cifar10": ["cifar-10-batches-py", "", "cifar10/cifar-10-batches-py"],
+    "tinyimagenet": ["tiny-imagenet-200", "", "tinyimagenet/tiny-imagenet-200"],
+}
+
+
+@pytest.mark.parametrize("command, name", [("evaluate", "mnist"), ("evaluate", "cifar10"),
+                                           ("sensitivity", "tinyimagenet"),
+                                           ("inspect", "cifar10")])
+def test_data_not_found_lists_each_searched_path_on_its_own_line(tmp_path, capsys, command,
+                                                                   name):
+    """Issue #19 §3: not one 700-character line; the paths one per line, then the hint."""
+    root = tmp_path / "no data"
+    argv = [command, "--model", "robustkit:mnist_smallcnn_robust", "--dataset", name,
+            "--data-root", str(root), "--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.rstrip("\n").splitlines()
+    assert lines[0].startswith(f"robustkit {command}: error: ") and str(root) in lines[0]
+    assert not any("Traceback" in ln for ln in lines)
+    short = [ln.replace(str(root), "R") for ln in lines]  # pytest's tmp folders are long
+    assert all(len(ln) <= 120 for ln in short), max(short, key=len)
+    start = lines.index("Looked at:") + 1
+    expected = [str(root / s) if s else str(root) for s in SEARCHED[name]]
+    assert [ln.strip() for ln in lines[start:start + len(expected)]] == expected
+    assert lines[start + len(expected)].startswith("Expected layout")
+    hint = "\n".join(lines[lines.index(next(ln for ln in lines if ln.startswith("Fix:"))):])
+    assert "--data-root" in hint and "--dataset sample-mnist or sample-cifar10" in hint
+    assert ("add --download" in hint) == (name != "tinyimagenet")
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_other_user_errors_stay_one_line_even_with_line_breaks(tmp_path, monkeypatch, capsys):
+    """Only a DataError keeps its lines; any other user error is folded into one."""
+    import robustkit.cli.evaluate as cli_evaluate
+
+    def settings(args):
+        raise ConfigError("first\nsecond   third")
+
+    monkeypatch.setattr(cli_evaluate, "_settings", settings)
+    assert main(["evaluate", "--model", "x", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "robustkit evaluate: error: first second third\n"

@@ -6,12 +6,14 @@ prints (tables, progress bars). Each subcommand lives in its own module with ``a
 
 Errors: a :class:`~robustkit.errors.UserError` (a bad flag, config value, model, data or state)
 ends in one line on stderr, ``robustkit <command>: error: ...``, and exit code 2 (argparse's
-own usage errors also exit 2). Anything else is a bug: ``main`` lets it propagate, so Python
-prints the traceback and exits with code 1 (in-process callers get the exception itself). The
-library raises plain ``ValueError`` for bad arguments; the CLI converts it into a user error
-only where user input enters the library (:func:`user_input`), so a ``ValueError`` from deeper
-code stays a visible bug. Ctrl-C at any point, the imports of the subcommands included, ends in
-one line ``interrupted`` (plus what to do, e.g. how to resume) and exit code 130.
+own usage errors also exit 2); a ``DataError`` keeps its lines (the paths searched, one per
+line, the expected layout and the fixes). Anything else is a bug: ``main`` lets it propagate,
+so Python prints the traceback and exits with code 1 (in-process callers get the exception
+itself). The library raises plain ``ValueError`` for bad arguments; the CLI converts it into a
+user error only where user input enters the library (:func:`user_input`), so a ``ValueError``
+from deeper code stays a visible bug. Ctrl-C at any point, the imports of the subcommands
+included, ends in one line ``interrupted`` (plus what to do, e.g. how to resume) and exit code
+130.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from robustkit.errors import UserError, user_input
+from robustkit.errors import DataError, UserError, user_input
 
 __all__ = ["main", "CLIError", "MODEL_FORMS", "user_input"]
 
@@ -79,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if verbose:
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"robustkit {command}: error: {message}", file=sys.stderr)
+        lines = [" ".join(str(err).split()) or type(err).__name__]
+        if isinstance(err, DataError):  # the paths searched, the layout and the fix: a line each
+            lines = [ln.rstrip() for ln in str(err).strip().splitlines() if ln.strip()]
+        print(f"robustkit {command}: error: {lines[0]}", *lines[1:], sep="\n", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         detail = " ".join(str(err).split())  # e.g. how to resume (robustkit train)

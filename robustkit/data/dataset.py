@@ -175,18 +175,25 @@ def resolve_root(root: str | os.PathLike | None) -> Path:
 def data_error(
     title: str, problem: str, looked_at: Sequence[Path], layout: str, download: str | None
 ) -> DataError:
-    """One ``DataError`` naming the dataset, the paths looked at, the layout and the fix."""
+    """One ``DataError`` naming the dataset, the paths looked at (one per line), the layout and
+    the fixes: ``--data-root``, ``--download`` where torchvision has a downloader, or a shipped
+    ``sample-*`` dataset (offline). The CLI prints it line by line (exit code 2)."""
     paths = "\n".join(f"  {p}" for p in looked_at)
-    fix = "point --data-root (or $ROBUSTKIT_DATA) at a folder with this layout"
+    fix = "give --data-root DIR (or set $ROBUSTKIT_DATA) pointing at a folder with this layout"
     if download:
-        fix += f", or add --download to fetch it ({download})"
+        fix += f",\n  or add --download to fetch it ({download})"
     else:
-        fix += "; there is no --download for it (torchvision has no downloader)"
+        fix += "\n  (no --download: torchvision has no downloader for it)"
     return DataError(
         f"{title}: {problem}\nLooked at:\n{paths}\n"
         f"Expected layout (<root> = --data-root, default $ROBUSTKIT_DATA, else ./data):\n"
-        f"{layout.rstrip()}\nFix: {fix}."
+        f"{layout.rstrip()}\nFix: {fix},\n"
+        f"  or try a shipped sample, offline: --dataset {' or '.join(_SAMPLE_HINT)}."
     )
+
+
+# The shipped samples (robustkit.data.samples), suggested when a dataset's files are missing.
+_SAMPLE_HINT = ("sample-mnist", "sample-cifar10")
 
 
 def find_dir(root: Path, subdirs: Sequence[str], marker: Callable[[Path], bool]) -> tuple[
