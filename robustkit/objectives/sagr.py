@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from robustkit.attacks.base import Attack, AttackResult
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext, detach_metrics
@@ -30,6 +31,186 @@ _FALSE_CLASSES = ("aggregate", "topM", "all")
 _GRAD_OF = ("logit", "log_prob")
 #: the four weighted terms of R, in the order of the formula; their sum is R
 TERMS = ("true_pos", "true_neg", "false_pos", "false_neg")
+
+
+# ------------------------------------------------------------------ fast double backward
+# SAGR's parameter gradient runs autograd *through* the input-gradient products (a double
+# backward). For a convolution, PyTorch's generic double backward (``_convolution_double_backward``)
+# computes the weight part as a convolution of the batch-transposed tensors, a 24 x 24 "kernel" on
+# the SmallCNN's conv2 that oneDNN runs about 4x slower than the ordinary weight gradient; that
+# one kernel was a quarter of a SAGR step (issue #21's profile). Inside ``sagr_terms`` every
+# ``torch.conv2d`` call (``nn.Conv2d`` included) is therefore routed through ``_Conv2d``, whose
+# input-gradient product ``_ConvInputGrad`` has a hand-written, exact backward: the adjoint of
+# "input gradient" is the forward convolution, and its weight part is the ordinary weight
+# gradient ``convolution_backward(gO, ggI, W)`` (since <ggI, conv^T(gO, W)> = <conv(ggI, W), gO>).
+# ReLUs likewise skip the zero tensors PyTorch sends back for the mask's derivative (``_Relu``).
+# Same maths, other kernels: the loss is bit-identical and the parameter gradients agree to float
+# rounding (tests/test_sagr_fast.py pins both against the plain implementation). Anything else
+# (autocast, string padding, other ranks, dtypes that differ) takes PyTorch's own path.
+
+
+class _Phase:
+    """Shared by one ``sagr_terms`` call and the graph nodes it creates: ``vjp`` is True while
+    its own input-gradient products run (then only input gradients are wanted); ``leaf`` is its
+    private input leaf, whose gradient nobody reads afterwards."""
+
+    __slots__ = ("vjp", "leaf")
+
+    def __init__(self, leaf: Tensor) -> None:
+        self.vjp = False
+        self.leaf = leaf
+
+
+def _conv_backward(g_out: Tensor, inp: Tensor, weight: Tensor, conf: tuple,
+                   mask: list[bool]) -> tuple[Tensor | None, ...]:
+    stride, padding, dilation, groups = conf
+    return torch.ops.aten.convolution_backward(g_out, inp, weight, None, stride, padding,
+                                               dilation, False, [0] * len(stride), groups, mask)
+
+
+class _ConvInputGrad(torch.autograd.Function):
+    """``∂⟨g_out, conv(x, W)⟩/∂x`` as a function of ``(g_out, W)`` (it does not depend on x's
+    values), with the exact, fast backward described above."""
+
+    @staticmethod
+    def forward(ctx, g_out: Tensor, weight: Tensor, inp: Tensor, conf: tuple) -> Tensor:
+        ctx.save_for_backward(g_out, weight)
+        ctx.conf = conf
+        return _conv_backward(g_out, inp, weight, conf, [True, False, False])[0]
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        g_out, weight = ctx.saved_tensors
+        conf = ctx.conf
+        d_out = d_w = None
+        if ctx.needs_input_grad[0]:
+            stride, padding, dilation, groups = conf
+            d_out = F.conv2d(gg, weight, None, stride, padding, dilation, groups)
+        if ctx.needs_input_grad[1]:
+            d_w = _conv_backward(g_out, gg, weight, conf, [False, True, False])[1]
+        return d_out, d_w, None, None
+
+
+def _needs_input_grad_later(t: Tensor, leaf: Tensor, limit: int = 64) -> bool:
+    """Whether the parameter backward needs the gradient of ``t``: True when its graph reaches a
+    leaf other than ``leaf`` (a parameter) or is too big to walk (``limit`` nodes)."""
+    todo, seen = [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if len(seen) > limit:
+            return True
+        var = getattr(node, "variable", None)  # AccumulateGrad
+        if var is not None and var is not leaf:
+            return True
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return False
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` whose backward, during ``sagr_terms``' products, builds ``_ConvInputGrad``
+    nodes; in the later parameter backward it is the ordinary ``convolution_backward`` (the
+    input gradient skipped where only ``sagr_terms``' private leaf would receive it)."""
+
+    @staticmethod
+    def forward(ctx, inp: Tensor, weight: Tensor, bias: Tensor | None, conf: tuple,
+                phase: _Phase) -> Tensor:
+        ctx.save_for_backward(inp, weight)
+        ctx.conf, ctx.phase, ctx.has_bias = conf, phase, bias is not None
+        ctx.input_later = inp.requires_grad and _needs_input_grad_later(inp, phase.leaf)
+        stride, padding, dilation, groups = conf
+        return F.conv2d(inp, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        inp, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if ctx.phase.vjp:  # one of sagr_terms' products: only the input gradient, with a graph
+            g_in = _ConvInputGrad.apply(g_out, weight, inp, ctx.conf) if need[0] else None
+            return g_in, None, None, None, None
+        mask = [need[0] and ctx.input_later, need[1], need[2] and ctx.has_bias]
+        g_in, g_w, g_b = _conv_backward(g_out, inp, weight, ctx.conf, mask)
+        return g_in, g_w, g_b, None, None
+
+
+class _MaskGrad(torch.autograd.Function):
+    """``g·[out > 0]`` with ``out`` a constant: ReLU's input gradient. PyTorch's double backward
+    of ``threshold_backward`` also sends a zero tensor of the activation's size back into the
+    forward graph (the mask's own derivative); this one sends nothing, which is the same sum."""
+
+    @staticmethod
+    def forward(ctx, g: Tensor, out: Tensor) -> Tensor:
+        ctx.save_for_backward(out)
+        return torch.ops.aten.threshold_backward(g, out, 0)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(gg, out, 0), None
+
+
+class _Relu(torch.autograd.Function):
+    """``torch.relu`` whose input-gradient product, during ``sagr_terms``, is a ``_MaskGrad``."""
+
+    @staticmethod
+    def forward(ctx, inp: Tensor, phase: _Phase) -> Tensor:
+        out = torch.relu(inp)
+        ctx.save_for_backward(out)
+        ctx.phase = phase
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out: Tensor):
+        (out,) = ctx.saved_tensors
+        if ctx.phase.vjp:
+            return _MaskGrad.apply(g_out, out.detach()), None
+        return torch.ops.aten.threshold_backward(g_out, out, 0), None
+
+
+def _pair(v) -> list[int] | None:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return list(v)
+    return None
+
+
+class _FastConv(TorchFunctionMode):
+    """Routes ``torch.conv2d`` through ``_Conv2d`` and ``torch.relu`` (``nn.ReLU``, ``F.relu``)
+    through ``_Relu`` where it can; everything else unchanged."""
+
+    _ARGS = ("bias", "stride", "padding", "dilation", "groups")
+    _DEFAULTS = (None, 1, 0, 1, 1)
+
+    def __init__(self, phase: _Phase) -> None:
+        super().__init__()
+        self.phase = phase
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.relu or func is F.relu:  # nn.ReLU calls F.relu(x, inplace=...)
+            inplace = (args[1] if len(args) > 1 else kwargs.get("inplace", False)) \
+                if func is F.relu else False
+            if (len(args) >= 1 and set(kwargs) <= {"inplace"} and not inplace
+                    and torch.is_grad_enabled() and isinstance(args[0], Tensor)
+                    and args[0].is_floating_point()):
+                return _Relu.apply(args[0], self.phase)
+        if func is torch.conv2d and len(args) >= 2 and torch.is_grad_enabled():
+            inp, weight = args[0], args[1]
+            vals = list(args[2:]) + [kwargs.get(k, d) for k, d in
+                                     zip(self._ARGS[len(args) - 2:],
+                                         self._DEFAULTS[len(args) - 2:], strict=True)]
+            bias, stride, padding, dilation, groups = vals
+            conf = (_pair(stride), _pair(padding), _pair(dilation), groups)
+            if (len(kwargs.keys() - set(self._ARGS)) == 0 and None not in conf[:3]
+                    and isinstance(groups, int) and isinstance(inp, Tensor) and inp.dim() == 4
+                    and inp.dtype == weight.dtype and inp.is_floating_point()
+                    and (bias is None or bias.dtype == inp.dtype)
+                    and not torch.is_autocast_enabled(inp.device.type)):
+                return _Conv2d.apply(inp, weight, bias, conf, self.phase)
+        return func(*args, **kwargs)
 
 
 def _sq_parts(g: Tensor) -> tuple[Tensor, Tensor]:
@@ -49,6 +230,7 @@ def sagr_terms(
     false_classes: FalseClasses = "aggregate",
     top_m: int = 2,
     grad_of: GradOf = "logit",
+    fast_conv: bool = True,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """The four weighted per-sample terms of ``R_SAGR`` (methods.md §5.3), with their graphs.
 
@@ -72,6 +254,9 @@ def sagr_terms(
         false_classes: ``"aggregate"`` (default), ``"topM"`` or ``"all"``.
         top_m: M of ``"topM"`` (default 2).
         grad_of: ``"logit"`` (``s = z``, default) or ``"log_prob"`` (``s = log p``).
+        fast_conv: route the model's ``conv2d`` calls through an exact, faster double backward
+            (default True; the same loss, parameter gradients equal to float rounding; see
+            ``_ConvInputGrad``). False: PyTorch's own double backward throughout.
 
     Shape: returns ``({term: (N,)} for term in TERMS, logits (N, K))``.
     """
@@ -81,15 +266,24 @@ def sagr_terms(
     if grad_of not in _GRAD_OF:
         raise ValueError(f"grad_of must be one of {list(_GRAD_OF)}, got {grad_of!r}")
     x = x.detach().requires_grad_(True)  # a new leaf: the caller's x and x.grad stay untouched
+    phase = _Phase(x)
     with torch.enable_grad():
-        z = model(x)
+        if fast_conv:
+            with _FastConv(phase):
+                z = model(x)
+        else:
+            z = model(x)
         s = z if grad_of == "logit" else F.log_softmax(z, dim=1)
         n, k = z.shape
         true = F.one_hot(y, k).to(dtype=z.dtype)
 
         def row(w: Tensor) -> Tensor:
             """``∇ₓ Σ_i Σ_k w_ik s_ik`` flattened to ``(N, D)``, keeping the graph."""
-            (g,) = torch.autograd.grad(s, x, grad_outputs=w, create_graph=True)
+            phase.vjp = True
+            try:
+                (g,) = torch.autograd.grad(s, x, grad_outputs=w, create_graph=True)
+            finally:
+                phase.vjp = False
             return g.flatten(1)
 
         pos, neg = _sq_parts(row(true))
