@@ -239,3 +239,34 @@ def test_other_user_errors_stay_one_line_even_with_line_breaks(tmp_path, monkeyp
     monkeypatch.setattr(cli_evaluate, "_settings", settings)
     assert main(["evaluate", "--model", "x", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "robustkit evaluate: error: first second third\n"
+
+
+ARCHS = """
+from robustkit.testing import TinyCNN
+
+def seven_classes():
+    return TinyCNN(1, 7, 28)
+
+def rgb_input():
+    return TinyCNN(3, 10, 28)
+"""
+
+
+@pytest.mark.parametrize("command", ["sensitivity", "inspect"])
+@pytest.mark.parametrize("case, words", [
+    ("empty", ["empty.pt", "empty"]), ("text", ["text.pt", "not a torch checkpoint"]),
+    ("seven_classes", ["7 classes", "10"]), ("rgb_input", ["(1, 1, 28, 28)"])])
+def test_bad_model_inputs_of_the_comparing_commands_are_one_line(tmp_path, capsys, command,
+                                                                 case, words):
+    """An empty or non-torch checkpoint, a model for another input shape or class count."""
+    (tmp_path / "archs.py").write_text(ARCHS)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_text("garbage")
+    model = (["--model", "small_cnn", "--checkpoint", str(tmp_path / f"{case}.pt")]
+             if case in ("empty", "text") else ["--model", f"{tmp_path / 'archs.py'}:{case}"])
+    rc = main([command, *model, "--dataset", "sample-mnist", "--n-examples", "4",
+               "--device", "cpu", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    line = _one_line(capsys, command)
+    for word in words:
+        assert word in line, (word, line)

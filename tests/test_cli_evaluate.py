@@ -13,9 +13,9 @@ import yaml
 
 from robustkit.attacks.specs import parse_attacks
 from robustkit.cli import main
-from robustkit.evaluation.api import default_name as _default_name
 from robustkit.config import load_eval_config
 from robustkit.data import first_n, load_dataset
+from robustkit.evaluation.api import default_name as _default_name
 from robustkit.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,8 +21,8 @@ from scipy.stats import bootstrap
 
 from robustkit.attacks import PGD
 from robustkit.cli import main
-from robustkit.evaluation.api import model_labels
 from robustkit.data import first_n, load_dataset
+from robustkit.evaluation.api import model_labels
 from robustkit.sensitivity import intervention_test, jaccard, neuron_sensitivity, top_k_neurons
 from robustkit.sensitivity.measure import per_sample_sensitivity
 from robustkit.testing import TinyCNN
@@ -328,3 +328,78 @@ def test_help_explains_every_flag(capsys):
                  "alpha = eps/4", "sensitivity.json", '"ci95"', '"intervention"', '"pairs"',
                  "sigma_hist.png", "tb/LABEL"):
         assert word in text, word
+
+
+def test_x_adv_file_reproduces_the_white_box_run(tmp_path, archs, white_box):
+    """--x-adv with the adv.pt of --save-adv measures the same pairs: the same σ, CIs,
+    interventions and overlaps; the settings say the pairs were given."""
+    out, rep, _ = white_box
+    rc, printed = _run(tmp_path / "o", "--model", archs("tiny_a"), "--model", archs("tiny_b"),
+                       "--x-adv", str(out / "adv.pt"))
+    assert rc == 0 and "given x'" in printed
+    again = json.loads((tmp_path / "o" / "sensitivity.json").read_text())
+    for label, m in rep["models"].items():
+        assert again["models"][label]["layers"] == m["layers"]
+        assert again["models"][label]["adv_accuracy"] == m["adv_accuracy"]
+        assert again["models"][label]["attack"] is None
+    assert again["pairs"] == rep["pairs"] and again["settings"]["attack"] is None
+
+
+def _bad_adv_files(folder, x, y):
+    """name -> (file, words of the one-line error)."""
+    good = torch.rand_like(x)
+    nan, big = good.clone(), good.clone()
+    nan[3, 0, 5, 5] = float("nan")
+    big[1, 0, 0, 0] = 1.5
+    other = y.clone()
+    other[0] = (other[0] + 1) % 10
+    cases = {
+        "nan": ({"x_adv": {"tiny_a": nan, "tiny_b": good}, "y": y}, ["NaN", "[3]", "tiny_a"]),
+        "inf": (good.clone().index_fill_(0, torch.tensor([2]), float("inf")), ["infinite"]),
+        "range": (big, ["outside [0, 1]", "[1]"]),
+        "shape": (good[:, :, :20], ["shaped like x", "(12, 1, 28, 28)", "(12, 1, 20, 28)"]),
+        "few": (good[:5], ["5 images", "fewer than the 12"]),
+        "labels": ({"x_adv": good, "y": other}, ["labels", "first 12 images"]),
+        "missing": ({"x_adv": {"tiny_a": good}}, ["not for tiny_b"]),
+        "layout": ({"pairs": good}, ["expected a tensor"]),
+        "ints": ((good * 255).to(torch.uint8), ["float (N, C, H, W)", "uint8"]),
+    }
+    files = {}
+    for name, (obj, words) in cases.items():
+        torch.save(obj, folder / f"{name}.pt")
+        files[name] = (folder / f"{name}.pt", words)
+    (folder / "empty.pt").write_bytes(b"")
+    files["empty"] = (folder / "empty.pt", ["cannot be read as a torch file"])
+    (folder / "text.pt").write_text("not a tensor")
+    files["text"] = (folder / "text.pt", ["cannot be read as a torch file"])
+    torch.save({"x_adv": good, "code": __import__("os").getcwd}, folder / "code.pt")  # a global
+    files["code"] = (folder / "code.pt", ["cannot be read as a torch file", "weights-only"])
+    return files
+
+
+BAD_ADV = ["nan", "inf", "range", "shape", "few", "labels", "missing", "layout", "ints", "empty",
+           "text", "code"]
+
+
+@pytest.mark.parametrize("case", BAD_ADV)
+def test_bad_x_adv_files_are_one_line(tmp_path, archs, capsys, case):
+    """Issue #19: a NaN in the x' file was a traceback; every bad file is one line, exit 2."""
+    x, y = _data()
+    path, words = _bad_adv_files(tmp_path, x, y)[case]
+    rc, _ = _run(tmp_path / "o", "--model", archs("tiny_a"), "--model", archs("tiny_b"),
+                 "--x-adv", str(path))
+    assert rc == 2
+    line = _one_line(capsys)
+    assert f"--x-adv {path}:" in line
+    for word in words:
+        assert word in line, (word, line)
+    assert not (tmp_path / "o" / "sensitivity.json").exists()
+
+
+def test_x_adv_flag_mistakes_are_one_line(tmp_path, archs, capsys):
+    rc, _ = _run(tmp_path / "o", "--model", archs("tiny_a"), "--x-adv", str(tmp_path / "no.pt"))
+    assert rc == 2 and "--x-adv" in (line := _one_line(capsys)) and "file not found" in line
+    torch.save(torch.rand(N, 1, 28, 28), tmp_path / "ok.pt")
+    rc, _ = _run(tmp_path / "o", "--model", archs("tiny_a"), "--model", archs("tiny_b"),
+                 "--x-adv", str(tmp_path / "ok.pt"), "--source-model", "tiny_a")
+    assert rc == 2 and "--source-model" in _one_line(capsys)

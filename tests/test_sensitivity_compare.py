@@ -270,8 +270,21 @@ def test_given_pairs_equal_the_attack_made_ones(both):
                                                     r"\['nope'\]"),
     (dict(attack="pgd2", eps=0.3, ratio=1.5), "ratio"),
     (dict(x_adv={"tiny_a": torch.zeros(N, 1, 28, 28)}), "one entry per model"),
+    (dict(x_adv=torch.zeros(N, 1, 28, 27)), r"shaped like x, \(\d+, 1, 28, 28\)"),
+    (dict(x_adv={"tiny_a": torch.zeros(N, 1, 28, 28),
+                 "tiny_b": torch.zeros(N, 1, 28, 28).index_fill_(0, torch.tensor([4]),
+                                                                 float("nan"))}),
+     r"x_adv\['tiny_b'\] holds NaN or infinite values in 1 image\(s\) \(first: \[4\]\)"),
+    (dict(x_adv=torch.full((N, 1, 28, 28), 1.01)), r"values outside \[0, 1\]"),
+    (dict(attack="pgd2", eps=0.3, y=lambda y: y.float()), "integer labels"),
+    (dict(attack="pgd2", eps=0.3, y=lambda y: y - 20), "negative labels"),
+    (dict(attack="pgd2", eps=0.3, y=lambda y: y.index_fill(0, torch.tensor([1]), 10)),
+     "label 10, outside the 10 classes of model tiny_a"),
+    (dict(attack="pgd2", eps=0.3, x=lambda x: x * float("nan")), "x holds NaN"),
 ])
 def test_bad_arguments_are_refused_naming_them(kw, match):
     x, y = _data()
+    kw = dict(kw)  # the parameter itself stays as collected
+    x, y = kw.pop("x", lambda t: t)(x), kw.pop("y", lambda t: t)(y)
     with pytest.raises(ValueError, match=match):
         compare(_models(), x, y, **kw)

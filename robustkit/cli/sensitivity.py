@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from robustkit.cli import MODEL_FORMS, CLIError, user_input
 from robustkit.cli.compare import add_flags, integer, load, parse
-from robustkit.errors import ConfigError
+from robustkit.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,9 @@ def add_parser(sub) -> None:
       help="weights of a --source-model that is not one of the --model entries")
     a("--ratio", default="0.1", help="top-k ratio rho: k = ceil(rho * channels) (default 0.1)")
     a("--draws", default="5", help="random k-neuron sets in the intervention test (default 5)")
+    a("--x-adv", metavar="FILE", help="measure on these x' instead of attacking: the adv.pt of "
+      "--save-adv, or one (N, C, H, W) tensor for every model (--attack and --source-model "
+      "then do not apply)")
     a("--save-adv", action="store_true", help="also write the adversarial images to DIR/adv.pt")
     p.set_defaults(run=run)
 
@@ -103,6 +107,7 @@ def run(args) -> int:
     from robustkit.evaluation.api import source_model
     from robustkit.evaluation.results import format_eps
     from robustkit.sensitivity import common_layers, compare
+    from robustkit.sensitivity.pairs import load_pairs
 
     c = parse(args, n_min=2)  # a bootstrap needs two images
     layers = "auto" if args.layers.strip() == "auto" else [
@@ -116,17 +121,27 @@ def run(args) -> int:
     if not 0 < ratio <= 1:
         raise CLIError(f"--ratio {args.ratio!r}: must lie in (0, 1]")
     draws = integer(args.draws, "--draws", 1)
+    if args.x_adv is not None and args.source_model is not None:
+        raise CLIError("--x-adv gives the x' of every model; --source-model makes them: give one")
+    if args.x_adv is not None and not Path(args.x_adv).is_file():
+        raise CLIError(f"--x-adv {args.x_adv!r}: file not found")
     out, device, x, y, _, models = load(args, c)
+    x_adv = None
+    if args.x_adv is not None:  # read weights-only; NaN, shapes, ranges, labels: one line
+        with user_input(DataError, f"--x-adv {args.x_adv}"):
+            x_adv = load_pairs(args.x_adv, c.labels, x, y)
     with user_input(ConfigError, "--layers"):
         common_layers(models, layers)  # a bad name is one line naming the flag, before any work
     source, source_net = source_model(args.source_model, c.entries, c.labels,
                                       args.source_checkpoint, args.dataset, device)
-    logger.info("neuron sensitivity of %s on the first %d %s test images; %s, Linf eps=%s, %s",
-                ", ".join(c.labels), c.n, args.dataset, c.attack, format_eps(c.eps),
-                f"x' transferred from {source}" if source else "white-box on each model")
+    logger.info("neuron sensitivity of %s on the first %d %s test images; %s", ", ".join(
+        c.labels), c.n, args.dataset, f"x' from {args.x_adv}" if x_adv is not None else
+        f"{c.attack}, Linf eps={format_eps(c.eps)}, " + (
+            f"x' transferred from {source}" if source else "white-box on each model"))
     with logging_redirect_tqdm():
         report = compare(
-            models, x, y, attack=c.attack, eps=c.eps, source=source, source_model=source_net,
+            models, x, y, attack=None if x_adv is not None else c.attack, eps=c.eps,
+            x_adv=x_adv, source=source, source_model=source_net,
             layers=layers, reduction=args.reduction, ratio=ratio, draws=draws,
             batch_size=c.batch_size, seed=c.seed, model_info=c.model_info, about=c.about,
             progress=tqdm_factory(False if args.no_progress else None))

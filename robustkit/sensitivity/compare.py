@@ -38,6 +38,7 @@ from robustkit.sensitivity.measure import (
 from robustkit.sensitivity.pairs import (
     Progress,
     adversarial_pairs,
+    check_images,
     full_strength_pgd,
     model_device,
     null_progress,
@@ -89,8 +90,11 @@ def _check(models, x, y, attack, eps, x_adv, source, source_model, reduction, ra
     if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[0] < 2:
         raise ValueError(f"x must be (N, C, H, W) with N >= 2 (a bootstrap needs two images), "
                          f"got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if not isinstance(y, Tensor) or y.shape != x.shape[:1]:
-        raise ValueError(f"y must be ({x.shape[0]},) labels of x")
+    check_images("x", x)
+    if not isinstance(y, Tensor) or y.shape != x.shape[:1] or y.is_floating_point():
+        raise ValueError(f"y must be ({x.shape[0]},) integer labels of x")
+    if bool((y < 0).any()):
+        raise ValueError(f"y holds negative labels ({int(y.min())})")
     if (attack is None) == (x_adv is None):
         raise ValueError("give exactly one of attack= (make x') and x_adv= (x' given)")
     if attack is not None and (eps is None or not eps > 0):
@@ -98,11 +102,10 @@ def _check(models, x, y, attack, eps, x_adv, source, source_model, reduction, ra
     if x_adv is not None:
         if source is not None or source_model is not None:
             raise ValueError("source applies to attack=, not to a given x_adv")
-        given = x_adv.values() if isinstance(x_adv, Mapping) else [x_adv]
         if isinstance(x_adv, Mapping) and set(x_adv) != set(models):
             raise ValueError(f"x_adv must have one entry per model: {sorted(models)}")
-        if any(not isinstance(t, Tensor) or t.shape != x.shape for t in given):
-            raise ValueError(f"x_adv must be shaped like x, {tuple(x.shape)}")
+        for lb, t in (x_adv.items() if isinstance(x_adv, Mapping) else [(None, x_adv)]):
+            check_images("x_adv" if lb is None else f"x_adv[{lb!r}]", t, tuple(x.shape))
     if source_model is not None and source is None:
         raise ValueError("source_model needs source= (its label)")
     if source is not None and source not in models and source_model is None:
@@ -177,6 +180,12 @@ def compare(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
            batch_size)
     spec = parse_pair_attack(attack) if attack is not None else None
     labels = list(models)
+    for lb in labels:  # a label outside the classes would only lower the accuracies silently
+        with torch.no_grad(), eval_mode(models[lb]):
+            classes = models[lb](x[:1].to(model_device(models[lb]))).shape[-1]
+        if int(y.max()) >= classes:
+            raise ValueError(f"y holds label {int(y.max())}, outside the {classes} classes of "
+                             f"model {lb}")
     common, skipped = common_layers(models, layers)
     if any(skipped.values()):
         logger.warning("the models have different layer sets; comparing only the %d common "

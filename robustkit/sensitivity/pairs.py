@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["parse_pair_attack", "pair_attack_settings", "full_strength_pgd",
-           "adversarial_pairs", "model_device", "null_progress", "Progress"]
+           "adversarial_pairs", "load_pairs", "check_images", "model_device", "null_progress",
+           "Progress"]
 
 # progress(name, total) -> a bar: a context manager with update(k) (tqdm's shape; the CLI passes
 # tqdm bars, the library never imports tqdm)
@@ -149,3 +150,81 @@ def adversarial_pairs(attack: Callable[[Tensor, Tensor], Tensor], x: Tensor, y: 
             parts.append(attack(xb, yb).cpu())
             bar.update(xb.shape[0])
     return torch.cat(parts)
+
+
+def check_images(name: str, t: Any, shape: tuple[int, ...] | None = None) -> Tensor:
+    """``t`` when it is a float ``(N, C, H, W)`` image tensor with finite values in [0, 1] (and
+    ``shape`` when given); a ``ValueError`` naming ``name`` and the first bad images otherwise.
+
+    Example:
+        >>> check_images("x_adv", x_adv, tuple(x.shape))
+    """
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.dim() != 4:
+        got = (f"{t.dtype} tensor of shape {tuple(t.shape)}" if isinstance(t, Tensor)
+               else type(t).__name__)
+        raise ValueError(f"{name} must be a float (N, C, H, W) image tensor, got {got}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must be shaped like x, {tuple(shape)}, got {tuple(t.shape)}")
+    flat = t.detach().flatten(1)
+    checks = (((~torch.isfinite(flat)).any(1), "NaN or infinite values"),
+              (((flat < 0) | (flat > 1)).any(1), "values outside [0, 1]"))
+    for bad, what in checks:
+        if bool(bad.any()):
+            idx = bad.nonzero().flatten().tolist()
+            raise ValueError(f"{name} holds {what} in {len(idx)} image(s) (first: "
+                             f"{idx[:5]})")
+    return t
+
+
+def load_pairs(path: str | Any, labels: list[str], x: Tensor, y: Tensor
+               ) -> Tensor | dict[str, Tensor]:
+    """The x' of a file for ``compare(x_adv=...)``: an ``adv.pt`` written by ``report.save(...,
+    save_adv=True)`` (``robustkit sensitivity --save-adv``: ``{"x_adv": {label: x'}, "y": y}``),
+    a ``{"x_adv": x'}`` dict or a bare ``(N, C, H, W)`` tensor (one x' for every model). Read
+    weights-only (no code runs); the first ``len(x)`` images are used, and the file's labels,
+    when it has them, must be those of ``x``.
+
+    Returns:
+        One tensor, or ``{label: tensor}`` for every label.
+
+    Raises:
+        ValueError: an unreadable or empty file, another layout, missing labels, a shape other
+            than ``x``'s, fewer images than ``x``, NaN/inf or values outside [0, 1], or labels
+            that differ from ``y``.
+
+    Example:
+        >>> x_adv = load_pairs("runs/sens/adv.pt", ["standard", "robust"], x, y)
+        >>> report = compare(models, x, y, x_adv=x_adv)
+    """
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's input
+        detail = " ".join(str(err).split())[:200] or type(err).__name__
+        raise ValueError(f"cannot be read as a torch file (weights-only): {detail}") from None
+    n = x.shape[0]
+    given = data.get("x_adv") if isinstance(data, dict) else data
+    if isinstance(data, dict) and data.get("y") is not None:
+        fy = data["y"]
+        if not isinstance(fy, Tensor) or fy.dim() != 1 or fy.shape[0] < n or not torch.equal(
+                fy[:n].long().cpu(), y.long().cpu()):
+            raise ValueError(f"its labels 'y' are not those of the first {n} images measured "
+                             "(another dataset, order or --n-examples?)")
+    if isinstance(given, dict):
+        missing = [lb for lb in labels if lb not in given]
+        if missing:
+            raise ValueError(f"holds x' for {', '.join(map(str, given)) or 'no model'}, not for "
+                             f"{', '.join(missing)}")
+        return {lb: _first(f"x_adv[{lb!r}]", given[lb], x) for lb in labels}
+    if isinstance(given, Tensor):
+        return _first("x_adv", given, x)
+    raise ValueError("expected a tensor, {'x_adv': tensor}, or adv.pt's {'x_adv': {label: "
+                     f"tensor}}, 'y': labels}}, got {type(data).__name__}")
+
+
+def _first(name: str, t: Any, x: Tensor) -> Tensor:
+    if isinstance(t, Tensor) and t.dim() == 4 and t.shape[0] > x.shape[0]:
+        t = t[:x.shape[0]]
+    if isinstance(t, Tensor) and t.dim() == 4 and t.shape[0] < x.shape[0]:
+        raise ValueError(f"{name} holds {t.shape[0]} images, fewer than the {x.shape[0]} "
+                         "measured")
+    return check_images(name, t, tuple(x.shape)).to(x.dtype)
