@@ -4,8 +4,10 @@ Every ratio compares contenders measured in the same process, timed round-robin:
 
 1. One optimisation step (``zero_grad``, objective forward, ``backward``, SGD step) of ``sagr``,
    ``jr`` and ``igr`` / one ``natural`` step: time and peak memory (targets: SAGR <= 3.5x time,
-   <= 3x memory; JR and IGR reported). A breakdown splits SAGR's step into building its loss
-   (forward + the two create_graph input-gradient products) and the parameter backward.
+   <= 3x memory; JR and IGR reported; ``sagr_plain``, SAGR with PyTorch's own double
+   backward as before issue #21, gives the before/after in the same run). A breakdown splits
+   SAGR's step into building its loss (forward + the two create_graph input-gradient
+   products) and the parameter backward.
 2. One ``sns`` step / one ``pgd_at`` step with the same attack (PGD-10, alpha = eps/4; without
    --quick also the MNIST configs' PGD-40, alpha 0.01) (target <= 1.1x time; memory reported).
 3. The sensitivity probe ``robustkit train`` adds by default (``SensitivityCallback`` built by
@@ -85,6 +87,9 @@ MNIST_REGULARISERS = {
     "jr": ("jr", {"lam": 0.01, "n_proj": 1}),
     "igr": ("igr", {"lam": 1.0, "method": "double_backprop"}),
 }
+# SAGR with PyTorch's own double backward (the pre-#21 implementation): before/after in one run
+SAGR_PLAIN = ("sagr", {"lam": 1.0, "false_classes": "aggregate", "grad_of": "logit",
+                       "fast_conv": False})
 MNIST_VARIANTS = {
     "sagr_topM": ("sagr", {"lam": 1.0, "false_classes": "topM", "top_m": 2}),
     "igr_fd": ("igr", {"lam": 1.0, "method": "finite_difference", "h": 0.01}),
@@ -96,6 +101,7 @@ CIFAR_REGULARISERS = {
     "jr": ("jr", {"lam": 0.01, "n_proj": 1}),
     "igr": ("igr", {"lam": 0.05, "method": "finite_difference", "h": 0.01}),
     "igr_db": ("igr", {"lam": 0.05, "method": "double_backprop"}),
+    "sagr_plain": SAGR_PLAIN,
 }
 
 
@@ -261,6 +267,9 @@ def regularisers(label: str, specs: dict, pgd: dict[str, dict], make_model, x, y
         sagr = name == "sagr"
         add(f"{name}/natural", name, "natural", TARGETS["sagr_time"] if sagr else None,
             TARGETS["sagr_memory"] if sagr else None, f"{name.upper()} / natural step")
+    if "sagr_plain" in specs:  # issue #21: the same loss and gradients, other kernels
+        add("sagr/sagr_plain", "sagr", "sagr_plain", None, None,
+            "SAGR / SAGR with PyTorch's own double backward (pre-#21)")
     # Where SAGR's step goes: building the loss (forward + 2 create_graph VJPs) vs the rest
     # (parameter backward through both second-order graphs + SGD step), in natural steps.
     loss_build = _paired(times, lambda t: t["sagr:loss"] / t["natural"])
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     make = _mnist_model(device)
     x, y = _batch("sample-mnist", 128, device)
     pgd = {"": {"eps": MNIST_EPS, "alpha": MNIST_EPS / 4, "steps": 10}}
-    specs = dict(MNIST_REGULARISERS)
+    specs = dict(MNIST_REGULARISERS, sagr_plain=SAGR_PLAIN)
     if not args.quick:
         pgd["_40"] = {"eps": MNIST_EPS, "alpha": 0.01, "steps": 40}  # configs/train/mnist_*
         specs.update(MNIST_VARIANTS)

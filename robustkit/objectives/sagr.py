@@ -339,6 +339,8 @@ class SAGR(Objective):
         eps: L∞ budget of that PGD in pixel units (default 8/255).
         alpha: its step size (default 2/255).
         steps: its iterations (default 10).
+        fast_conv: the exact, faster double backward of ``sagr_terms`` (default True; False
+            runs PyTorch's own, for comparison).
 
     Shape: ``x (N, C, H, W) in [0, 1]``, ``y (N,)``; returns the logits ``(N, K)`` of the
     regularised input (x, or x' for SAGR+AT).
@@ -365,7 +367,9 @@ class SAGR(Objective):
         eps: float = 8 / 255,
         alpha: float = 2 / 255,
         steps: int = 10,
+        fast_conv: bool = True,
     ) -> None:
+        self.fast_conv = bool(fast_conv)
         self.lam = check_hparam("lam", lam, 0.0)
         self.a_pos = check_hparam("a_pos", a_pos, 0.0)
         self.a_neg = check_hparam("a_neg", a_neg, 0.0)
@@ -404,7 +408,7 @@ class SAGR(Objective):
         terms, logits = sagr_terms(
             self.model, x_in, y, a_pos=self.a_pos, a_neg=self.a_neg, b_pos=self.b_pos,
             b_neg=self.b_neg, false_classes=self.false_classes, top_m=self.top_m,
-            grad_of=self.grad_of)
+            grad_of=self.grad_of, fast_conv=self.fast_conv)
         ce = F.cross_entropy(logits, y)
         reg = sum(terms[t] for t in TERMS).mean()
         loss = ce + self.lam * reg
