@@ -88,8 +88,9 @@ MNIST_REGULARISERS = {
     "igr": ("igr", {"lam": 1.0, "method": "double_backprop"}),
 }
 # SAGR with PyTorch's own double backward (the pre-#21 implementation): before/after in one run
+# (``Step`` sets the objective's ``fast_conv`` attribute from the "_fast_conv" key)
 SAGR_PLAIN = ("sagr", {"lam": 1.0, "false_classes": "aggregate", "grad_of": "logit",
-                       "fast_conv": False})
+                       "_fast_conv": False})
 MNIST_VARIANTS = {
     "sagr_topM": ("sagr", {"lam": 1.0, "false_classes": "topM", "top_m": 2}),
     "igr_fd": ("igr", {"lam": 1.0, "method": "finite_difference", "h": 0.01}),
@@ -114,7 +115,11 @@ class Step:
     def __init__(self, name: str, hparams: dict, make_model: Callable[[], torch.nn.Module],
                  x: torch.Tensor, y: torch.Tensor) -> None:
         self.model = make_model().train()
+        hparams = dict(hparams)
+        fast_conv = hparams.pop("_fast_conv", None)
         self.objective = create_objective(name, self.model, **hparams)
+        if fast_conv is not None:
+            self.objective.fast_conv = fast_conv
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.x, self.y = x, y
         self.ctx = TrainContext(epoch=0, epochs=1, step=0)

@@ -339,16 +339,20 @@ class SAGR(Objective):
         eps: L∞ budget of that PGD in pixel units (default 8/255).
         alpha: its step size (default 2/255).
         steps: its iterations (default 10).
-        fast_conv: the exact, faster double backward of ``sagr_terms`` (default True; False
-            runs PyTorch's own, for comparison).
 
     Shape: ``x (N, C, H, W) in [0, 1]``, ``y (N,)``; returns the logits ``(N, K)`` of the
     regularised input (x, or x' for SAGR+AT).
+
+    Attributes:
+        fast_conv: ``sagr_terms``' exact, faster double backward (class default True; set
+            False on an instance to run PyTorch's own, as ``benchmarks/`` does to compare).
 
     Example:
         >>> objective = SAGR(model, lam=1.0)
         >>> out = objective(x, y); out.loss.backward()
     """
+
+    fast_conv: bool = True
 
     def __init__(
         self,
@@ -367,9 +371,7 @@ class SAGR(Objective):
         eps: float = 8 / 255,
         alpha: float = 2 / 255,
         steps: int = 10,
-        fast_conv: bool = True,
     ) -> None:
-        self.fast_conv = bool(fast_conv)
         self.lam = check_hparam("lam", lam, 0.0)
         self.a_pos = check_hparam("a_pos", a_pos, 0.0)
         self.a_neg = check_hparam("a_neg", a_neg, 0.0)
