@@ -89,10 +89,10 @@ def _cos(a, b):
     return float(a @ b / (a.norm() * b.norm()))
 
 
-def _run(reps=1, **kw):
+def _run(reps=1, models=None, **kw):
     x, y, x_adv = _images(reps=reps)
     kw = {"explainers": ["gradient"], "x_adv": x_adv, "seed": 3, "grid_rows": 2, **kw}
-    return compare(_models(), x, y, **kw)
+    return compare(models or _models(), x, y, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +207,11 @@ def test_the_shared_perturbation_control(report):
     assert report.settings["noise_control"]["linf"] == pytest.approx(size)
     assert report.settings["noise_control"]["mean_l2"] == pytest.approx(
         float((x_noise - x).flatten(1).norm(dim=1).mean()))
+    with torch.no_grad():  # both models saw this x + δ (Linear's map alone would not show it)
+        for lb, model in _models().items():
+            p = model(x_noise).softmax(1)
+            assert torch.equal(report.predicted[lb]["noise"], p.argmax(1))
+            torch.testing.assert_close(report.confidence[lb]["noise"], p.amax(1))
     noise = {lb: report.attributions["gradient"][lb]["noise"] for lb in report.models}
     for i, c in enumerate(C):
         torch.testing.assert_close(noise["squares"][i, 0], 2 * x_noise[i, 0] * _mask(c))
@@ -225,11 +230,17 @@ def test_the_shared_perturbation_control(report):
 
 @pytest.mark.parametrize("method", ["holm", "bh", "none"])
 def test_p_values_are_adjusted_over_the_stated_family(method):
-    r = _run(correction=method, explainers=["gradient", "smoothgrad"], n_samples=2)
+    """A third model, a copy of the reference, has every difference 0: its tests are undefined
+    and stay out of the family (m counts the defined ones)."""
+    models = {**_models(), "copy": Squares().eval()}
+    r = _run(correction=method, explainers=["gradient", "smoothgrad"], n_samples=2,
+             models=models)
     raw = [p["wilcoxon_p"] for p in r.pairs]
     defined = [p for p in raw if p is not None]
     c = r.settings["correction"]
     assert (c["method"], c["m"]) == (method, len(defined)) and len(defined) > 10
+    assert all(p["wilcoxon_p"] is None for p in r.pairs if p["b"] == "copy")
+    assert len(defined) < len(raw)
     assert "every paired Wilcoxon test" in c["family"]
     expected = adjust_p(raw, method)
     assert [p["p_adjusted"] for p in r.pairs] == expected
@@ -303,6 +314,10 @@ def test_explainer_differences_are_the_paired_bootstrap():
         if ci:
             covers = ci[0] <= 0 <= ci[1]
             assert (e["verdict"] == "could not decide (the CI covers 0)") == covers
+            if not covers:  # the explainer whose |d_z| is larger, by the CI's side of 0
+                better = e["second"] if ci[0] > 0 else e["first"]
+                assert e["verdict"] == f"{better} separates the models more"
+                assert (abs(e["d_z_second"]) > abs(e["d_z_first"])) == (ci[0] > 0)
             checked += 1
     assert checked > 10
     ranking = r.rank_explainers("total_variation")
