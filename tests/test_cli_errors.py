@@ -270,3 +270,20 @@ def test_bad_model_inputs_of_the_comparing_commands_are_one_line(tmp_path, capsy
     line = _one_line(capsys, command)
     for word in words:
         assert word in line, (word, line)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "sensitivity", "inspect"])
+def test_help_lists_every_model_form(capsys, command):
+    """Issue #19 §3: evaluate --help omitted robustkit:NAME; every command that takes --model
+    lists all four forms, with the shipped models as examples."""
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    forms = text[text.index("model forms"):]
+    for form in ("NAME ", "--checkpoint", "FILE.py:FN", "robustbench:NAME", "robustkit:NAME",
+                 "robustkit:mnist_smallcnn_robust", "robustkit:mnist_smallcnn_standard"):
+        assert form in forms, form
+    flag = text[text.index("\n  --model"):text.index("\n  --checkpoint")]  # its help
+    assert all(f in " ".join(flag.split()) for f in ("FILE.py:FN", "robustbench:NAME",
+                                                     "robustkit:NAME"))

@@ -99,17 +99,20 @@ def _settings(args: argparse.Namespace):
     return load_eval_config(args.config, flags)
 
 
-# Collective timeout of a sharded evaluation: on a resume, a rank whose state is complete waits
-# at the first gather for the others' remaining AutoAttack batches, which can take hours; the
-# default 30 minutes would kill a healthy run (torchrun already stops every rank when one dies).
-# 7 days in milliseconds also stays below 2**31 for backends that keep an int32.
-EVAL_TIMEOUT_S = 7 * 24 * 3600
-
-
 def run(args) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     from robustkit import distributed as dist
+    from robustkit.cli.progress import tqdm_factory
     from robustkit.config import to_container
-    from robustkit.evaluation.api import default_out
+    from robustkit.config.build import save_eval_config
+    from robustkit.evaluation.api import (
+        EVAL_TIMEOUT_S,
+        default_out,
+        evaluate,
+        load_eval_data,
+        reset_state,
+    )
     from robustkit.utils import check_writable, resolve_device
 
     cfg = _settings(args)  # every value a user can get wrong is checked here, before loading
@@ -127,43 +130,30 @@ def run(args) -> int:
     # Under torchrun: one process per GPU (cuda:<LOCAL_RANK>, NCCL) or CPU process (Gloo); a
     # plain run creates no process group and keeps `device`.
     where = dist.init_from_env(device, timeout_s=EVAL_TIMEOUT_S)
+    main = where.rank == 0  # rank 0 logs, prints and writes
     try:
-        if where.world_size > 1 and where.rank != 0:
-            logging.getLogger().setLevel(logging.WARNING)  # rank 0 logs, prints and writes
-        return _run(args, cfg, s, name, out, where)
+        if not main:
+            logging.getLogger().setLevel(logging.WARNING)
+        reset_state(out, where.rank, where.world_size, args.overwrite)
+        dist.barrier()  # no rank opens its state before every --overwrite is done
+        data, n, data_root = load_eval_data(s["dataset"], s["data_root"], s["n_examples"])
+        bars = not args.no_progress and main
+        # log lines between the bars, not through them (only while there are bars to avoid)
+        with logging_redirect_tqdm() if bars else contextlib.nullcontext():
+            result = evaluate(
+                s["model"], data, attacks=s["attacks"], eps=s["eps"],
+                norm=s["threat_model"], dataset=s["dataset"], checkpoint=s["checkpoint"],
+                name=name, subset=f"first {n} test images", batch_size=s["batch_size"],
+                protocol=s["protocol"], aa_version=s["aa_version"], aa_attacks=s["aa_attacks"],
+                seed=s["seed"], device=where.device, state_dir=out / "state",
+                progress=tqdm_factory(None if bars else False),
+                fingerprint={"data_root": data_root}, shard=True)
     finally:
         dist.cleanup()
-
-
-def _run(args, cfg, s: dict, name: str, out: Path, where) -> int:
-    """The evaluation proper, on every rank (``where``: ``distributed.DistInfo``)."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    from robustkit import distributed as dist
-    from robustkit.cli.progress import tqdm_factory
-    from robustkit.config.build import save_eval_config
-    from robustkit.evaluation.api import evaluate, load_eval_data, reset_state
-
-    main = where.rank == 0
-    reset_state(out, where.rank, where.world_size, args.overwrite)
-    dist.barrier()  # no rank opens its state before every --overwrite is done
-    data, n, data_root = load_eval_data(s["dataset"], s["data_root"], s["n_examples"])
-    bars = not args.no_progress and main
-    # log lines between the bars, not through them (only while there are bars to avoid)
-    with logging_redirect_tqdm() if bars else contextlib.nullcontext():
-        result = evaluate(
-            s["model"], data, attacks=s["attacks"], eps=s["eps"],
-            norm=s["threat_model"], dataset=s["dataset"], checkpoint=s["checkpoint"],
-            name=name, subset=f"first {n} test images", batch_size=s["batch_size"],
-            protocol=s["protocol"], aa_version=s["aa_version"], aa_attacks=s["aa_attacks"],
-            seed=s["seed"], device=where.device, state_dir=out / "state",
-            progress=tqdm_factory(None if bars else False),
-            fingerprint={"data_root": data_root}, shard=True)
-    if not main:
-        return 0
-    save_eval_config(cfg, out / "config.yaml")  # the resolved settings, beside their results
-    paths = result.save(out)
-    print(result.table())
-    print(f"results: {paths['results']}\nRobustBench JSON: {paths['model_info']}")
-    logger.info("wrote %s and %s", paths["results"], paths["model_info"])
+    if main:
+        save_eval_config(cfg, out / "config.yaml")  # the resolved settings, beside the results
+        paths = result.save(out)
+        print(result.table())
+        print(f"results: {paths['results']}\nRobustBench JSON: {paths['model_info']}")
+        logger.info("wrote %s and %s", paths["results"], paths["model_info"])
     return 0

@@ -25,11 +25,18 @@ from torch.utils.data import Dataset
 from robustkit.errors import ConfigError, ModelError, user_input
 from robustkit.evaluation.protocol import EvalResult, evaluate_attacks
 
-__all__ = ["evaluate", "default_name", "check_name", "model_labels", "card_kind", "dataset_eps",
+__all__ = ["EVAL_TIMEOUT_S", "evaluate", "default_name", "check_name", "model_labels",
+           "card_kind", "dataset_eps",
            "load_models", "load_test_images", "source_model", "default_out", "load_eval_data",
            "reset_state"]
 
 logger = logging.getLogger(__name__)
+
+# Collective timeout of a sharded evaluation: on a resume, a rank whose state is complete waits
+# at the first gather for the others' remaining AutoAttack batches, which can take hours; the
+# default 30 minutes would kill a healthy run (torchrun already stops every rank when one dies).
+# 7 days in milliseconds also stays below 2**31 for backends that keep an int32.
+EVAL_TIMEOUT_S = 7 * 24 * 3600
 
 
 def evaluate(
