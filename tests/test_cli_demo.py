@@ -1,10 +1,11 @@
-"""``robustkit demo``'s flags and what it prints, without running its steps: every bad flag is one
-line and exit code 2 before any work (``--cifar-n -1`` once ran the whole demo), and the paths it
-prints are relative to the current folder when they lie under it."""
+"""``robustkit demo``'s flags and what it prints, without running its steps (the library call
+``robustkit.demo.run`` is a stub here): every bad flag is one line and exit code 2 before any
+work (``--cifar-n -1`` once ran the whole demo), ``--quick`` and the size flags become the
+``Sizes`` passed on, the command is recorded for the page, and the paths it prints are relative
+to the current folder when they lie under it."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -15,32 +16,24 @@ from robustkit.cli import demo, main
 
 @pytest.fixture
 def steps(monkeypatch, tmp_path):
-    """The demo with its subcommands replaced by stubs that write what the demo reads back;
-    returns the list of subcommands called (nothing runs when a flag is refused)."""
-    calls: list[list[str]] = []
+    """The demo with its library call (robustkit.demo.run) replaced by a stub that writes the
+    page; returns the list of calls (empty when a flag is refused before any work)."""
+    from robustkit import demo as library
 
-    def fake_call(argv: list[str]) -> None:
-        calls.append(argv)
-        out = Path(argv[argv.index("--out") + 1]) if "--out" in argv else None
-        if argv[0] == "evaluate":
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "results.json").write_text(json.dumps(
-                {"dataset": argv[argv.index("--dataset") + 1], "accuracy": {"clean": 1.0}}))
-        elif argv[0] == "sensitivity":
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "sensitivity.json").write_text("{}")
-        elif argv[0] == "inspect":
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "summary.json").write_text("{}")
+    calls: list[dict] = []
 
-    def fake_page(path, **kwargs) -> Path:
-        Path(path).write_text("<html></html>")
-        return Path(path)
+    def fake_run(out, sizes, **kw):
+        calls.append({"out": out, "sizes": sizes, **kw})
+        out = Path(out)
+        (out / "index.html").write_text("<html></html>")
+        return library.DemoResult(
+            out=out, sizes=sizes, command=kw["command"], evaluations={
+                lb: {"dataset": "sample-mnist", "accuracy": {"clean": 1.0, "pgd40": 0.5}}
+                for lb in (*library.PAIR, "demo_srd_dat")},
+            kinds={lb: {"kind": "robust"} for lb in library.PAIR}, sensitivity=None,
+            saliency=None, runs={}, page=out / "index.html", seconds=1.0)
 
-    import robustkit.reports.demo as page
-
-    monkeypatch.setattr(demo, "_call", fake_call)
-    monkeypatch.setattr(page, "write_demo_page", fake_page)
+    monkeypatch.setattr(library, "run", fake_run)
     monkeypatch.chdir(tmp_path)
     return calls
 
@@ -54,6 +47,7 @@ def steps(monkeypatch, tmp_path):
     (["--sensitivity-n", "1"], r"--sensitivity-n 1: must lie in \[2, 1000\]"),
     (["--inspect-n", "-3"], r"--inspect-n -3: must lie in \[2, 1000\]"),
     (["--inspect-n", "2.5"], r"--inspect-n '2.5': expected an integer"),
+    (["--quick", "--mnist-n", "0"], r"--mnist-n 0: must lie in \[1, 1000\]"),
     (["--epochs", "0"], r"--epochs 0: must lie in \[1, 1000\]"),
     (["--epochs", "-2"], r"--epochs -2: must lie in"),
     (["--device", "gpu7"], r"--device 'gpu7'"),
@@ -76,13 +70,32 @@ def test_an_output_path_that_is_a_file_is_refused_first(steps, capsys, tmp_path)
 
 
 def test_the_bounds_accept_their_edges(steps, capsys):
+    from robustkit.demo import FULL, Sizes
+
     rc = main(["demo", "--out", "out", "--cifar-n", "0", "--mnist-n", "1000",
                "--sensitivity-n", "2", "--inspect-n", "2", "--epochs", "1"])
     assert rc == 0, capsys.readouterr().err
-    assert [c[0] for c in steps] == ["evaluate", "evaluate", "train", "evaluate", "sensitivity",
-                                     "inspect"]  # --cifar-n 0 skips the CIFAR-10 step
-    assert steps[0][steps[0].index("--n-examples") + 1] == "1000"
-    assert "trainer.epochs=1" in steps[2]
+    (call,) = steps
+    assert call["sizes"] == Sizes(cifar_n=0, mnist_n=1000, sensitivity_n=2, inspect_n=2,
+                                  epochs=1)
+    assert call["command"] == ("robustkit demo --cifar-n=0 --mnist-n=1000 --sensitivity-n=2 "
+                               "--inspect-n=2 --epochs=1 --out=out")
+    assert call["device"] == "cpu" and len(call["train_callbacks"]) == 1
+    steps.clear()
+    assert main(["demo"]) == 0 and steps[0]["sizes"] == FULL
+    assert steps[0]["command"] == "robustkit demo"
+
+
+def test_quick_takes_the_quick_sizes_and_flags_override_them(steps, capsys):
+    from robustkit.demo import QUICK
+
+    assert main(["demo", "--quick"]) == 0
+    assert steps[0]["sizes"] == QUICK and steps[0]["command"] == "robustkit demo --quick"
+    assert QUICK.quick and QUICK.cifar_n == 0 and not QUICK.autoattack
+    assert "(quick run, total 1 s)" in capsys.readouterr().out
+    assert main(["demo", "--quick", "--mnist-n", "8"]) == 0
+    assert steps[1]["sizes"].mnist_n == 8 and steps[1]["sizes"].epochs == QUICK.epochs
+    assert steps[1]["command"] == "robustkit demo --quick --mnist-n=8"
 
 
 @pytest.mark.parametrize("absolute", [False, True])
@@ -99,7 +112,7 @@ def test_printed_paths_are_relative_to_the_current_folder(steps, capsys, tmp_pat
     assert "runs/demo/inspect/index.html" in look
     assert "runs/demo/sensitivity/sigma_mean.png" in look
     assert "tensorboard --logdir runs/demo " in look
-    assert "step 7/7  write runs/demo/index.html" in printed
+    assert "demo_srd_dat" in printed and "kind" in printed  # the table, with the kinds
     assert Path("runs/demo/index.html").is_file()  # the printed path opens from here
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from robustkit.cli.demo import MODELS, PAIR, resources_used
+from robustkit.demo import MODELS, PAIR, resources_used
 
 ROOT = Path(__file__).resolve().parents[1]
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
@@ -83,7 +83,7 @@ import sys
 from pathlib import Path
 import robustkit
 assert Path(robustkit.__file__).is_relative_to({str(installed)!r}), robustkit.__file__
-from robustkit.cli.demo import resources_used
+from robustkit.demo import resources_used
 from robustkit.config import load_config
 from robustkit.cli import main
 with resources_used() as (configs, factory):

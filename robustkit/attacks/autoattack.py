@@ -25,8 +25,11 @@ seam (eval mode, device from x, no side effects) and adds two things pyautoattac
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import logging
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, Literal
 
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from robustkit.attacks.base import Attack, AttackResult, Norm
+from robustkit.heartbeat import Heartbeat
 from robustkit.utils import atomic_write_json, frozen_parameters, output_errors
 
 __all__ = ["AutoAttack", "NOT_BROKEN", "MISCLASSIFIED"]
@@ -160,14 +164,22 @@ class AutoAttack(Attack):
                     broken_by, done = saved[0].to(x.device), saved[1]
                     logger.info("resuming AutoAttack from %s: done %s", path, done)
                 x_adv = x.clone()
+                rate = _Rate()  # seconds per gradient step, for the heartbeat's ETA
                 for k, name in enumerate(names):
                     if name in done:
                         continue
                     idx = (broken_by == NOT_BROKEN).nonzero().flatten()
                     if idx.numel():
                         aa.attacks_to_run = [name]  # the version's settings, one attack at a time
-                        x_sub, y_sub = aa.run_standard_evaluation(
-                            x[idx], y[idx], batch_size=self.batch_size)
+                        # per step, not per point: on small batches the per-iteration
+                        # overhead dominates, and more points only make it an underestimate
+                        work = _grad_steps(aa, name) or 0
+                        # one opaque call: its heartbeat beats from a thread (points left, ETA)
+                        with rate.timing(work), Heartbeat(
+                                f"AutoAttack {name} (sub-attack {k + 1} of {len(names)})",
+                                idx.numel(), expected_s=rate.expect(work)):
+                            x_sub, y_sub = aa.run_standard_evaluation(
+                                x[idx], y[idx], batch_size=self.batch_size)
                         hit = y_sub.to(y.device) != y[idx]
                         broken_by[idx[hit]] = k
                         x_adv[idx[hit]] = x_sub[hit].to(x_adv)
@@ -185,6 +197,44 @@ class AutoAttack(Attack):
             sl = slice(start, start + self.batch_size)
             out[sl][self.model(x[sl]).argmax(1) != y[sl]] = MISCLASSIFIED
         return out
+
+
+def _grad_steps(aa: object, name: str) -> float | None:
+    """Rough cost of sub-attack ``name`` per point, in gradient steps (at most: APGD's restarts
+    skip points already broken), from the settings of the pyautoattack object; None if unknown."""
+    try:
+        if name in ("apgd-ce", "apgd-dlr"):
+            return aa.apgd.n_iter * aa.apgd.n_restarts
+        if name == "apgd-t":
+            t = aa.apgd_targeted
+            return t.n_iter * t.n_target_classes * t.n_restarts
+        if name in ("fab", "fab-t"):
+            return aa.fab.n_iter * aa.fab.n_restarts * (
+                aa.fab.n_target_classes if name == "fab-t" else 1)
+        if name == "square":
+            return aa.square.n_queries / 3  # forward passes only: about a third of a step
+    except (AttributeError, TypeError):
+        pass
+    return None
+
+
+class _Rate:
+    """Seconds per unit of work, from the sub-attacks finished so far in one ``perturb``."""
+
+    def __init__(self) -> None:
+        self.seconds = self.work = 0.0
+
+    def expect(self, work: float) -> float | None:
+        """Expected seconds for ``work`` units; None before any timed work."""
+        return self.seconds / self.work * work if self.work > 0 and work > 0 else None
+
+    @contextlib.contextmanager
+    def timing(self, work: float) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        if work > 0:  # a sub-attack of unknown cost says nothing about the rate
+            self.seconds += time.perf_counter() - t0
+            self.work += work
 
 
 def _save_state(path: Path | None, names: list[str], done: list[str], broken_by: Tensor) -> None:

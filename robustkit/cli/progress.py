@@ -1,7 +1,9 @@
 """tqdm progress bars, all in one place: the CLI's only home of tqdm (architecture.md §1, rule 10).
 
 ``tqdm_factory`` makes the per-attack bars of ``robustkit evaluate`` (the library only takes a
-``progress(name, total)`` factory); ``ProgressCallback`` is the trainer's per-epoch bar.
+``progress(name, total)`` factory); ``ProgressCallback`` is the trainer's per-epoch bar. Where no
+bar is shown (stderr is not a terminal: ``make demo > log``), the library's heartbeat lines
+(``robustkit.heartbeat``: what runs, what is left, elapsed, ETA, every ~30 s) take its place.
 
 Example:
     >>> evaluate_attacks(model, data, attacks, progress=tqdm_factory())
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from tqdm.auto import tqdm
 
 from robustkit import distributed as dist
+from robustkit.heartbeat import Heartbeat
 
 __all__ = ["tqdm_factory", "ProgressCallback"]
 
@@ -24,17 +27,21 @@ def tqdm_factory(enabled: bool | None = None) -> Callable[[str, int], tqdm]:
     """A ``progress(name, total)`` factory of per-attack bars counted in images.
 
     Args:
-        enabled: ``True`` always shows bars, ``False`` never, ``None`` (default) only on a
-            terminal (tqdm's ``disable=None``).
+        enabled: ``True`` always shows bars, ``False`` never (nor heartbeats), ``None``
+            (default) bars on a terminal (tqdm's ``disable=None``), else heartbeat log lines.
 
     Example:
         >>> evaluate_attacks(model, data, attacks, progress=tqdm_factory())
     """
     disable = None if enabled is None else not enabled
 
-    def factory(name: str, total: int) -> tqdm:
-        return tqdm(total=total, desc=f"{name:>12}", unit="img", leave=False, disable=disable,
-                    dynamic_ncols=True)
+    def factory(name: str, total: int) -> tqdm | Heartbeat:
+        bar = tqdm(total=total, desc=f"{name:>12}", unit="img", leave=False, disable=disable,
+                   dynamic_ncols=True)
+        if bar.disable and enabled is None:  # not a terminal: heartbeat lines instead
+            bar.close()
+            return Heartbeat(name, total, unit="")  # totals count images, steps, maps
+        return bar
 
     return factory
 
@@ -44,7 +51,8 @@ class ProgressCallback:
 
     Args:
         refresh_every: batches between postfix updates (each reads device values, a sync).
-        file: stream of the bars (default ``sys.stderr``).
+        file: stream of the bars (default ``sys.stderr``, and then bars only on a terminal:
+            elsewhere the trainer's heartbeat lines and this callback's epoch lines remain).
     """
 
     def __init__(self, refresh_every: int = 10, file=None) -> None:
@@ -52,6 +60,17 @@ class ProgressCallback:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every!r}")
         self.refresh_every, self.file = refresh_every, file
         self.bar = None
+
+    @property
+    def shows_bar(self) -> bool:
+        """Whether bars are drawn (the trainer then logs no heartbeat): always with a ``file``,
+        on stderr only when it is a terminal."""
+        if self.file is not None:
+            return True
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, ValueError):  # replaced or closed stream
+            return False
 
     def _open(self, trainer) -> None:
         try:
@@ -65,6 +84,7 @@ class ProgressCallback:
             dynamic_ncols=True,
             leave=False,
             file=self.file or sys.stderr,
+            disable=not self.shows_bar,
         )
 
     def on_batch_end(self, trainer, out, batch) -> None:

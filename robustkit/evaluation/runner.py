@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from robustkit import distributed as dist
 from robustkit.evaluation.state import _Store
+from robustkit.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from robustkit.attacks.base import Attack
@@ -118,7 +119,12 @@ class _Runner:
         """Restore or compute this rank's batches ``mine`` of a pass into ``records``."""
         saved = self.store.load(name, components)
         extra = {} if components is None else {"components": components}
-        bar = self.progress(name, sum(batches[b].numel() for b in mine)) if self.progress else None
+        total = sum(batches[b].numel() for b in mine)
+        # no bar: a heartbeat line every ~30 s (points left, elapsed, ETA) keeps a run to a file
+        # from going quiet for the length of a pass; within a batch, an attack with sub-attacks
+        # (AutoAttack) beats itself, naming the sub-attack, so this one only beats per batch
+        bar = self.progress(name, total) if self.progress else Heartbeat(
+            name, total, ticker=components is None)
         try:
             for b in mine:
                 idx = batches[b]
@@ -138,11 +144,9 @@ class _Runner:
                 else:
                     logger.debug("%s batch %d restored from %s", name, b, self.store.dir)
                 records[b] = rec
-                if bar is not None:
-                    bar.update(int(idx.numel()))
+                bar.update(int(idx.numel()))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if not saved:
             self.store.save(name, saved, **extra)  # an attack with nothing to attack is finished
 

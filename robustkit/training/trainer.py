@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from robustkit import distributed as dist
 from robustkit.errors import UserError
+from robustkit.heartbeat import Heartbeat
 from robustkit.objectives.base import Objective, ObjectiveOutput, TrainContext
 from robustkit.training.meters import Meters
 from robustkit.utils import seed_everything
@@ -177,12 +178,14 @@ class Trainer:
         self.model.train()
         self.state.lr = self._lr()  # an epoch without batches reports the lr it would use
         meters, start = Meters(), time.perf_counter()
-        for batch in loader:
-            out, y = self._train_step(batch, epoch)
-            meters.add(self.state.batch, out.metrics, y.shape[0])
-            self._emit("on_batch_end", out, batch)
-            if self.state.stop:
-                break
+        with self._heartbeat(loader, epoch) as beat:
+            for batch in loader:
+                out, y = self._train_step(batch, epoch)
+                meters.add(self.state.batch, out.metrics, y.shape[0])
+                self._emit("on_batch_end", out, batch)
+                beat.update(1)
+                if self.state.stop:
+                    break
         means, n_images, self.state.histograms = meters.reduce(self.device)
         self.state.metrics = {f"train/{k}": v for k, v in means.items()}
         self.state.metrics["train/throughput"] = n_images / max(time.perf_counter() - start, 1e-9)
@@ -193,6 +196,17 @@ class Trainer:
             self.scheduler.step()
         self.state.epoch = epoch + 1
         self.state.history.append(self.state.metrics)  # same dict: eval callbacks add to it
+
+    def _heartbeat(self, loader: Iterable, epoch: int) -> Any:
+        """A heartbeat line every ~30 s of the epoch (batches left, ETA) on rank 0, unless a
+        callback shows a progress bar (``shows_bar``, e.g. the CLI's on a terminal)."""
+        if not dist.is_main() or any(getattr(cb, "shows_bar", False) for cb in self.callbacks):
+            return contextlib.nullcontext(_NoBeat())
+        try:
+            total = len(loader)  # type: ignore[arg-type]
+        except TypeError:  # an iterable without a length: batches done, no ETA
+            total = None
+        return Heartbeat(f"epoch {epoch + 1}/{self.epochs}", total, unit="batches")
 
     def _train_step(self, batch: Any, epoch: int) -> tuple[ObjectiveOutput, Tensor]:
         x, y, idx = self._move(batch)
@@ -345,6 +359,11 @@ class Trainer:
         _set_rng_state(rngs[rank % len(rngs)], self.device)
         if rank >= len(rngs):
             seed_everything(int(torch.randint(0, 2**31 - 1, ()).item()) + rank)
+
+
+class _NoBeat:
+    def update(self, k: int = 1) -> None:
+        pass
 
 
 def _grad_norm(params: list[nn.Parameter]) -> Tensor:
