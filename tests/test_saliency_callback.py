@@ -100,8 +100,9 @@ def test_logs_scalars_and_grids_and_equals_the_explainers_run_by_hand(tmp_path):
     assert {f"saliency/{e}" for e in NAMES} <= set(events.Tags()["images"])
     shots = events.Images("saliency/adaptgrad")
     assert len(shots) == 2  # both epochs
-    # 4 rows of 8 px + 5 pads of 2, 4 columns likewise
-    assert (shots[-1].height, shots[-1].width) == (4 * 8 + 5 * 2, 4 * 8 + 5 * 2)
+    # the logged image is the labelled matplotlib panel, pixel for pixel in size
+    _, grids = cb.measure(model)
+    assert (shots[-1].height, shots[-1].width) == tuple(grids["saliency/adaptgrad"].shape[1:])
     # the same pairs by hand: the first 4 held-out images, one attack seeded 0, true labels
     x, y, _ = _data(6, seed=3)[:N]
     x_adv = _perturb(model.eval(), x, y, torch.Generator().manual_seed(0))
@@ -123,22 +124,87 @@ def test_logs_scalars_and_grids_and_equals_the_explainers_run_by_hand(tmp_path):
     assert all(0 < m[k] < (1 if k.endswith("sparseness") else 10) for k in _keys())
 
 
-def test_grid_layout_and_colours():
+def _panels(monkeypatch, cb, model):
+    """``(grids, figures)`` of ``cb.measure(model)``: the figures the images were drawn from."""
+    import robustkit.reports.tensorboard as tb
+
+    figures, draw = [], tb.figure_image
+
+    def figure_image(fig):
+        figures.append(fig)
+        return draw(fig)
+
+    monkeypatch.setattr(tb, "figure_image", figure_image)
+    _, grids = cb.measure(model)
+    return grids, figures
+
+
+def _texts(fig) -> list[str]:
+    return [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text"))
+            if t.get_text()]
+
+
+def test_panel_has_column_titles_labels_predictions_and_a_colour_bar(monkeypatch):
+    """Issue #19 §3: columns x, map, x', map'; per row the true label and the predictions on x
+    and x' (the model's, recomputed here); a colour bar of the maps' [-1, 1] scale."""
+    torch.manual_seed(12)  # a linear model right on 3 of the 4 images, wrong on all 4 x'
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 3, K)).eval()
+    cb = _callback(explainers=["gradient", "adaptgrad"])
+    grids, figures = _panels(monkeypatch, cb, model)
+    assert list(grids) == ["saliency/gradient", "saliency/adaptgrad"] and len(figures) == 2
+    x, y = cb.probe()
+    x_adv = _perturb(model, x, y, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pred, pred_adv = model(x).argmax(1), model(x_adv).argmax(1)
+    assert (pred == y).sum() == 3 and (pred_adv == y).sum() == 0  # black and red labels
+    for (tag, grid), fig in zip(grids.items(), figures, strict=True):
+        texts = _texts(fig)
+        assert fig._suptitle.get_text() == tag.split("/")[1]
+        cells = [ax for ax in fig.axes if ax.get_images() and ax.get_label() != "<colorbar>"]
+        assert len(cells) == 4 * N
+        assert [ax.get_title() for ax in cells[:4]] == ["x", "map", "x'", "map'"]
+        assert all(ax.get_title() == "" for ax in cells[4:])
+        for i in range(N):
+            row = cells[4 * i:4 * i + 4]
+            assert row[0].get_ylabel() == f"label {int(y[i])}"
+            assert row[0].get_xlabel() == f"pred {int(pred[i])}"
+            assert row[2].get_xlabel() == f"pred {int(pred_adv[i])}"
+            for cell, p in ((row[0], pred[i]), (row[2], pred_adv[i])):
+                assert cell.xaxis.label.get_color() == ("black" if p == y[i] else "red")
+            # the cells show x and x' themselves, and the maps on the fixed [-1, 1] scale
+            assert torch.allclose(torch.as_tensor(row[0].get_images()[0].get_array()),
+                                  x[i].permute(1, 2, 0))
+            assert torch.allclose(torch.as_tensor(row[2].get_images()[0].get_array()),
+                                  x_adv[i].permute(1, 2, 0))
+            for cell in (row[1], row[3]):
+                im = cell.get_images()[0]
+                assert im.get_clim() == (-1, 1) and im.get_cmap().name == "bwr"
+                assert float(abs(torch.as_tensor(im.get_array())).max()) == 1.0
+        bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+        assert len(bars) == 1 and "99th percentile" in bars[0].get_ylabel()
+        assert {"x", "map", "x'", "map'"} <= set(texts)
+        assert grid.shape[0] == 3 and 0 <= grid.min() and grid.max() <= 1
+        assert grid.shape[1] > 4 * 8 * N and grid.shape[2] > 4 * 8  # drawn larger than pixels
+    assert cb.images() == {}  # measure() alone leaves nothing pending
+
+
+def test_panel_names_the_classes_of_an_image_dataset(monkeypatch):
+    """A held-out Subset of an ImageDataset: the rows say the class names beside the labels."""
+    from torch.utils.data import Subset
+
+    from robustkit.data import ImageDataset
+
+    x, y = random_batch(6, SHAPE, K, seed=3)
+    names = [f"class{k}" for k in range(K)]
+    data = Subset(ImageDataset((x * 255).to(torch.uint8), y, class_names=names), range(6))
     torch.manual_seed(0)
     model = TinyCNN(3, K, size=8).eval()
-    cb = _callback(explainers=["gradient"])
-    metrics, grids = cb.measure(model)
-    (tag, grid), = grids.items()
-    assert tag == "saliency/gradient" and grid.shape == (3, 42, 42)
-    assert 0 <= grid.min() and grid.max() <= 1
-    x, _ = cb.probe()
-    # column 0 is x itself, row by row; column 1 a map: red/white/blue, never darker than both
+    cb = SaliencyCallback(data, _perturb, explainers=["gradient"], n=N, n_samples=3)
+    _, (fig,) = _panels(monkeypatch, cb, model)
+    _, y_probe = cb.probe()
+    texts = _texts(fig)
     for i in range(N):
-        top = 2 + i * 10
-        assert torch.equal(grid[:, top:top + 8, 2:10], x[i])
-        cell = grid[:, top:top + 8, 12:20]
-        assert ((cell[0] == 1) | (cell[2] == 1)).all()  # white to red, or white to blue
-    assert cb.images() == {}  # measure() alone leaves nothing pending
+        assert f"label {int(y_probe[i])} class{int(y_probe[i])}" in texts
 
 
 @pytest.mark.parametrize("perturb", [_perturb, _rogue_perturb], ids=["generator", "rogue"])

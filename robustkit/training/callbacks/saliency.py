@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from robustkit import distributed as dist
-from robustkit.saliency import EXPLAINERS, create_explainer, percentile_scale, signed_map
+from robustkit.saliency import EXPLAINERS, create_explainer
 from robustkit.saliency.base import Explainer
 from robustkit.saliency.metrics import sparseness, total_variation
 from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 #: The panel's metrics: name -> ``(N, C, H, W)`` map -> ``(N,)`` score (methods.md §8.2).
 METRICS = {"sparseness": sparseness, "total_variation": total_variation}
-_PAD = 2  # grey pixels between the panel's cells
 
 
 class SaliencyCallback(Callback):
@@ -43,11 +42,14 @@ class SaliencyCallback(Callback):
     - ``saliency/<e>/<input>/total_variation``: the panel's mean normalised TV (lower: smoother;
       an all-zero map's NaN is left out of the mean);
 
-    (``metrics.jsonl``; TensorBoard scalars under the same tags) and keeps one image grid per
-    explainer, ``saliency/<e>``: one row per image, columns x, map(x), x', map(x'), each map
-    summed over channels with signs, divided by its 99th percentile of |map| (clipped to
-    [-1, 1]) and drawn red (positive) / white (0) / blue (negative). :meth:`images` hands the
-    grids over once: pass it as ``TensorBoardCallback(image_fn=cb.images)``.
+    (``metrics.jsonl``; TensorBoard scalars under the same tags) and keeps one image per
+    explainer, ``saliency/<e>`` (``reports.tensorboard.saliency_panel_figure`` drawn by
+    matplotlib): one row per image labelled with its true label, columns titled x, map, x',
+    map', the model's prediction under x and x' (red when wrong), each map summed over
+    channels with signs, divided by its 99th percentile of |map| (clipped to [-1, 1]) and drawn
+    red (positive) / white (0) / blue (negative) beside a colour bar of that scale.
+    :meth:`images` hands the images over once: pass it as
+    ``TensorBoardCallback(image_fn=cb.images)``.
 
     Put it before the loggers (they read the state at ``on_epoch_end``), like ``EvalCallback``.
     Training is exactly the same with or without it: x' comes from a CPU generator seeded
@@ -145,6 +147,8 @@ class SaliencyCallback(Callback):
             device = next(iter(list(bare.parameters()) + list(bare.buffers())),
                           torch.empty(0)).device
         device = torch.device(device)
+        from robustkit.reports.tensorboard import figure_image, saliency_panel_figure
+
         x_cpu, y_cpu = self.probe()
         cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
             if device.type == "cuda" else []
@@ -155,6 +159,8 @@ class SaliencyCallback(Callback):
                 torch.autocast(device.type, enabled=False):
             x, y = x_cpu.to(device), y_cpu.to(device)
             x_adv = self.perturb(bare, x, y, torch.Generator().manual_seed(self.seed)).detach()
+            with torch.no_grad():
+                pred, pred_adv = bare(x).argmax(1).cpu(), bare(x_adv).argmax(1).cpu()
             for name in self.explainers:
                 explainer = self.explainer(name, bare)
                 maps = {"clean": explainer.attribute(x, target=y),
@@ -163,30 +169,14 @@ class SaliencyCallback(Callback):
                     for metric, fn in METRICS.items():
                         metrics[f"saliency/{name}/{kind}/{metric}"] = \
                             float(torch.nanmean(fn(a).double()))
-                grids[f"saliency/{name}"] = _panel(x, maps["clean"], x_adv, maps["adv"])
+                grids[f"saliency/{name}"] = figure_image(saliency_panel_figure(
+                    x, maps["clean"], x_adv, maps["adv"], y_cpu, pred, pred_adv, title=name,
+                    class_names=_class_names(self.dataset)))
         return metrics, grids
 
 
-def _panel(x: Tensor, a: Tensor, x_adv: Tensor, a_adv: Tensor) -> Tensor:
-    """The ``(3, H', W')`` grid in [0, 1]: rows images; columns x, map(x), x', map(x')."""
-    cells = torch.stack([_rgb(x), _diverging(a), _rgb(x_adv), _diverging(a_adv)], dim=1)
-    rows, cols, _, h, w = cells.shape
-    grid = torch.full((3, rows * (h + _PAD) + _PAD, cols * (w + _PAD) + _PAD), 0.5)
-    for i in range(rows):
-        for j in range(cols):
-            top, left = _PAD + i * (h + _PAD), _PAD + j * (w + _PAD)
-            grid[:, top:top + h, left:left + w] = cells[i, j].float().cpu()
-    return grid
 
-
-def _rgb(x: Tensor) -> Tensor:
-    """``(N, C, H, W)`` images in [0, 1] as RGB: grey for any channel count but 3."""
-    x = x.detach().float().clamp(0, 1)
-    return x if x.shape[1] == 3 else x.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)
-
-
-def _diverging(a: Tensor) -> Tensor:
-    """Signed maps, percentile-scaled to [-1, 1], as RGB: red positive, white 0, blue negative."""
-    v = percentile_scale(signed_map(a.detach().float()))  # (N, H, W) in [-1, 1]
-    pos, neg = v.clamp(min=0), (-v).clamp(min=0)
-    return torch.stack([1 - neg, 1 - pos - neg, 1 - pos], dim=1)
+def _class_names(dataset: Dataset) -> list[str] | None:
+    """The label names of an ``ImageDataset`` (or of the one under a ``Subset``), else None."""
+    return getattr(dataset, "class_names", None) or getattr(
+        getattr(dataset, "dataset", None), "class_names", None)
