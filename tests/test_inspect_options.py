@@ -154,8 +154,10 @@ def test_correct_by_all_keeps_the_images_every_model_gets_right():
 
 
 def test_a_subset_under_two_images_is_refused():
+    from robustkit.errors import ConfigError
+
     x, y, x_adv = _images()
-    with pytest.raises(ValueError, match="keeps 1 of the 2 images"):
+    with pytest.raises(ConfigError, match="keeps 1 of the 2 images"):
         compare(_models(), x[[1, 0]], y[[1, 0]], explainers=["gradient"], x_adv=x_adv[[1, 0]],
                 subset="correct-by-all")
 

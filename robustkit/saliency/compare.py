@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from robustkit.errors import ConfigError
 from robustkit.saliency import metrics as M
 from robustkit.saliency.ranking import Table, _explainer_difference, _table, explainer_difference
 from robustkit.saliency.report import Row, SaliencyReport
@@ -209,7 +210,8 @@ def compare(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
 
     Raises:
         ValueError: naming the argument: unknown explainers, a bad attack, eps, shapes, boxes,
-            target, subset or correction, or a subset of fewer than 2 images.
+            target, subset or correction.
+        ConfigError: (a ``ValueError``) ``subset="correct-by-all"`` keeps fewer than 2 images.
 
     Example:
         >>> report = compare({"std": std, "rob": rob}, x, y, explainers=["gradient"],
@@ -228,8 +230,8 @@ def compare(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
     keep = None
     if subset == "correct-by-all":
         keep = torch.stack([clean[lb][0] == y for lb in labels]).all(0).nonzero().flatten()
-        if keep.numel() < 2:
-            raise ValueError(f"subset='correct-by-all' keeps {keep.numel()} of the {n_given} "
+        if keep.numel() < 2:  # the user's images and choice: a one-line error in the CLI
+            raise ConfigError(f"subset='correct-by-all' keeps {keep.numel()} of the {n_given} "
                              f"images (those every model classifies correctly); a bootstrap "
                              f"needs 2: give more images or subset='all'")
         x, y = x[keep], y[keep]
