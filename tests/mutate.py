@@ -204,6 +204,27 @@ def survivors_to_rerun(old: dict, old_hashes: dict[str, str] | None,
     return keep + [f"{f}__mutmut_*" for f in changed], changed
 
 
+def diffs_of(dest: Path, names: list[str]) -> dict[str, str | None]:
+    """The ``-``/``+`` lines of each mutant's diff (``mutmut show``, in one process; None for a
+    name that does not exist)."""
+    code = (
+        "import json, sys\n"
+        "from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant\n"
+        "out = {}\n"
+        "for n in json.load(sys.stdin):\n"
+        "    try:\n"
+        "        out[n] = get_diff_for_mutant(n, path=find_mutant(n).path)\n"
+        "    except Exception:\n"
+        "        out[n] = None\n"
+        "json.dump(out, sys.stdout)\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=dest, input=json.dumps(names),
+                         capture_output=True, text=True, check=True)
+    return {n: None if d is None else "\n".join(
+        line for line in d.splitlines()
+        if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
+        for n, d in json.loads(run.stdout).items()}
+
+
 def configure(dest: Path, module: str, tests: list[str], max_children: int) -> None:
     """Append a ``[tool.mutmut]`` section to the copy's pyproject.toml."""
     glob = module.rstrip("/") + "/*" if (ROOT / module).is_dir() else module
@@ -307,20 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     if selected:  # narrowed: the mutants not rerun were killed by the earlier run
         summary.update(selected=selected, renumbered=renumbered,
                        rerun=total - len(not_rerun), killed_earlier=len(not_rerun))
-    def show(name: str) -> str:
-        shown = subprocess.run([str(mutmut), "show", name], cwd=dest, capture_output=True,
-                               text=True).stdout
-        return "\n".join(line for line in shown.splitlines()
-                         if line.startswith(("-", "+")) and not line.startswith(("---", "+++")))
-
-    diffs = {name: show(name) for name in summary["survived"] + summary["timeout"]}
-    summary["diffs"] = diffs
+    olddiffs = old.get("diffs", {}) if old is not None else {}
+    recheck = [n for n in olddiffs if function_of(n) not in renumbered]
+    shown = diffs_of(dest, summary["survived"] + summary["timeout"] + recheck)
+    summary["diffs"] = {n: shown[n] for n in summary["survived"] + summary["timeout"]}
     if old is not None:  # a former survivor whose diff changed: the numbering did not hold
-        olddiffs = old.get("diffs", {})
-        summary["diff_mismatch"] = sorted(
-            n for n in old["survived"] + old["timeout"]
-            if function_of(n) not in renumbered and n in olddiffs
-            and (diffs[n] if n in diffs else show(n)) != olddiffs[n])
+        summary["diff_mismatch"] = sorted(n for n in recheck if shown.get(n) != olddiffs[n])
     (dest / "summary.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     print(f"{module}: {total} mutants, {summary['killed']} killed"
           + (f" ({summary['killed_earlier']} in an earlier run, {summary['rerun']} rerun)"
@@ -330,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if summary.get("diff_mismatch"):
         print("  numbering changed (rerun these functions with a glob): "
               + ", ".join(summary["diff_mismatch"]))
-    for name, diff in diffs.items():
+    for name, diff in summary["diffs"].items():
         print(f"  {name}:\n    " + diff.replace("\n", "\n    "))
     return run.returncode
 
