@@ -66,6 +66,12 @@ QUICK = ("pgd10_smallcnn", "pgd_at_step_smallcnn")
 
 
 def make_model(arch: str, dataset: str) -> torch.nn.Module:
+    """The SmallCNN with the shipped standard MNIST weights (a fresh one has a zero last layer,
+    so its logits and input gradients would agree with anything); others freshly initialised."""
+    if arch == "small_cnn":
+        from robustkit.models.pretrained import load_pretrained
+
+        return load_pretrained("mnist_smallcnn_standard")
     info = DATASETS[dataset]
     torch.manual_seed(0)
     size = 28 if "mnist" in dataset else 32
