@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import random
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -960,6 +961,17 @@ def test_resume_refuses_scheduler_mismatch(tmp_path):
     with pytest.raises(ValueError, match="^scheduler: the checkpoint and this trainer disagree "
                                          "on having one$"):
         t2.load_state_dict(load_checkpoint(tmp_path / "c.pt"))
+
+
+def test_a_cpu_trainer_is_built_without_a_warning_and_holds_no_loader_yet():
+    """On the CPU nothing of CUDA is switched on: no channels_last, amp off, a disabled loss
+    scaler (GradScaler warns when asked to scale without CUDA), and no warning at all."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = trainer_for(TinyCNN(in_channels=3, num_classes=2, size=8))
+    assert (trainer.channels_last, trainer.amp, trainer.scaler.is_enabled()) == (False, "off",
+                                                                                False)
+    assert trainer.loader is None  # set by fit()
 
 
 def test_cpu_batches_keep_their_memory_format():
