@@ -501,4 +501,18 @@ def text_table(summary: Mapping[str, Any]) -> str:
                 dz = "-" if p.get("d_z") is None else f"{p['d_z']:.2f}"
                 diffs += f"{_fmt(p['diff_mean'], p['ci95']):<{cw}}{dz:>8}{pv:>10}  "
         lines.append(f"  {ex:<14}{metric:<20}{key:<7}{cells}{diffs}")
+    split = [r for r in summary.get("stability_by_prediction", [])
+             if r["metric"] == "stability_cos"]
+    if split:
+        lines.append("\n  stability_cos of x vs x' where x' leaves the prediction unchanged | "
+                     "flips it")
+        for i in range(0, len(split) - 1, 2):
+            u, f = split[i], split[i + 1]
+            lines.append(f"  {u['explainer']:<14}{u['model']:<{width}}"
+                         + " | ".join(f"{_fmt(r['mean'], None)} (n={r['n']})" for r in (u, f)))
+    verdicts = [r["verdict"] for r in summary.get("explainer_differences", [])]
+    if verdicts:
+        decided = sum(v.endswith("separates the models more") for v in verdicts)
+        lines.append(f"\n  explainers compared (|d_z| differences, paired bootstrap CI): "
+                     f"{decided} of {len(verdicts)} decided, the others could not be")
     return "\n".join(lines)
