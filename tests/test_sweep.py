@@ -105,6 +105,8 @@ def test_parse_groups_seeds_overrides_and_out_dirs(tmp_path):
     ({"baseline": "nobody"}, "neither a run nor a label"),
     ({"eval": {"n": 0}}, "'n'"),
     ({"eval": {"checkpoint": "middle"}}, "'checkpoint'"),
+    ({"eval": {"attacks": "clean,bogus7"}}, "eval key 'attacks'"),
+    ({"eval": {"aa_version": "custom"}}, "aa_attacks"),
     ({"name": "../x"}, "a name, not a path"),
     ({"groups": [{"label": "a"}, {"label": "a"}]}, "share the name"),
     ({"overrides": ["no_equals_sign"]}, "key=value"),

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PENALTIES", "penalty", "penalty_at_init", "match_lams", "round_sig"]
+__all__ = ["PENALTIES", "penalty", "penalty_at_init", "match_lams", "round_sig", "calibrate"]
 
 #: Objectives whose loss is CE + a λ-weighted input-gradient penalty.
 PENALTIES = ("igr", "jr", "sagr")
@@ -117,3 +117,31 @@ def round_sig(v: float, digits: int = 1) -> float:
     if v == 0:
         return 0.0
     return float(f"{v:.{digits - 1}e}") if digits >= 1 and math.isfinite(v) else v
+
+
+def calibrate(methods: Mapping[str, tuple[str, Sequence[str]]], x: Tensor, y: Tensor,
+              targets: Sequence[float], model: nn.Module | None = None,
+              digits: int = 1) -> Any:
+    """The matched λ grid and the penalties it achieves, as a pandas DataFrame.
+
+    Args:
+        methods: label -> (training config, overrides), e.g.
+            ``{"sagr_flat": ("configs/train/mnist_sagr.yaml", ["objective.params.a_pos=1"])}``.
+        x, y: the images the penalty is measured on.
+        targets: the penalty levels every method is put at.
+        model: the reference model (e.g. the shipped standard one); ``None``: each config's
+            model at initialisation.
+        digits: significant digits of each λ.
+
+    Returns:
+        One row per method and target: ``label``, ``target``, ``lam``, ``penalty`` (at that
+        λ on ``model``), ``unit`` (at λ = 1).
+    """
+    import pandas as pd
+
+    unit = {k: penalty_at_init(cfg, x, y, overrides=ov, model=model)
+            for k, (cfg, ov) in methods.items()}
+    lams = match_lams(unit, targets, digits)
+    rows = [{"label": k, "target": t, "lam": lam, "penalty": lam * unit[k], "unit": unit[k]}
+            for k in methods for t, lam in zip(targets, lams[k], strict=True)]
+    return pd.DataFrame(rows)

@@ -134,6 +134,7 @@ def run_one(r: RunSpec, ev: EvalSpec) -> dict[str, Any]:
     start = time.perf_counter()
     res = robustkit.evaluate(
         model, x, y, attacks=ev.attacks, eps=ev.eps, norm=ev.norm, dataset=ev.dataset,
+        aa_version=ev.aa_version, aa_attacks=ev.aa_attacks,
         name=r.name, subset=f"first {len(y)} {ev.dataset} test images",
         batch_size=ev.batch_size, seed=ev.seed, device=ev.device or built.trainer.device,
         # overwrite: a state made for other weights (training went on since) is discarded;

@@ -23,6 +23,7 @@ A sweep file is YAML::
       eps: 0.1
       attacks: clean,autoattack   # robustkit evaluate's --attacks
       checkpoint: last            # last | best
+      aa_version: standard        # AutoAttack's version; custom: with aa_attacks [apgd-ce, ...]
     baseline: jr_lam0.01          # a run's name without its _seed<k>: the paired tests' reference;
                                   # or a label: each run is paired with the baseline group's run
                                   # at the same grid position and seed (matched grids)
@@ -58,7 +59,7 @@ _TOP = ("name", "out", "base", "seeds", "overrides", "grid", "list", "groups", "
         "baseline", "slurm", "description")
 _GROUP = ("label", "base", "seeds", "overrides", "grid", "list")
 _EVAL = ("dataset", "data_root", "n", "eps", "attacks", "checkpoint", "batch_size", "seed",
-         "norm", "device")
+         "norm", "device", "aa_version", "aa_attacks")
 _SLURM = ("partition", "time", "gpus", "cpus", "mem_gb", "account", "qos")
 
 
@@ -76,6 +77,8 @@ class EvalSpec:
     seed: int = 0
     norm: str = "Linf"
     device: str | None = None
+    aa_version: str = "standard"  # standard | plus | custom (then aa_attacks)
+    aa_attacks: list[str] | None = None  # with custom, e.g. [apgd-ce, apgd-t]
 
 
 @dataclass
@@ -293,6 +296,17 @@ def _eval(value: Any) -> EvalSpec:
         raise ConfigError(f"eval key 'checkpoint': 'last' or 'best', got {spec.checkpoint!r}")
     if not isinstance(spec.attacks, str) or not spec.attacks:
         raise ConfigError("eval key 'attacks': a string such as clean,pgd20,autoattack")
+    from robustkit.attacks.specs import parse_attacks
+    from robustkit.errors import user_input
+
+    with user_input(ConfigError, "eval key 'attacks'"):  # before any run trains
+        parse_attacks(spec.attacks)
+    if spec.aa_version not in ("standard", "plus", "custom"):
+        raise ConfigError(f"eval key 'aa_version': standard, plus or custom, got "
+                          f"{spec.aa_version!r}")
+    if (spec.aa_version == "custom") != bool(spec.aa_attacks):
+        raise ConfigError("eval keys 'aa_version'/'aa_attacks': aa_attacks (e.g. [apgd-ce, "
+                          "apgd-t]) goes with aa_version: custom, and only with it")
     return spec
 
 
