@@ -230,6 +230,17 @@ def test_the_shared_perturbation_control(report):
     assert not any(r["input"] == "noise" for r in off.metrics)
 
 
+def test_the_control_takes_the_largest_given_perturbation():
+    """Given x' per model, δ has the largest |x' − x| of any model (Linear's x' is x here);
+    with an attack, ε."""
+    x, y, x_adv = _images()
+    r = compare(_models(), x, y, explainers=["gradient"], x_adv={"squares": x_adv, "linear": x})
+    assert r.settings["noise_control"]["linf"] == pytest.approx(float((x_adv - x).abs().max()))
+    assert r.settings["noise_control"]["linf"] > 0.5
+    r = compare(_models(), x, y, explainers=["gradient"], attack="pgd1", eps=0.05)
+    assert r.settings["noise_control"]["linf"] == 0.05
+
+
 @pytest.mark.parametrize("method", ["holm", "bh", "none"])
 def test_p_values_are_adjusted_over_the_stated_family(method):
     """A third model, a copy of the reference, has every difference 0: its tests are undefined
