@@ -78,7 +78,8 @@ COVERING: dict[str, list[str]] = {
     # test_runs_train_io, 357 mutants took ~70 min): test_trainer.py pins best.pt's reconciling
     # at the Trainer level.
     # base.py and jsonl.py: test_callback_edges.py calls them directly (a stand-in trainer), so
-    # the probe callbacks' slow tests (real training runs) are not needed to pin base.py
+    # the probe callbacks' slow tests (real training runs) are not needed to pin base.py, nor
+    # test_trainer.py's (every one of its fits writes through JSONLCallback) to pin jsonl.py
     "robustkit/training/callbacks/base.py": [
         "tests/test_callback_edges.py", "tests/test_trainer.py"],
     "robustkit/training/callbacks/checkpoint.py": [
@@ -91,7 +92,7 @@ COVERING: dict[str, list[str]] = {
             "test_eval_callback_builds_attacks_on_the_bare_model",
             "test_eval_callback_bad_arguments"))],
     "robustkit/training/callbacks/jsonl.py": [
-        "tests/test_callback_edges.py", "tests/test_trainer.py",
+        "tests/test_callback_edges.py",
         "tests/test_runs_train_dir.py::test_resumed_metrics_jsonl_equals_an_uninterrupted_run",
         "tests/test_runs_train_io.py::test_a_full_disk_is_one_line_and_corrupts_nothing"],
     "robustkit/training/callbacks/tensorboard.py": [
