@@ -333,6 +333,14 @@ def test_explainer_differences_are_the_paired_bootstrap():
                 assert (abs(e["d_z_second"]) > abs(e["d_z_first"])) == (ci[0] > 0)
             checked += 1
     assert checked > 10
+    # the other order: the verdict names the second explainer when its |d_z| leads
+    swapped = _run(reps=4, explainers=["smoothgrad", "gradient"], n_samples=2)
+    for e in swapped.explainer_differences:
+        if e["ci95"] and e["ci95"][0] > 0:
+            assert e["verdict"] == f"{e['second']} separates the models more"
+            break
+    else:
+        raise AssertionError("no decided lead of the second explainer")
     ranking = r.rank_explainers("total_variation")
     assert [x["rank"] for x in ranking] == [1, 2]
     assert abs(ranking[0]["d_z"]) >= abs(ranking[1]["d_z"])
@@ -347,3 +355,25 @@ def test_explainer_differences_are_the_paired_bootstrap():
     page = r._repr_html_()
     assert "Which explainer separates the models more?" in page
     assert re.search(r"could not decide|separates the models more", page)
+
+
+def test_explainer_difference_pairs_only_images_finite_for_both_explainers():
+    """A NaN (a constant map's Spearman) in either explainer drops that image from both."""
+    from robustkit.saliency.ranking import explainer_difference
+
+    rng = np.random.default_rng(1)
+    values = {("e1", "a"): rng.normal(0, 1, 30), ("e1", "b"): rng.normal(1, 1, 30),
+              ("e2", "a"): rng.normal(0, 1, 30), ("e2", "b"): rng.normal(0.5, 1, 30)}
+    values[("e2", "b")][[3, 17]] = np.nan
+    values[("e1", "a")][5] = np.nan
+    rows = [(i, lb, ex, "pair", "stability_spearman", float(v))
+            for (ex, lb), vs in values.items() for i, v in enumerate(vs)]
+    got = explainer_difference(rows, "e1", "e2", "stability_spearman", "pair", "a", "b", n=30,
+                               seed=4)
+    ok = np.ones(30, bool)
+    ok[[3, 5, 17]] = False
+    d1 = values[("e1", "b")][ok] - values[("e1", "a")][ok]
+    d2 = values[("e2", "b")][ok] - values[("e2", "a")][ok]
+    assert got["n"] == 27
+    assert got["ci95"] == list(dz_difference_ci(d1, d2, 4))
+    assert got["d_z_second"] == pytest.approx(d2.mean() / d2.std(ddof=1))
