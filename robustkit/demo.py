@@ -168,7 +168,7 @@ class DemoResult:
         sizes: the sizes it ran with.
         command: what made it (the page's header), e.g. ``"robustkit demo --quick"``.
         evaluations: ``{label: results.json dictionary}``, CIFAR-10 first when it ran.
-        kinds: ``{label: model_kind(...)}`` of the MNIST models.
+        kinds: ``{label: model_kind(...)}`` of every evaluated model.
         sensitivity: the ``SensitivityReport``; saliency: the ``SaliencyReport``.
         runs: ``{name: run folder}`` of the live training runs.
         page: ``OUT/index.html``.
@@ -321,7 +321,7 @@ class _Pipeline:
             specs[label] = ("small_cnn", runs[name] / "last.pt")
             self.evaluate("small_cnn", label, "sample-mnist", s.mnist_n, s.attacks,
                           checkpoint=runs[name] / "last.pt")
-        kinds = {lb: model_kind(self.evaluations[lb]) for lb in specs}
+        kinds = {lb: model_kind(r) for lb, r in self.evaluations.items()}
         for lb, k in kinds.items():
             logger.info("%s is %s", lb, k["rule"])
         sensitivity, saliency = self.compare(specs, kinds)
@@ -391,7 +391,7 @@ class _Pipeline:
         x, y = load("sample-mnist", n=s.inspect_n)
         saliency = saliency_compare(
             models, x, y, explainers=_EXPLAINERS, attack="pgd20", eps=eps,
-            kinds={lb: k["kind"] for lb, k in kinds.items()},
+            kinds={lb: kinds[lb]["kind"] for lb in models},
             kind_source=f"from the strongest evaluation: worst case over {s.attacks}, robust "
                         f"at >= {100 * ROBUST_THRESHOLD:.0f} % of the images",
             model_info=model_info, about=about, progress=self.progress)

@@ -89,9 +89,12 @@ def test_interval_zero_is_off_and_a_negative_one_is_refused(beats, monkeypatch):
         Heartbeat("x", 4, interval=-1)
     monkeypatch.setenv("ROBUSTKIT_HEARTBEAT_S", "2.5")
     assert default_interval() == 2.5 and Heartbeat("x", 1, ticker=False).interval == 2.5
-    monkeypatch.setenv("ROBUSTKIT_HEARTBEAT_S", "soon")
-    assert default_interval() == 30.0
-    assert "ROBUSTKIT_HEARTBEAT_S='soon' is not a number" in lines(beats)[-1]
+    monkeypatch.setenv("ROBUSTKIT_HEARTBEAT_S", "0")
+    assert default_interval() == 0.0  # off
+    for bad in ("soon", "-5", "nan", "inf"):
+        monkeypatch.setenv("ROBUSTKIT_HEARTBEAT_S", bad)
+        assert default_interval() == 30.0
+        assert f"ROBUSTKIT_HEARTBEAT_S={bad!r} is not a number" in lines(beats)[-1]
     monkeypatch.delenv("ROBUSTKIT_HEARTBEAT_S")
     assert default_interval() == 30.0
 

@@ -61,7 +61,8 @@ def _evaluations(evaluations: Mapping[str, Mapping[str, Any]], links: Mapping[st
     out.append("</table>")
     if kinds:
         out.append("<p>Kind: a model is <i>robust</i> when its strongest evaluation, the "
-                   "per-image worst case over every attack run (AutoAttack included), leaves "
+                   "per-image worst case over every attack run (AutoAttack included when it "
+                   "ran), leaves "
                    "at least the threshold correct; otherwise <i>standard</i>. The saliency "
                    "section uses these kinds.</p><ul>" + "".join(
                        f"<li>{e(lb)}: {e(k['rule'])}</li>" for lb, k in kinds.items()) + "</ul>")
