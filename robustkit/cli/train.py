@@ -21,7 +21,6 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from robustkit.config import Run, build, load_config
-from robustkit.errors import OutputError
 
 __all__ = ["add_parser", "run", "build", "Run"]  # build, Run: robustkit.config's, re-exported
 
@@ -70,23 +69,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides)
     from robustkit import distributed as dist
     from robustkit.cli.progress import ProgressCallback
-    from robustkit.training.rundir import RunDirectory
+    from robustkit.config.build import claim_run_dir
 
-    out = Path(cfg.trainer.out_dir)
     # Rank 0 owns the folder; read from the environment because the process group starts in
     # build(), after this check (torchrun sets RANK; a single process is rank 0).
     rank0 = int(os.environ.get("RANK", "0")) == 0
     owner = rank0 and not args.dry_run
-    rundir = RunDirectory(out)
+    rundir = claim_run_dir(Path(cfg.trainer.out_dir), owner)  # before any model or data
     try:
-        # Before any model or data is loaded: a bad trainer.out_dir costs nothing. The lock is
-        # held until the end, over config.yaml, checkpoints and logs.
-        if owner:
-            rundir.acquire()  # OutputError: a file, read-only, unwritable, or in use
-            rundir.clean_tmp()  # safe: no other live run writes here
-        elif out.exists() and not out.is_dir():
-            raise OutputError(f"run directory {out} is an existing file, not a folder; "
-                              "choose another trainer.out_dir")
         # build() refuses to overwrite an earlier run before loading anything
         r = build(cfg, callbacks=[ProgressCallback()] if cfg.log.progress and rank0 else [])
         main = dist.is_main()  # read before cleanup(): afterwards every process says rank 0

@@ -33,7 +33,7 @@ from robustkit.config.loading import build_config, load_config, save_config, to_
 from robustkit.errors import CheckpointError, ConfigError, OutputError, user_input
 from robustkit.utils import output_errors
 
-__all__ = ["Run", "build", "save_eval_config"]
+__all__ = ["Run", "build", "claim_run_dir", "save_eval_config"]
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,31 @@ def build(
         _resume(trainer, resume, cfg)
     return Run(cfg, loaders, model, objective, optimizer, scheduler, trainer, out_dir,
                steps_per_epoch, resume)
+
+
+def claim_run_dir(out: Path, own: bool) -> Any:
+    """The ``RunDirectory`` of a training run, claimed before any model or data is loaded (a bad
+    ``trainer.out_dir`` costs nothing): the owner (rank 0 of a real run) takes the lock, held
+    over config.yaml, checkpoints and logs until ``release()``, and removes stale temporary
+    files; everyone else (other ranks, ``--dry-run``) only checks that ``out`` is no file.
+
+    Raises:
+        OutputError: a file, read-only, unwritable, or in use by another live run.
+    """
+    from robustkit.training.rundir import RunDirectory
+
+    rundir = RunDirectory(out)
+    if own:
+        try:
+            rundir.acquire()
+            rundir.clean_tmp()  # safe: no other live run writes here
+        except BaseException:
+            rundir.release()
+            raise
+    elif out.exists() and not out.is_dir():
+        raise OutputError(f"run directory {out} is an existing file, not a folder; "
+                          "choose another trainer.out_dir")
+    return rundir
 
 
 def save_eval_config(cfg: Any, path: Path) -> None:
