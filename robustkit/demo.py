@@ -392,8 +392,9 @@ class _Pipeline:
         saliency = saliency_compare(
             models, x, y, explainers=_EXPLAINERS, attack="pgd20", eps=eps,
             kinds={lb: kinds[lb]["kind"] for lb in models},
-            kind_source=f"from the strongest evaluation: worst case over {s.attacks}, robust "
-                        f"at >= {100 * ROBUST_THRESHOLD:.0f} % of the images",
+            kind_source="from the strongest evaluation: worst case over "
+                        f"{s.attacks.removeprefix('clean,').replace(',', ', ')}, robust at >= "
+                        f"{100 * ROBUST_THRESHOLD:.0f} % of the images",
             model_info=model_info, about=about, progress=self.progress)
         saliency.save(self.out / "inspect")
         return sensitivity, saliency

@@ -41,8 +41,9 @@ def _check_outputs(res, out, sizes):
     for label in LABELS:
         entry = summary["models"][label]
         assert entry["kind"] == res.kinds[label]["kind"]
-        assert entry["kind_source"].startswith("from the strongest evaluation: worst case over "
-                                               f"{sizes.attacks}")
+        attacks = "pgd40, autoattack" if sizes.autoattack else "pgd40"
+        assert entry["kind_source"] == ("from the strongest evaluation: worst case over "
+                                        f"{attacks}, robust at >= 20 % of the images")
     page = res.page.read_text()
     assert f"computed by <code>{res.command}</code>" in page
     assert f"with {sizes.describe()}" in page
