@@ -166,6 +166,11 @@ def test_mcnemar_edges():
     a, b = [True] * 10 + [False] * 5, [False] * 10 + [False] * 5
     assert mcnemar(a, b)[2] == pytest.approx(2 / 1024)
     assert mcnemar(a, b, exact=False)[3] == "chi2"
+    # the switch: 24 discordant pairs exact, 25 chi2 (statsmodels' rule)
+    assert mcnemar([True] * 24, [False] * 24)[3] == "exact"
+    assert mcnemar([True] * 25, [False] * 25)[3] == "chi2"
+    assert mcnemar([True] * 13 + [False] * 12, [False] * 13 + [True] * 12)[2] == pytest.approx(
+        1.0)  # (|13 - 12| - 1)^2 / 25 = 0
     with pytest.raises(ValueError, match="paired"):
         mcnemar([True], [True, False])
 
@@ -339,3 +344,52 @@ def test_cli_sweep_dry_run_and_collect(smoke, capsys, monkeypatch):
     assert "Holm over m = 2" in out and (spec.out / "summary.csv").is_file()
     assert main(["sweep", str(SMOKE), "--out", str(spec.out), "--executor", "local",
                  "--jobs", "0"]) == 2
+
+
+def _fake_run(root, name, label, index, robust, params=None, seed=0):
+    """A finished run's two files, as run_one writes them (no training)."""
+    folder = root / name
+    (folder / "eval").mkdir(parents=True)
+    n = len(robust)
+    (folder / "sweep_done.json").write_text(json.dumps({
+        "name": name, "label": label, "objective": label, "params": params or {},
+        "seed": seed, "index": index, "images_sha256": "same", "train_s": 1.0,
+        "eval_s": 2.0, "epochs": 1, "penalty_init": 0.0}))
+    (folder / "eval" / "flags.json").write_text(json.dumps({
+        "labels": list(range(n)), "clean": [1] * n, "robust": robust}))
+
+
+def test_label_baseline_pairs_runs_at_the_same_grid_position(tmp_path):
+    rng = np.random.default_rng(0)
+    flags = {}
+    for label in ("jr", "igr"):
+        for i, lam in enumerate((0.1, 1.0)):
+            flags[f"{label}_lam{lam:g}_seed0"] = (rng.random(60) < 0.5 + 0.2 * i).astype(
+                int).tolist()
+            _fake_run(tmp_path, f"{label}_lam{lam:g}_seed0", label, i,
+                      flags[f"{label}_lam{lam:g}_seed0"], {"objective.params.lam": lam})
+    flags["pgd_seed0"] = [1] * 60
+    _fake_run(tmp_path, "pgd_seed0", "pgd", 0, flags["pgd_seed0"])
+    table = collect(tmp_path, baseline="jr")
+    tests = table.tests.set_index("run")
+    # igr's k-th lambda against jr's k-th; the single pgd run (another grid size) is not tested
+    assert dict(tests["baseline"]) == {"igr_lam0.1_seed0": "jr_lam0.1_seed0",
+                                       "igr_lam1_seed0": "jr_lam1_seed0"}
+    ps = []
+    for run_, ref in tests["baseline"].items():
+        e01, e10, ep = _plain_mcnemar(flags[run_], flags[ref])
+        assert (tests.loc[run_, "b"], tests.loc[run_, "c"]) == (e01, e10)
+        ps.append(ep)
+    assert list(tests["p_holm"]) == pytest.approx(holm(ps))
+    assert "Holm over m = 2" in table.family and "same grid position" in table.family
+    # a run name as baseline: every other run against it
+    one = collect(tmp_path, baseline="pgd")
+    assert sorted(one.tests["run"]) == sorted(k for k in flags if k != "pgd_seed0")
+    assert set(one.tests["baseline"]) == {"pgd_seed0"}
+    assert "Holm over m = 4" in one.family
+    # runs on other images: refused
+    other = json.loads((tmp_path / "pgd_seed0" / "sweep_done.json").read_text())
+    other["images_sha256"] = "other"
+    (tmp_path / "pgd_seed0" / "sweep_done.json").write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="different images"):
+        collect(tmp_path, baseline="jr")
