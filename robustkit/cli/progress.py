@@ -6,7 +6,6 @@ bar is shown (stderr is not a terminal: ``make demo > log``), the library's hear
 (``robustkit.heartbeat``: what runs, what is left, elapsed, ETA, every ~30 s) take its place.
 
 Example:
-    >>> evaluate_attacks(model, data, attacks, progress=tqdm_factory())
     >>> Trainer(model, objective, optimizer, epochs=10, callbacks=[ProgressCallback()])
 """
 
@@ -29,9 +28,6 @@ def tqdm_factory(enabled: bool | None = None) -> Callable[[str, int], tqdm]:
     Args:
         enabled: ``True`` always shows bars, ``False`` never (nor heartbeats), ``None``
             (default) bars on a terminal (tqdm's ``disable=None``), else heartbeat log lines.
-
-    Example:
-        >>> evaluate_attacks(model, data, attacks, progress=tqdm_factory())
     """
     disable = None if enabled is None else not enabled
 
@@ -63,14 +59,8 @@ class ProgressCallback:
 
     @property
     def shows_bar(self) -> bool:
-        """Whether bars are drawn (the trainer then logs no heartbeat): always with a ``file``,
-        on stderr only when it is a terminal."""
-        if self.file is not None:
-            return True
-        try:
-            return sys.stderr.isatty()
-        except (AttributeError, ValueError):  # replaced or closed stream
-            return False
+        """Bars are drawn (the trainer then logs no heartbeat): with a ``file``, or on a tty."""
+        return self.file is not None or bool(getattr(sys.stderr, "isatty", bool)())
 
     def _open(self, trainer) -> None:
         try:
