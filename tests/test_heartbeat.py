@@ -201,8 +201,13 @@ def test_grad_steps_follow_pyautoattack_settings():
     assert _grad_steps(object(), "apgd-ce") is None and _grad_steps(std, "nope") is None
     rate = _Rate()
     assert rate.expect(100) is None
-    rate.seconds, rate.work = 2.0, 100.0
-    assert rate.expect(300) == pytest.approx(6.0) and rate.expect(0) is None
+    with rate.timing(0):  # a sub-attack of unknown cost says nothing about the rate
+        time.sleep(0.01)
+    assert rate.seconds == 0 and rate.work == 0 and rate.expect(100) is None
+    with rate.timing(100):
+        time.sleep(0.01)
+    assert rate.work == 100 and rate.seconds >= 0.01
+    assert rate.expect(300) == pytest.approx(3 * rate.seconds) and rate.expect(0) is None
 
 
 def _trainer(callbacks=(), delay=0.01):
