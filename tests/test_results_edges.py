@@ -254,3 +254,14 @@ def test_write_model_info_path_meta_and_parts_named(tmp_path):
         write_model_info(tmp_path, _results(dataset=""), name="entry")
     with pytest.raises(ValueError, match="^threat_model must be a non-empty string"):
         write_model_info(tmp_path, _results(threat_model=""), name="entry")
+
+
+def test_n_correct_is_the_count_despite_float_rounding():
+    """29 of 100 correct: 0.29 * 100 = 28.999999999999996, still 29 points (rounded, not cut)."""
+    n = 100
+    clean = torch.arange(n) < 29
+    res = EvalResult(labels=torch.zeros(n, dtype=torch.long), clean=clean,
+                     correct={"pgd": clean.clone()})
+    out = build_results(res, model="m", dataset="cifar10", threat_model="Linf", eps=0.5, seed=0,
+                        subset="s")
+    assert out["n_correct"] == {"clean": 29, "pgd": 29, "robust": 29}
