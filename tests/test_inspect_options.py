@@ -348,6 +348,17 @@ def test_explainer_differences_are_the_paired_bootstrap():
                                 "total_variation")
     assert ranking[0]["ci95"] == lead["ci95"]
     assert ranking[0]["decided"] == (lead["ci95"][0] > 0)
+    undecided = 0
+    for metric, key in {(p["metric"], p["input"]) for p in r.pairs}:
+        top = r.rank_explainers(metric, key)[0]
+        if top["ci95"] is not None:
+            assert top["decided"] == (top["ci95"][0] > 0)
+            undecided += not top["decided"]
+    assert undecided > 0
+    # the wide table groups each metric's explainers together, in the given order
+    wide = r.to_frame("wide")
+    assert list(wide["explainer"]) == ["gradient", "smoothgrad"] * (len(wide) // 2)
+    assert all(wide["metric"][::2].to_numpy() == wide["metric"][1::2].to_numpy())
     with pytest.raises(ValueError, match="no values of 'nope'"):
         r.compare_explainers("gradient", "smoothgrad", "nope")
     with pytest.raises(ValueError, match="compared models"):
