@@ -3,7 +3,7 @@
 Three ways to run, one function per run (:func:`run_one`, importable, so it pickles):
 
 - ``executor="none"``: in this process (``jobs=1``) or ``jobs`` processes at a time
-  (``concurrent.futures.ProcessPoolExecutor``, spawned);
+  (``concurrent.futures.ProcessPoolExecutor``, spawned; each with cores / jobs torch threads);
 - ``executor="local"``: submitit's ``LocalExecutor`` (one subprocess per run, ``jobs`` at a time,
   logs in ``<out>/submitit/``);
 - ``executor="slurm"``: submitit's SLURM executor, one job array (``jobs`` at a time) with the
@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -191,8 +192,16 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
 
 
-def _call(r: RunSpec, ev: EvalSpec) -> str | None:
-    """``run_one`` in a worker: None when it finished, else the error in one line."""
+def _call(r: RunSpec, ev: EvalSpec, threads: int | None = None) -> str | None:
+    """``run_one`` in a worker: None when it finished, else the error in one line.
+
+    ``threads``: torch's intra-op threads in this worker (the cores shared by ``jobs``
+    workers, so N processes do not each take every core).
+    """
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     try:
         run_one(r, ev)
         return None
@@ -203,8 +212,9 @@ def _call(r: RunSpec, ev: EvalSpec) -> str | None:
 def _run_processes(todo: list[RunSpec], ev: EvalSpec, jobs: int) -> list[str | None]:
     if jobs == 1:  # in this process: a bug shows its traceback
         return [_call(r, ev) for r in todo]
+    threads = max(1, (os.cpu_count() or 1) // jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_call, r, ev) for r in todo]
+        futures = [pool.submit(_call, r, ev, threads) for r in todo]
         return [_outcome(f.result) for f in futures]
 
 
