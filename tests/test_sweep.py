@@ -119,6 +119,18 @@ def test_bad_sweep_files_raise_one_line_config_errors(change, needle):
     assert "\n" not in str(err.value)
 
 
+def test_bad_override_or_data_fails_before_anything_trains(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    spec = parse_sweep(_sweep(out=str(tmp_path), overrides=["trainer.epochz=1"]))
+    with pytest.raises(ConfigError, match="run mnist_jr_seed0: .*epochz"):
+        run(spec)
+    spec = parse_sweep(_sweep(out=str(tmp_path), eval={"dataset": "mnist", "n": 8,
+                                                       "data_root": str(tmp_path / "none")}))
+    with pytest.raises(ValueError):  # DataError: no MNIST there
+        run(spec)
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
 def test_cli_bad_file_exits_2_with_one_line(tmp_path, capsys):
     from robustkit.cli import main
 

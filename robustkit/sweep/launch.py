@@ -88,6 +88,7 @@ def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool
                 len(spec.runs), len(result.skipped), len(todo), executor, jobs)
     if dry_run or not todo:
         return _finish(result, collect and not dry_run)
+    _check(todo, spec.eval)
     spec.out.mkdir(parents=True, exist_ok=True)
     if executor == "none":
         outcomes = _run_processes(todo, spec.eval, jobs)
@@ -154,6 +155,23 @@ def run_one(r: RunSpec, ev: EvalSpec) -> dict[str, Any]:
     }
     write_json(out / DONE, record)
     return record
+
+
+def _check(todo: list[RunSpec], ev: EvalSpec) -> None:
+    """Before anything trains: every run's config with its overrides, and the images.
+
+    Raises:
+        ConfigError: a run's config or override is bad (naming the run and the key).
+        DataError: the evaluation images cannot be loaded.
+    """
+    from robustkit.config import load_config
+
+    for r in todo:
+        try:
+            load_config(r.config, list(r.overrides))
+        except ConfigError as err:
+            raise ConfigError(f"run {r.name}: {' '.join(str(err).split())}") from None
+    _images(ev)
 
 
 def _images(ev: EvalSpec) -> tuple[Any, Any]:
