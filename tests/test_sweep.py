@@ -405,3 +405,62 @@ def test_label_baseline_pairs_runs_at_the_same_grid_position(tmp_path):
     (tmp_path / "pgd_seed0" / "sweep_done.json").write_text(json.dumps(other))
     with pytest.raises(ConfigError, match="different images"):
         collect(tmp_path, baseline="jr")
+
+
+def test_slurm_options_reach_submitit_as_one_array(tmp_path, monkeypatch):
+    """No cluster here: submitit's AutoExecutor replaced by a recorder; the jobs run inline."""
+    import contextlib
+
+    import submitit
+
+    from robustkit.sweep import launch
+
+    seen = {}
+
+    class Job:
+        def __init__(self, fn, args):
+            self.job_id, self._out = "42_0", fn(*args)
+
+        def result(self):
+            return self._out
+
+    class Recorder:
+        def __init__(self, folder, cluster):
+            seen.update(folder=folder, cluster=cluster)
+
+        def update_parameters(self, **kw):
+            seen["params"] = kw
+
+        @contextlib.contextmanager
+        def batch(self):
+            seen["batched"] = True
+            yield
+
+        def submit(self, fn, *args):
+            seen.setdefault("submitted", []).append(args[0].name)
+            return Job(lambda *a: None, args)  # the run itself is not executed
+
+    monkeypatch.setattr(submitit, "AutoExecutor", Recorder)
+    spec = parse_sweep(_sweep(out=str(tmp_path), grid={"objective.params.lam": [0.1, 1.0]},
+                              slurm={"partition": "gpu", "time": 90, "gpus": 1, "cpus": 4,
+                                     "mem_gb": 16, "account": "lab"}))
+    outcomes = launch._run_submitit(spec.runs, spec, 3, "slurm")
+    assert outcomes == [None, None]
+    assert seen["cluster"] == "slurm" and seen["folder"] == tmp_path / "submitit" / "%j"
+    assert seen["params"] == {"timeout_min": 90, "gpus_per_node": 1, "cpus_per_task": 4,
+                              "slurm_array_parallelism": 3, "name": "t",
+                              "slurm_partition": "gpu", "mem_gb": 16,
+                              "slurm_additional_parameters": {"account": "lab"}}
+    assert seen["batched"] and seen["submitted"] == [r.name for r in spec.runs]
+
+
+def test_slurm_without_a_cluster_is_one_user_error(tmp_path, monkeypatch):
+    import shutil
+
+    pytest.importorskip("submitit")
+    if shutil.which("srun"):
+        pytest.skip("a SLURM node: submission would really happen")
+    monkeypatch.chdir(ROOT)
+    spec = parse_sweep(_sweep(out=str(tmp_path)))
+    with pytest.raises(ConfigError, match="--executor slurm: .*srun"):
+        run(spec, executor="slurm")

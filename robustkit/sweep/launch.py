@@ -251,7 +251,10 @@ def _run_submitit(todo: list[RunSpec], spec: SweepSpec, jobs: int,
             wave = [ex.submit(_call, r, spec.eval) for r in todo[i:i + jobs]]
             outcomes += [_outcome(j.result) for j in wave]
         return outcomes
-    ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    try:
+        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    except RuntimeError as err:  # 'Could not detect "srun"': not a SLURM node
+        raise ConfigError(f"--executor slurm: {' '.join(str(err).split())[:200]}") from None
     params = {"timeout_min": int(s.get("time", 60)), "gpus_per_node": int(s.get("gpus", 0)),
               "cpus_per_task": int(s.get("cpus", 1)), "slurm_array_parallelism": jobs,
               "name": spec.name}
