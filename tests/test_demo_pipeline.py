@@ -69,7 +69,7 @@ def test_sizes_are_checked_before_any_work(tmp_path):
                        (dataclasses.replace(QUICK, cifar_n=1001), "cifar_n 1001: must lie in"),
                        (dataclasses.replace(QUICK, epochs=0), "epochs 0: must lie in [1, 1000]"),
                        (dataclasses.replace(QUICK, train_n=9999), "train_n 9999: must lie in"),
-                       (dataclasses.replace(QUICK, inspect_n=True), "inspect_n True: must lie"),
+                       (dataclasses.replace(QUICK, cifar_n=True), "cifar_n True: must lie"),
                        (dataclasses.replace(QUICK, sensitivity_n=1), "sensitivity_n 1: must")]:
         with pytest.raises(ValueError) as err:
             demo.run(tmp_path / "never", bad)

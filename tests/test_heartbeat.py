@@ -264,3 +264,28 @@ def test_cli_progress_gives_heartbeats_where_no_bar_is_drawn(monkeypatch, tmp_pa
     on.close()
     assert ProgressCallback().shows_bar is False
     assert ProgressCallback(file=io.StringIO()).shows_bar is True
+
+
+def test_the_training_bar_is_drawn_only_on_a_terminal(beats, monkeypatch):
+    """Off a terminal the trainer's bar is not drawn (its frames would fill a log file): the
+    heartbeat and the callback's one summary line per epoch remain."""
+    import io
+    import sys
+
+    from robustkit.cli.progress import ProgressCallback
+
+    monkeypatch.setenv("ROBUSTKIT_HEARTBEAT_S", "0.05")
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)  # not a terminal
+    trainer, loader = _trainer([ProgressCallback()])
+    trainer.fit(loader)
+    text = err.getvalue()
+    assert re.findall(r"^epoch (\d)/2: train/", text, flags=re.M) == ["1", "2"], text
+    assert "batch/s" not in text and "it/s" not in text and "|" not in text, text
+    assert any(m.startswith("epoch 1/2: ") for m in lines(beats))
+    drawn = io.StringIO()  # a file given: drawn, and then no heartbeat
+    beats.clear()
+    trainer, loader = _trainer([ProgressCallback(file=drawn)])
+    trainer.fit(loader)
+    assert "batch/s" in drawn.getvalue() and "epoch 2/2:" in drawn.getvalue()
+    assert lines(beats) == []
