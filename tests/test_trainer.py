@@ -23,6 +23,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from robustkit import distributed as dist
 from robustkit.attacks.base import AttackResult
 from robustkit.attacks.pgd import PGD
 from robustkit.cli.progress import ProgressCallback
@@ -526,6 +527,38 @@ def test_resume_without_a_usable_best_pt_restarts_best_tracking(tmp_path, caplog
         f"{best} is missing or unreadable: the best so far (eval/pgd20 = 0.5000 at epoch 1) is "
         "forgotten and the next evaluated epoch writes a new best.pt")]
     assert (state.best, state.best_epoch) == (0.4, 3) and _held(tmp_path) == (3, 0.4)
+
+
+@pytest.mark.parametrize("score", [None, float("nan")])
+def test_resume_rewrites_a_best_pt_without_a_finite_score(tmp_path, caplog, score):
+    """best.pt holds the best epoch (2) but no finite score (None, NaN): it is not trusted as
+    the best, and is rewritten from the resumed state, which is that epoch."""
+    _run_to(tmp_path, 2, {1: 0.3, 2: 0.5}, resume=False)
+    best = load_checkpoint(tmp_path / "best.pt")
+    best["best"] = score
+    save_checkpoint(tmp_path / "best.pt", best)
+    with caplog.at_level(logging.INFO, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 2, {})
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} holds epoch 2, not epoch 2 which the resumed checkpoint calls "
+        "best (eval/pgd20 = 0.5000): rewritten from it"]
+    assert (state.best, state.best_epoch) == (0.5, 2) and _held(tmp_path) == (2, 0.5)
+
+
+def test_other_ranks_take_rank_0s_decision_on_best_pt_without_reading_it(tmp_path,
+                                                                         monkeypatch):
+    """On resume only rank 0 reads best.pt (other nodes may not see the folder); every rank
+    applies the action rank 0 gathered to them."""
+    _run_to(tmp_path, 2, {1: 0.3, 2: 0.5}, resume=False)
+    cb = CheckpointCallback(tmp_path)
+    trainer = trainer_for(tiny(), epochs=3, callbacks=[cb])
+    trainer.load_state_dict(load_checkpoint(tmp_path / "last.pt"))
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    monkeypatch.setattr(dist, "all_gather_object", lambda obj: [("adopt", 0.7, 3), obj])
+    monkeypatch.setattr(CheckpointCallback, "_best_action",
+                        lambda self, s: pytest.fail("a rank other than 0 read best.pt"))
+    cb.on_fit_start(trainer)
+    assert (trainer.state.best, trainer.state.best_epoch) == (0.7, 3)
 
 
 def _weights_of(path):
