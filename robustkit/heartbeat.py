@@ -9,7 +9,9 @@ anything finished)::
 
 A background thread keeps it beating while one long call gives no update (an AutoAttack
 sub-attack, one PGD batch on a loaded machine), so ``make demo > log`` never goes quiet for
-more than ``interval`` seconds. Nothing is logged for a step shorter than ``interval``.
+more than ``interval`` seconds; while a heartbeat opened inside it runs (the sub-attack's inside
+the pass's), only the inner one's thread beats. Nothing is logged for a step shorter than
+``interval``.
 A ``Heartbeat`` has the progress-bar interface (``update``, ``close``, a context manager), so
 ``heartbeat_factory()`` is a ``progress(name, total)`` factory for every library call that takes
 one; the CLI shows tqdm bars on a terminal and these heartbeats otherwise
@@ -38,6 +40,10 @@ INTERVAL_S = 30.0
 #: The logger every heartbeat goes to (silence it alone with ``setLevel(logging.WARNING)``).
 LOGGER = "robustkit.heartbeat"
 _ENV = "ROBUSTKIT_HEARTBEAT_S"
+# Open heartbeats, outermost first: a thread beats only for the innermost one, so a pass whose
+# single batch is an AutoAttack run leaves the talking to the sub-attack's heartbeat.
+_OPEN: list[Heartbeat] = []
+_OPEN_LOCK = threading.Lock()
 
 
 def default_interval() -> float:
@@ -107,6 +113,8 @@ class Heartbeat:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
+        with _OPEN_LOCK:
+            _OPEN.append(self)
         if ticker and self.interval > 0:
             self._thread = threading.Thread(target=self._tick, name=f"heartbeat {what}",
                                             daemon=True)
@@ -121,6 +129,9 @@ class Heartbeat:
     def close(self) -> None:
         """Stop beating (idempotent)."""
         self._stop.set()
+        with _OPEN_LOCK:
+            if self in _OPEN:
+                _OPEN.remove(self)
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=1.0)
@@ -164,7 +175,10 @@ class Heartbeat:
 
     def _tick(self) -> None:
         while not self._stop.wait(self.interval):
-            self.beat()
+            with _OPEN_LOCK:
+                innermost = bool(_OPEN) and _OPEN[-1] is self
+            if innermost:  # an inner step's heartbeat says more; updates still beat here
+                self.beat()
 
 
 def heartbeat_factory(interval: float | None = None, unit: str = ""

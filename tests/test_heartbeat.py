@@ -292,3 +292,17 @@ def test_the_training_bar_is_drawn_only_on_a_terminal(beats, monkeypatch):
     trainer.fit(loader)
     assert "batch/s" in drawn.getvalue() and "epoch 2/2:" in drawn.getvalue()
     assert lines(beats) == []
+
+
+def test_only_the_innermost_heartbeat_beats_from_its_thread(beats):
+    """A pass whose one batch is an AutoAttack run: the sub-attack's heartbeat talks, the
+    pass's thread waits (its updates still beat), and takes over when the inner one closes."""
+    outer = Heartbeat("autoattack", 10, interval=0.05)
+    with Heartbeat("AutoAttack apgd-ce (sub-attack 1 of 2)", 10, interval=0.05):
+        time.sleep(0.3)
+    inner_lines = lines(beats)
+    assert inner_lines and all(m.startswith("AutoAttack apgd-ce") for m in inner_lines)
+    time.sleep(0.3)
+    outer.close()
+    after = lines(beats)[len(inner_lines):]
+    assert after and all(m.startswith("autoattack: 10 of 10 points left") for m in after)

@@ -121,10 +121,8 @@ class _Runner:
         extra = {} if components is None else {"components": components}
         total = sum(batches[b].numel() for b in mine)
         # no bar: a heartbeat line every ~30 s (points left, elapsed, ETA) keeps a run to a file
-        # from going quiet for the length of a pass; within a batch, an attack with sub-attacks
-        # (AutoAttack) beats itself, naming the sub-attack, so this one only beats per batch
-        bar = self.progress(name, total) if self.progress else Heartbeat(
-            name, total, ticker=components is None)
+        # from going quiet for the length of a pass
+        bar = self.progress(name, total) if self.progress else Heartbeat(name, total)
         try:
             for b in mine:
                 idx = batches[b]
