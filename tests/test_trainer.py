@@ -561,6 +561,55 @@ def test_other_ranks_take_rank_0s_decision_on_best_pt_without_reading_it(tmp_pat
     assert (trainer.state.best, trainer.state.best_epoch) == (0.7, 3)
 
 
+def test_resume_keeps_its_own_best_over_a_newer_but_worse_best_pt(tmp_path, caplog):
+    """best.pt holds a later epoch (2) than the resumed one (1) but scores lower (0.3 < 0.5): not
+    adopted; the resumed state is the best epoch, and best.pt is rewritten from it."""
+    _run_to(tmp_path, 1, {1: 0.5}, resume=False)
+    epoch1 = (tmp_path / "last.pt").read_bytes()
+    _run_to(tmp_path, 2, {2: 0.3})
+    later = load_checkpoint(tmp_path / "last.pt")
+    later["best"] = 0.3
+    save_checkpoint(tmp_path / "best.pt", later)
+    (tmp_path / "last.pt").write_bytes(epoch1)
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 1, {})
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} holds epoch 2, not epoch 1 which the resumed checkpoint calls "
+        "best (eval/pgd20 = 0.5000): rewritten from it"]
+    assert (state.best, state.best_epoch) == (0.5, 1) and _held(tmp_path) == (1, 0.5)
+
+
+def test_a_better_best_pt_of_the_resumed_epoch_is_not_called_newer(tmp_path, caplog):
+    """best.pt holds the resumed epoch itself (2) with a better score than the state's best
+    (epoch 1): it is not "written after the resumed checkpoint"; the state's best epoch is
+    lost and best.pt is kept, with that warning."""
+    _run_to(tmp_path, 2, {1: 0.5, 2: 0.3}, resume=False)
+    same = load_checkpoint(tmp_path / "last.pt")
+    same["best"] = 0.6
+    save_checkpoint(tmp_path / "best.pt", same)
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        state = _run_to(tmp_path, 2, {})
+    assert _said(caplog) == [
+        f"{tmp_path / 'best.pt'} holds epoch 2 (eval/pgd20 = 0.6000), not epoch 1 which the "
+        "resumed checkpoint calls best (0.5000): those weights are lost; best.pt is kept as the "
+        "best so far"]
+    assert (state.best, state.best_epoch) == (0.6, 2)
+
+
+def test_an_unreadable_best_pt_is_named_with_its_reason_cut_to_200_characters(tmp_path,
+                                                                               caplog):
+    out = tmp_path / ("d" * 150)  # the reason names the path: well over 200 characters
+    _run_to(out, 2, {1: 0.5, 2: 0.3}, resume=False)
+    (out / "best.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError) as err:
+        load_checkpoint(out / "best.pt")
+    reason = " ".join(str(err.value).split())
+    assert len(reason) > 200
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        _run_to(out, 2, {})
+    assert _said(caplog)[0] == f"{out / 'best.pt'} is unreadable ({reason[:200]})"
+
+
 def _weights_of(path):
     model = tiny()
     model.load_state_dict(load_checkpoint(path)["model"])
