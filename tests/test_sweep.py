@@ -307,6 +307,11 @@ def test_rerun_skips_finished_and_resumes_unfinished(smoke, monkeypatch):
     monkeypatch.chdir(ROOT)
     again = run(spec)
     assert again.ran == [] and sorted(again.skipped) == sorted(r.name for r in spec.runs)
+    # other eval settings: evaluated again (not retrained), so all runs share the images
+    from dataclasses import replace
+
+    assert {status(r, spec.eval) for r in spec.runs} == {"done"}
+    assert {status(r, replace(spec.eval, n=32)) for r in spec.runs} == {"stale"}
     # an unfinished run: its evaluation lost, last.pt kept; a longer schedule asked for
     target = spec.runs[2]
     (target.out_dir / "sweep_done.json").unlink()

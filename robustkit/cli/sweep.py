@@ -43,12 +43,13 @@ def run(args: argparse.Namespace) -> int:
         res = sweep.run(spec, jobs=args.jobs, executor=args.executor, dry_run=args.dry_run,
                         collect=False)
         for r in spec.runs:
-            print(f"{sweep.status(r):8s} {r.name}  ({r.config} {' '.join(r.overrides[:-4])})")
+            extra = " ".join(r.overrides[:-4])  # the last four: seed, out_dir, resume, progress
+            print(f"{sweep.status(r, spec.eval):8s} {r.name}  ({r.config} {extra})")
         if args.dry_run:
             return 0
         print(f"ran {len(res.ran)}, skipped {len(res.skipped)} finished, failed "
               f"{len(res.failed)}" + "".join(f"\n  {k}: {v}" for k, v in res.failed.items()))
-        if res.failed or any(sweep.status(r) != "done" for r in spec.runs):
+        if res.failed or any(sweep.status(r, spec.eval) != "done" for r in spec.runs):
             return 1
     table = sweep.collect(spec, baseline=args.baseline)
     paths = table.save(spec.out)

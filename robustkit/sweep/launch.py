@@ -9,9 +9,11 @@ Three ways to run, one function per run (:func:`run_one`, importable, so it pick
 - ``executor="slurm"``: submitit's SLURM executor, one job array (``jobs`` at a time) with the
   sweep file's ``slurm:`` options (``partition``, ``time`` in minutes, ``gpus``, ``cpus``...).
 
-A run is *finished* when its folder holds ``sweep_done.json`` (written after its evaluation):
-rerunning a sweep skips finished runs and resumes the others from their ``last.pt``
-(``trainer.resume=auto``); a half-done evaluation resumes from its ``eval/state``.
+A run is *finished* when its folder holds ``sweep_done.json`` (written after its evaluation)
+made with the sweep's current ``eval`` settings: rerunning a sweep skips finished runs and
+resumes the others from their ``last.pt`` (``trainer.resume=auto``); a half-done evaluation
+resumes from its ``eval/state``; a run evaluated with other ``eval`` settings is evaluated again
+(not retrained), so every run of a sweep is judged on the same images.
 
 Example:
     >>> result = run(load_sweep("configs/sweeps/smoke.yaml"), jobs=2)
@@ -54,11 +56,20 @@ class SweepResult:
     table: Any = None  # a SweepTable (robustkit.sweep.collect) when every run has finished
 
 
-def status(r: RunSpec) -> str:
-    """``"done"`` (evaluated), ``"partial"`` (a ``last.pt`` to resume) or ``"new"``."""
+def status(r: RunSpec, ev: EvalSpec | None = None) -> str:
+    """``"done"`` (evaluated), ``"stale"`` (evaluated with other ``eval`` settings than ``ev``:
+    it is evaluated again, not retrained), ``"partial"`` (a ``last.pt`` to resume) or
+    ``"new"``."""
     if (r.out_dir / DONE).is_file():
+        if ev is not None and _read(r.out_dir / DONE).get("eval") != _plain_eval(ev):
+            return "stale"
         return "done"
     return "partial" if (r.out_dir / "last.pt").is_file() else "new"
+
+
+def _plain_eval(ev: EvalSpec) -> dict[str, Any]:
+    """The eval settings as ``sweep_done.json`` stores them (JSON types)."""
+    return json.loads(json.dumps(vars(ev)))
 
 
 def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool = True,
@@ -82,7 +93,7 @@ def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool
     if spec.eval is None:
         raise ConfigError("sweep key 'eval' is missing: every run is evaluated after training")
     result = SweepResult(spec)
-    todo = [r for r in spec.runs if status(r) != "done"]
+    todo = [r for r in spec.runs if status(r, spec.eval) != "done"]
     result.skipped = [r.name for r in spec.runs if r not in todo]
     logger.info("sweep %s: %d runs, %d finished, %d to run (%s, %d at a time)", spec.name,
                 len(spec.runs), len(result.skipped), len(todo), executor, jobs)
@@ -149,7 +160,7 @@ def run_one(r: RunSpec, ev: EvalSpec) -> dict[str, Any]:
         "objective": built.cfg.objective.name,
         "epochs": int(built.trainer.state.epoch), "train_s": spent,
         "eval_s": time.perf_counter() - start, "checkpoint": ev.checkpoint,
-        "images_sha256": _digest(x, y), "eval": vars(ev),
+        "images_sha256": _digest(x, y), "eval": _plain_eval(ev),
         "penalty_init": _read(out / _INIT).get("penalty_init"),
         "torch_threads": torch.get_num_threads(),
     }
@@ -287,7 +298,7 @@ def _outcome(result: Any) -> str | None:
 
 
 def _finish(result: SweepResult, collect: bool) -> SweepResult:
-    if collect and all(status(r) == "done" for r in result.spec.runs):
+    if collect and all(status(r, result.spec.eval) == "done" for r in result.spec.runs):
         from robustkit.sweep.collect import collect as collect_table
 
         result.table = collect_table(result.spec)
