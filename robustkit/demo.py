@@ -9,12 +9,15 @@ library call returning a ``DemoResult``, on the shipped samples only (no downloa
    images of the embedded MNIST test sample.
 3. Train a small robust SmallCNN live with SRD-DAT on the embedded MNIST sample
    (``robustkit/cli/demo_configs/srd_dat.yaml``, package data) and evaluate it the same way.
-4. Decide each MNIST model's kind (standard or robust) from its strongest evaluation:
-   ``model_kind`` (the per-image worst case over every attack run, AutoAttack included).
+4. Decide each model's kind (standard or robust) from its strongest evaluation:
+   ``model_kind`` (the per-image worst case over every attack run, AutoAttack included); the
+   saliency step and the page use these kinds.
 5. Compare the neuron sensitivity (``robustkit.sensitivity.compare``) and the saliency
    (``robustkit.saliency.compare``, Gradient, SmoothGrad, AdaptGrad) of the three MNIST models.
 6. Write ``OUT/index.html`` (``robustkit.reports.demo``).
 
+``QUICK`` skips the CIFAR-10 step and AutoAttack (minutes even on a few robust images), and
+trains one epoch on 512 images: a smoke test of the pipeline, which the page says.
 The AutoAttack is the cheap one (the official APGD-CE + APGD-T, not the standard four-attack
 version), cascaded after PGD: each attack runs only on the points still robust, as AutoAttack
 chains its own attacks. Robust accuracy (per-example AND) is unchanged by the cascade; the
