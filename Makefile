@@ -34,11 +34,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
+# bench_srd_dat and bench_speedmap run their --quick forms here (the full speed map, ResNet-18
+# and its compile warm-ups included, takes about 30 minutes on 2 CPU cores: docs/speed.md);
+# bench_gpu measures the GPU map where CUDA is present and writes {"skipped": true} elsewhere.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attacks.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_regularisers.py
 	$(PY) benchmarks/bench_saliency.py
+	$(PY) benchmarks/bench_srd_dat.py --quick
+	$(PY) benchmarks/bench_speedmap.py --quick
+	$(PY) benchmarks/bench_gpu.py
 
 # Mutation testing of one module in a scratch copy (.mutate/<module>/): make mutate MODULE=robustkit/objectives/srd_dat.py
 # [TESTS="tests/a.py tests/b.py"]; the tally lives in tests/MUTATION.md.
