@@ -75,6 +75,10 @@ CASES = {
               dict(faithfulness_steps=32, boxes=BOXES), False),
     # the CW attack, TensorBoard images of the grids
     "cw": (["--attack", f"cw{STEPS}"], dict(attack=f"cw{STEPS}"), True),
+    # issue #20's options (the subset is tested on the shipped models: these random ones
+    # get almost nothing right)
+    "options": (["--target", "true", "--subset", "all", "--correction", "bh",
+                 "--no-tensorboard"], dict(target="true", subset="all", correction="bh"), False),
 }
 
 
@@ -138,7 +142,9 @@ def test_maps_and_metrics_are_the_computed_ones(both):
         assert torch.equal(report.x_adv[label], x_adv)
         with torch.no_grad():
             target = model(x).argmax(1)  # the default target: the class predicted on x
-        assert not torch.equal(target, y)  # so a map of the true label would differ
+        assert not torch.equal(target, y)  # so a map of the true label differs
+        if report.settings["target"] == "true":
+            target = y
         for key, xi in (("clean", x), ("adv", x_adv)):
             g = Gradient(model).attribute(xi, target=target)
             torch.testing.assert_close(report.attributions["gradient"][label][key], g)
@@ -246,6 +252,8 @@ def test_given_pairs_and_kinds(both):
                     batch_size=BATCH, grid_rows=ROWS, seed=SEED,
                     boxes=BOXES if report.box_chance is not None else None,
                     faithfulness_steps=report.settings["faithfulness_steps"],
+                    target=report.settings["target"],
+                    correction=report.settings["correction"]["method"],
                     kinds={B: "robust"}, kind_source="model card")
     assert isinstance(given, SaliencyReport)
     assert given.metrics == report.metrics and given.pairs == report.pairs
