@@ -1,10 +1,9 @@
-"""Flags shared by the commands that compare several models (``robustkit sensitivity`` and
-``robustkit inspect``): repeated ``--model``/``--checkpoint``/``--name`` tied to the model before
-them, the data, budget, attack and output flags. Labels, images and models come from the library
-(``robustkit.evaluation.api``); the attack itself is ``robustkit.sensitivity.pairs``'.
+"""Flags shared by ``robustkit sensitivity`` and ``robustkit inspect``: repeated ``--model``/
+``--checkpoint``/``--name`` tied to the model before them, data, budget, attack and output; the
+labels, images and models come from ``robustkit.evaluation.api``.
 
 Example:
-    >>> c = parse(args, n_min=2); x, y, boxes, models = load(args, c)
+    >>> c = parse(args, n_min=2); out, device, x, y, boxes, models = load(args, c)
 """
 
 from __future__ import annotations

@@ -38,10 +38,6 @@ adversarial pairs (x, x'): the first N test images; x' by --attack pgdK (CE loss
   --model label or spec, or any other model, with --source-checkpoint), so every model is
   measured on identical pairs (a transfer attack for the others).
 
-layers: --layers auto, or module names; a layer has one name in every output, its full module
-  name (model.feature_extractor.conv2 in the shipped SmallCNN); a unique end of it (conv2,
-  feature_extractor.conv2) is accepted as an alias.
-
 measured per model and layer (neuron = output channel; methods.md section 4):
   sigma_m     1/N sum_n 1/(HW) |F_m(x_n) - F_m(x'_n)|_1 (--reduction elementwise), or MindArmour's
               sum_n |mean F_m(x_n) - mean F_m(x'_n)| (spatial_mean: sums over images)
@@ -83,8 +79,8 @@ def add_parser(sub) -> None:
     add_flags(p, "measure", n="1000", batch="256", attack=", no early stop")
     a = p.add_argument
     a("--layers", default="auto", help="auto (every conv and linear module, default) or comma-"
-                                       "separated module names or unique ends of them, e.g. "
-                                       "model.layer3,layer4")
+      "separated module names or unique ends of them (conv2 for model.feature_extractor.conv2); "
+      "outputs name each layer by its full module name")
     a("--reduction", choices=("elementwise", "spatial_mean"), default="elementwise",
       help="sigma convention: elementwise (paper, default) or spatial_mean (MindArmour)")
     a("--source-model", metavar="M", help="make x' once on M (a --model label or spec, or "
