@@ -188,7 +188,8 @@ def data_error(
         f"{title}: {problem}\nLooked at:\n{paths}\n"
         f"Expected layout (<root> = --data-root, default $ROBUSTKIT_DATA, else ./data):\n"
         f"{layout.rstrip()}\nFix: {fix},\n"
-        f"  or try a shipped sample, offline: --dataset {' or '.join(_SAMPLE_HINT)}."
+        f"  or try a shipped sample, offline: --dataset {' or '.join(_SAMPLE_HINT)}"
+        " (robustkit train: data.name=)."
     )
 
 
