@@ -287,3 +287,15 @@ def test_help_lists_every_model_form(capsys, command):
     flag = text[text.index("\n  --model"):text.index("\n  --checkpoint")]  # its help
     assert all(f in " ".join(flag.split()) for f in ("FILE.py:FN", "robustbench:NAME",
                                                      "robustkit:NAME"))
+
+
+def test_train_data_not_found_lists_the_paths_too(tmp_path, capsys):
+    root = tmp_path / "no data"
+    assert main(["train", "-c", SMOKE, "data.name=mnist", f"data.root={root}",
+                 f"trainer.out_dir={tmp_path / 'run'}", *QUIET]) == 2
+    lines = capsys.readouterr().err.rstrip("\n").splitlines()
+    assert lines[0].startswith("robustkit train: error: MNIST (mnist): ")
+    start = lines.index("Looked at:") + 1
+    assert [ln.strip() for ln in lines[start:start + 4]] == [
+        str(root / s) if s else str(root) for s in SEARCHED["mnist"]]
+    assert "data.name=" in lines[-1] and "sample-mnist" in lines[-1]
