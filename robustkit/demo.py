@@ -208,7 +208,8 @@ class DemoResult:
             lines.append(f"{name:<{width}}" + "".join(f"{100 * res['accuracy'][k]:>11.1f}%"
                                                       for k in keys) + f"  {kind}")
         lines.append(f"kind: robust when at least {100 * ROBUST_THRESHOLD:.0f} % of the images "
-                     f"stay correct under every attack run ({self.sizes.attacks})")
+                     "stay correct under every attack run "
+                     f"({self.sizes.attacks.removeprefix('clean,').replace(',', ', ')})")
         return "\n".join(lines)
 
 
