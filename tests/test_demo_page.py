@@ -168,3 +168,15 @@ def test_the_figure_plots_the_logged_values(tmp_path, monkeypatch):
                     runs=["srd_dat"])
     assert plotted == [("srd_dat: eval/clean", [2, 4], [93.0, 96.0]),
                        ("srd_dat: eval/pgd10", [2, 4], [31.0, 44.0])]
+
+
+def test_columns_clean_first_then_pgd_autoattack_and_the_worst_case(tmp_path):
+    """CIFAR (pgd20) before MNIST (pgd40) must not put AutoAttack between the PGD columns."""
+    cifar = {"dataset": "sample-cifar10", "n_examples": 100, "eps_text": "8/255",
+             "accuracy": {"clean": 0.94, "pgd20": 0.0, "autoattack": 0.0, "robust": 0.0}}
+    path = write_demo_page(tmp_path / "index.html", evaluation_links={"c": "c", "m": "m"},
+                           evaluations={"c": cifar, "m": _results(ROBUST)})
+    header = re.search(r"<tr><th>model</th>(.*?)</tr>", path.read_text()).group(1)
+    cols = re.findall(r"<th>([^<]*)</th>", header)
+    assert cols[3:] == ["clean", "pgd20", "pgd40", "autoattack", "robust", "kind", "checks",
+                        "file"]

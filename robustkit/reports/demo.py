@@ -37,7 +37,8 @@ def _evaluations(evaluations: Mapping[str, Mapping[str, Any]], links: Mapping[st
                  kinds: Mapping[str, Mapping[str, Any]]) -> list[str]:
     e = html.escape
     keys = list(dict.fromkeys(k for r in evaluations.values() for k in r["accuracy"]))
-    keys.sort(key=lambda k: (k != "clean", k == "robust"))  # clean first, worst case last
+    # clean first, then PGD, AutoAttack (the strongest single attack) and the worst case last
+    keys.sort(key=lambda k: (k != "clean", k == "robust", k == "autoattack"))
     out = ["<table><tr><th>model</th><th>dataset</th><th>n</th><th>L∞ ε</th>"
            + "".join(f"<th>{e(k)}</th>" for k in keys)
            + "<th>kind</th><th>checks</th><th>file</th></tr>"]
