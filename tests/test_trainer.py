@@ -706,6 +706,60 @@ def test_the_collapse_watch_edges(tmp_path, caplog, mode, scores, warned):
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
 
 
+def test_checkpoint_callback_logs_in_full(tmp_path, caplog):
+    """The best.pt line of each improvement and the collapse warning, every field in place."""
+    cbs = [Scores(0.6, 0.7, 0.2), CheckpointCallback(tmp_path)]
+    with caplog.at_level(logging.INFO, "robustkit.training.callbacks"):
+        trainer_for(tiny(), epochs=3, callbacks=cbs).fit(toy_loader(32, 16))
+    assert _said(caplog) == [
+        "best.pt: eval/pgd20 = 0.6000 at epoch 1",
+        "best.pt: eval/pgd20 = 0.7000 at epoch 2",
+        "eval/pgd20 fell from 0.7000 (epoch 2) to 0.2000 at epoch 3: catastrophic overfitting? "
+        "(Wong et al. 2020, https://arxiv.org/abs/2001.03994) best.pt keeps epoch 2"]
+
+
+def test_a_monitor_reported_once_is_not_called_never_reported(tmp_path, caplog):
+    """Reported at epoch 1 only (a held-out evaluation every few epochs): no 'never reported'."""
+    cbs = [ByEpoch({1: 0.5}), CheckpointCallback(tmp_path)]
+    with caplog.at_level(logging.WARNING, "robustkit.training.callbacks"):
+        trainer_for(tiny(), epochs=2, callbacks=cbs).fit(toy_loader(32, 16))
+    assert _said(caplog) == [] and _held(tmp_path) == (1, 0.5)
+
+
+def test_a_fresh_run_ignores_an_old_best_pt_in_its_folder(tmp_path):
+    """Not a resume (epoch 0): an old run's best.pt (0.9) is no best of this run; this run's
+    first evaluated epoch writes its own (0.3)."""
+    _run_to(tmp_path, 1, {1: 0.9}, resume=False)
+    state = _run_to(tmp_path, 1, {1: 0.3}, resume=False)
+    assert (state.best, state.best_epoch) == (0.3, 1) and _held(tmp_path) == (1, 0.3)
+
+
+def test_checkpoints_record_the_versions(tmp_path):
+    import platform
+
+    from robustkit import __version__
+
+    _run_to(tmp_path, 1, {1: 0.5}, resume=False)
+    for name in ("last.pt", "best.pt"):
+        assert load_checkpoint(tmp_path / name)["versions"] == {
+            "robustkit": __version__, "torch": str(torch.__version__),
+            "python": platform.python_version()}
+
+
+def test_a_checkpoint_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
+    from robustkit.errors import OutputError
+    from robustkit.training.callbacks import checkpoint as ckpt
+
+    def full(path, state):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", full)
+    with pytest.raises(OutputError) as err:
+        _run_to(tmp_path, 1, {1: 0.5}, resume=False)
+    assert str(err.value) == (f"cannot write {tmp_path / 'best.pt'}: No space left on device "
+                              "(ENOSPC); the previous best.pt is intact")
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_a_step_in_which_no_parameter_gets_a_gradient_is_not_a_non_finite_stop(device):
     """A frozen model (the loss reaches only the input): no gradient to check or clip; the
