@@ -180,3 +180,16 @@ def test_columns_clean_first_then_pgd_autoattack_and_the_worst_case(tmp_path):
     cols = re.findall(r"<th>([^<]*)</th>", header)
     assert cols[3:] == ["clean", "pgd20", "pgd40", "autoattack", "robust", "kind", "checks",
                         "file"]
+
+
+def test_the_saliency_section_names_the_class_the_maps_explain():
+    """The maps explain what saliency.compare says they explain (the predicted class by default
+    since #20), not a fixed "true label"; an old summary without the setting keeps the old text."""
+    from robustkit.reports.demo import _saliency
+
+    summary = {"n": 4, "metrics": [], "models": {"a": {"kind": "standard"}},
+               "grids": {"gradient": "grid.png"},
+               "settings": {"target_text": "the class each model predicts on x"}}
+    assert "maps of the class each model predicts on x" in _saliency(summary, "saliency")[0]
+    del summary["settings"]
+    assert "maps of the true label" in _saliency(summary, "saliency")[0]

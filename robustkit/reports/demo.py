@@ -158,7 +158,8 @@ def _saliency(summary: Mapping[str, Any], folder: str) -> list[str]:
                                         for lb in labels)])
     kinds = [f"{lb} ({summary['models'][lb].get('kind', '?')})" for lb in labels]
     sources = sorted({str(m.get("kind_source", "")) for m in summary["models"].values()} - {""})
-    return [f"<p>{e(explainer)} maps of the true label on x and on x' for the first "
+    target = summary.get("settings", {}).get("target_text") or "the true label"
+    return [f"<p>{e(explainer)} maps of {e(target)} on x and on x' for the first "
             f"{summary['n']} test images (mean [95% bootstrap CI] over the images). Kinds in "
             f"brackets: {e('; '.join(sources) or 'as given')}. Every "
             f"explainer, metric and paired test: <a href=\"{e(folder)}/index.html\">the inspect "
