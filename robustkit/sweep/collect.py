@@ -80,17 +80,11 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool],
 
 
 def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm's step-down adjusted p-values (family-wise error), in the input order.
+    """Holm's step-down adjusted p-values (family-wise error), in the input order: the one
+    implementation of ``robustkit.reports.stats.adjust_p`` (also behind ``inspect``)."""
+    from robustkit.reports.stats import adjust_p
 
-    The i-th smallest of m p-values becomes ``max_{j <= i} min(1, (m - j + 1) p_(j))``.
-    """
-    p = np.asarray(pvalues, dtype=np.float64)
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out = np.empty(m)
-    out[order] = adjusted
-    return out.tolist()
+    return [float(v) for v in adjust_p(list(pvalues), "holm")]
 
 
 @dataclass
