@@ -8,7 +8,7 @@ library call returning a ``DemoResult``, on the shipped samples only (no downloa
    ``robustkit:mnist_smallcnn_robust`` (clean, PGD-40, AutoAttack) on the first ``mnist_n``
    images of the embedded MNIST test sample.
 3. Train a small robust SmallCNN live with SRD-DAT on the embedded MNIST sample
-   (``robustkit/cli/demo_configs/srd_dat.yaml``, package data) and evaluate it the same way.
+   (``robustkit/assets/demo_configs/srd_dat.yaml``, package data) and evaluate it the same way.
 4. Decide each model's kind (standard or robust) from its strongest evaluation:
    ``model_kind`` (the per-image worst case over every attack run, AutoAttack included); the
    saliency step and the page use these kinds.
@@ -49,7 +49,7 @@ __all__ = ["Sizes", "FULL", "QUICK", "DemoResult", "run", "check_sizes", "model_
 
 logger = logging.getLogger(__name__)
 
-MODELS = ("srd_dat",)  # robustkit/cli/demo_configs/<name>.yaml, trained live in this order
+MODELS = ("srd_dat",)  # robustkit/assets/demo_configs/<name>.yaml, trained live in this order
 PAIR = ("mnist_smallcnn_standard", "mnist_smallcnn_robust")  # shipped: robustkit:<name>
 #: A model is "robust" when at least this fraction of the evaluated images stays correct under
 #: its strongest evaluation (saliency.compare's threshold: standard models fall to ~0 %,
@@ -221,7 +221,7 @@ def resources_used() -> Iterator[tuple[dict[str, Path], str]]:
     ``FILE.py:FN`` form pointing at ``robustkit/testing.py``'s ``pyautoattack_resnet18``.
     """
     with contextlib.ExitStack() as stack:
-        folder = resources.files("robustkit.cli").joinpath("demo_configs")
+        folder = resources.files("robustkit.assets").joinpath("demo_configs")
         configs = {m: stack.enter_context(resources.as_file(folder.joinpath(f"{m}.yaml")))
                    for m in MODELS}
         testing = stack.enter_context(

@@ -56,7 +56,7 @@ def test_resources_are_package_files():
     with resources_used() as (configs, factory):
         assert set(configs) == set(MODELS)
         for path in configs.values():
-            assert path.is_file() and path.parent == ROOT / "robustkit" / "cli" / "demo_configs"
+            assert path.is_file() and path.parent == ROOT / "robustkit" / "assets" / "demo_configs"
         file, _, fn = factory.rpartition(":")
         assert Path(file) == ROOT / "robustkit" / "testing.py" and fn == "pyautoattack_resnet18"
     assert not (ROOT / "configs" / "demo").exists()  # one copy of each YAML, in the package
@@ -65,10 +65,10 @@ def test_resources_are_package_files():
 def test_wheel_carries_what_the_demo_reads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for model in MODELS:
-        member = f"robustkit/cli/demo_configs/{model}.yaml"
+        member = f"robustkit/assets/demo_configs/{model}.yaml"
         assert member in names, member
         assert zipfile.ZipFile(wheel).read(member) == \
-            (ROOT / "robustkit" / "cli" / "demo_configs" / f"{model}.yaml").read_bytes()
+            (ROOT / "robustkit" / "assets" / "demo_configs" / f"{model}.yaml").read_bytes()
     assert "robustkit/testing.py" in names  # the ResNet-18 factory
     assert {"robustkit/assets/mnist_sample.npz", "robustkit/assets/cifar10_sample.npz"} <= names
     # the shipped reference pair (robustkit:NAME): weights, cards and their checksums
