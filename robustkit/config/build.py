@@ -189,6 +189,7 @@ def build(
 
     cfg = _config(config, overrides)
     resume = _resume_path(cfg)  # before anything is loaded: refusals cost nothing
+    init_from = _init_path(cfg, resume)
     t, d = cfg.trainer, cfg.data
     # torch.device("gpu") raises RuntimeError; a CUDA device without CUDA, ValueError.
     with user_input(ConfigError, "trainer.device", (ValueError, RuntimeError)):
@@ -209,6 +210,8 @@ def build(
         model = create_model(cfg.model.name, num_classes=info.num_classes, mean=info.mean,
                              std=info.std, in_channels=channels, input_size=size,
                              **_plain(cfg.model.params)).to(info_dist.device)
+    if init_from is not None:  # before DDP wraps it: every rank loads the same weights
+        _init_weights(model, init_from, cfg.model.init_from, cfg.model.name)
     # Different random starts per rank from here on (a single process keeps cfg.seed).
     seed_everything(cfg.seed + info_dist.rank)
     ddp_model = dist.wrap_ddp(model, info_dist.device)
@@ -316,6 +319,56 @@ def _resume_path(cfg: DictConfig) -> Path | None:
             "choose another trainer.out_dir"
         )
     return path
+
+
+def _init_path(cfg: DictConfig, resume: Path | None) -> Path | None:
+    """``model.init_from`` as a path (``~`` expanded, relative to the current folder), checked
+    before any data is loaded; ``None`` when unset or when resuming (the weights then come from
+    the resumed checkpoint, which already continues the fine-tuning).
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
+    init = cfg.model.init_from
+    if init is None:
+        return None
+    path = Path(os.path.expanduser(init))
+    if resume is not None:
+        log.info("model.init_from=%s not loaded: resuming from %s, whose weights continue it",
+                 init, resume)
+        return None
+    if not path.is_file():
+        raise ConfigError(f"config key 'model.init_from': checkpoint {init!r} not found "
+                          f"(relative paths start from {os.getcwd()})")
+    return path
+
+
+def _init_weights(model: torch.nn.Module, path: Path, given: str, name: str) -> None:
+    """Load ``model.init_from`` into ``model`` strictly: the weights only, never a resume.
+
+    Accepts robustkit's checkpoints (``last.pt``/``best.pt``: the weights under ``"model"``)
+    and a bare ``state_dict`` (``robustkit.models.load_state_dict_file``, ``weights_only``).
+
+    Raises:
+        ConfigError: unreadable, refused (pickled objects), no state dict, or keys/shapes that
+            differ from the model's (named, a few of each), in one line.
+    """
+    from robustkit.errors import ModelError
+    from robustkit.models._keys import state_dict_mismatch
+    from robustkit.models.loading import load_state_dict_file
+
+    key = f"config key 'model.init_from' ({given})"
+    try:
+        state = load_state_dict_file(path)
+    except ModelError as err:
+        raise ConfigError(f"{key}: {_short(err, 320)}") from None
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ConfigError(f"{key} does not match model.name={name} (with model.params and the "
+                          f"dataset's classes/channels): {problem}")
+    model.load_state_dict(state, strict=True)
+    log.info("model.init_from: weights loaded from %s (%d tensors); epochs, optimizer and "
+             "objective start fresh", path, len(state))
 
 
 def _prepare_logs(rundir: Any, resume: Path | None, state: Any) -> None:

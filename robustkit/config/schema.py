@@ -37,6 +37,9 @@ class ModelConfig:
 
     name: str = "preact_resnet18"
     params: dict[str, Any] = field(default_factory=dict)  # extra create_model keyword arguments
+    init_from: str | None = None  # weights to start from (fine-tuning): a robustkit last.pt /
+    #   best.pt or a bare state_dict, loaded weights-only and strictly before training; not a
+    #   resume (epochs, optimizer, objective start fresh). Relative to the current folder, ~ ok
 
 
 @dataclass

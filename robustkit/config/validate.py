@@ -157,6 +157,10 @@ def _validate(cfg: DictConfig) -> None:
                           f"units, e.g. 8/255), got {t.eval_eps}")
     for section in ("model", "attack", "objective"):
         _check_no_nan(OmegaConf.to_container(cfg[section].params), f"{section}.params")
+    init = cfg.model.init_from
+    if init is not None and not str(init).strip():
+        raise ConfigError("config key 'model.init_from' must be a checkpoint path or null, got "
+                          "an empty string")
     _check_out_dir(t.out_dir)
     if t.eval_every is not None:  # null: no held-out evaluation, nothing to reach
         _check_eval_reach(t, DATASETS[cfg.data.name].eps[t.eval_norm])
