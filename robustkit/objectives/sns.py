@@ -27,16 +27,20 @@ from robustkit.objectives.functional import (
     per_sample_kl,
 )
 from robustkit.objectives.pgd_objective import PGDObjective
+from robustkit.objectives.schedules import gamma_t
 from robustkit.sensitivity import FeatureTap, resolve_layers, top_k_neurons
 
 __all__ = ["SNS", "default_layers", "neuron_distance", "batch_sensitivity"]
 
 log = logging.getLogger(__name__)
 
-Distance = Literal["l1", "l2", "cos"]
-_DISTANCES = ("l1", "l2", "cos")
+Distance = Literal["l1", "l2", "cos", "relative_l1"]
+_DISTANCES = ("l1", "l2", "cos", "relative_l1")
 # Keeps 1 - cos finite for an all-zero map (a dead ReLU channel): cos is then 0.
 _COS_EPS = 1e-8
+# relative_l1: added to the (detached) ‖F(x)‖₁ of a sample, so all-zero clean features give a
+# finite term (‖ΔF‖₁ / 1e-6) instead of a division by zero.
+_REL_EPS = 1e-6
 # methods.md §4.3's default step sizes of the two bases: PGD-AT (§2.1) and TRADES (§2.2).
 _DEFAULT_ALPHA = {"pgd_at": 2 / 255, "trades": 0.007}
 
@@ -97,9 +101,16 @@ def neuron_distance(a: Tensor, b: Tensor, distance: Distance = "l1") -> Tensor:
         a, b: features of the same layer on x and x', ``(N, C, H, W)`` or ``(N, C)``.
         distance: ``"l1"``: ``1/(HW)·‖F(x) − F(x')‖₁`` (per element, the paper-style σ);
             ``"l2"``: ``1/(HW)·‖F(x) − F(x')‖₂²`` (squared, per element); ``"cos"``:
-            ``1 − cos(F(x), F(x'))`` over the H·W positions (an all-zero map has cos 0).
+            ``1 − cos(F(x), F(x'))`` over the H·W positions (an all-zero map has cos 0);
+            ``"relative_l1"``: per sample n, ``‖F(x_n) − F(x'_n)‖₁ / (sg(‖F(x_n)‖₁) + 1e-6)``
+            with both norms over all C channels and H·W positions passed in (``a`` is F(x),
+            the reference) and ``sg`` stop-gradient; entry (n, c) is channel c's share
+            ``C·‖F^c(x_n) − F^c(x'_n)‖₁ / (sg(‖F(x_n)‖₁) + 1e-6)``, so the mean over the
+            channels is the sample's relative L1 (SNS then takes the mean over samples).
+            Invariant to a common rescaling of the features, unlike ``"l1"``/``"l2"``.
 
-    Shape: ``(N, C, ...) x 2 -> (N, C)``; gradients flow through both arguments.
+    Shape: ``(N, C, ...) x 2 -> (N, C)``; gradients flow through both arguments (for
+    ``"relative_l1"`` not through the denominator).
     """
     if a.shape != b.shape:
         raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and "
@@ -111,6 +122,9 @@ def neuron_distance(a: Tensor, b: Tensor, distance: Distance = "l1") -> Tensor:
         return (fa - fb).pow(2).mean(-1)
     if distance == "cos":
         return 1 - F.cosine_similarity(fa, fb, dim=-1, eps=_COS_EPS)
+    if distance == "relative_l1":
+        norm = fa.detach().abs().sum(dim=(1, 2))  # sg(‖F(x_n)‖₁): (N,)
+        return fa.shape[1] * (fa - fb).abs().sum(-1) / (norm + _REL_EPS)[:, None]
     raise ValueError(f"distance must be one of {_DISTANCES}, got {distance!r}")
 
 
@@ -130,7 +144,7 @@ class SNS(PGDObjective):
     """Sensitive-neuron stabilisation: a base AT loss plus λ times the distance between the
     clean and adversarial behaviour of each layer's most sensitive neurons (methods.md §4.3).
 
-    ``L = base + λ · mean_l (1/|S_l|) Σ_{m∈S_l} 1/N Σ_n d(F_l^m(x_n), F_l^m(x'_n))``, where
+    ``L = base + λ_t · mean_l (1/|S_l|) Σ_{m∈S_l} 1/N Σ_n d(F_l^m(x_n), F_l^m(x'_n))``, where
     ``base`` is ``CE(f(x'), y)`` (PGD-AT) or TRADES' ``CE(f(x), y) + β·KL(p(x) ‖ p(x'))``, ``d``
     one of :func:`neuron_distance`, and ``S_l`` the ``k = ceil(ratio · C_l)`` neurons of layer
     ``l`` with the largest σ (:func:`batch_sensitivity`, always the paper's per-element L1,
@@ -148,6 +162,11 @@ class SNS(PGDObjective):
       set), or from that first batch's σ when there is no previous epoch. The running sums are
       in ``state_dict()``, so a resumed run picks the same sets.
 
+    λ warm-up (``lam_warmup_epochs = k > 0``): ``λ_t = λ·min(1, t/k)`` at epoch t (from 0), so
+    epoch 0 trains the base loss alone, epoch k - 1 uses ``(k-1)/k·λ`` and epoch k on the full λ
+    (constant within an epoch; ``schedules.gamma_t`` with the ramp ``(0, k/T)``). The clean pass
+    and ``loss/sns`` still run at ``λ_t = 0``; ``lam_t`` is logged. ``k = 0`` (default): λ always.
+
     With ``λ = 0`` and ``base="pgd_at"`` no clean pass runs and the objective is PGD-AT exactly
     (loss, gradients, BatchNorm statistics, RNG use); with ``base="trades"`` it is TRADES.
 
@@ -160,10 +179,14 @@ class SNS(PGDObjective):
         layers: module names of the bare model (``"model.layer3"``); ``None``:
             :func:`default_layers`. Unknown names raise, listing the conv/linear layers.
         ratio: top-k ratio ρ, ``k = ceil(ρ·C_l)`` (default 0.1 [R]).
-        distance: ``"l1"`` (default, methods.md [R]), ``"l2"`` (squared) or ``"cos"`` (needs
-            H·W > 1). L1 and L2 shrink with the features' scale, which a ReLU network can lower
-            without changing its function: trained from scratch with λ = 1 on MNIST, L1 killed
-            the features and accuracy stayed at chance; the shipped configs use ``"cos"``.
+        distance: ``"l1"`` (default, methods.md [R]), ``"l2"`` (squared), ``"cos"`` (needs
+            H·W > 1) or ``"relative_l1"`` (per sample ``‖ΔF‖₁ / sg(‖F(x)‖₁)`` over the layer's
+            selected neurons, then the mean over samples; see :func:`neuron_distance`). L1 and
+            L2 shrink with the features' scale, which a ReLU network can lower without changing
+            its function: trained from scratch with λ = 1 on MNIST, L1 killed the features and
+            accuracy stayed at chance; the shipped configs use ``"cos"``. ``"relative_l1"`` and
+            ``"cos"`` are scale-free.
+        lam_warmup_epochs: k, epochs over which λ ramps linearly from 0 (default 0: no ramp).
         topk: ``"online"`` (default) or ``"epoch"`` (see above).
         base: ``"pgd_at"`` (default) or ``"trades"``.
         beta: TRADES' KL weight (default 6.0; used only with ``base="trades"``).
@@ -173,7 +196,8 @@ class SNS(PGDObjective):
 
     Metrics: the base's (``loss/ce_adv`` or ``loss/ce`` and ``loss/kl``, ``acc_adv``, attack
     metrics), ``acc_clean`` (PGD-AT base with a clean pass), ``loss/sns`` (the unweighted
-    term) and ``sigma/<layer>`` (the batch's mean σ over the layer's neurons).
+    term), ``sigma/<layer>`` (the batch's mean σ over the layer's neurons) and, with a λ
+    warm-up, ``lam_t``.
 
     Shape: ``x (N, C, H, W) in [0, 1]``, ``y (N,)``; returns the adversarial logits (PGD-AT base)
     or the clean logits (TRADES base), ``(N, K)``.
@@ -198,8 +222,10 @@ class SNS(PGDObjective):
         eps: float = 8 / 255,
         alpha: float | None = None,
         steps: int = 10,
+        lam_warmup_epochs: float = 0,
     ) -> None:
         self.lam = check_hparam("lam", lam, 0.0)
+        self.lam_warmup_epochs = check_hparam("lam_warmup_epochs", lam_warmup_epochs, 0.0)
         self.ratio = check_hparam("ratio", ratio, 0.0, 1.0, low_open=True)
         self.beta = check_hparam("beta", beta, 0.0)
         if distance not in _DISTANCES:
@@ -223,8 +249,15 @@ class SNS(PGDObjective):
         self._epoch: int | None = None  # "epoch" mode: the epoch whose σ is being summed
         self._sigma_sum: dict[str, Tensor] = {}  # float64 Σ over pairs of per-pair σ
         self._pairs = 0
-        log.info("sns: layers %s, k = ceil(%g C_l), distance %s, top-k %s, base %s, lam %g",
-                 self.layers, self.ratio, distance, topk, base, self.lam)
+        log.info("sns: layers %s, k = ceil(%g C_l), distance %s, top-k %s, base %s, lam %g, "
+                 "lam warm-up %g epochs", self.layers, self.ratio, distance, topk, base, self.lam,
+                 self.lam_warmup_epochs)
+
+    def lam_at(self, epoch: int, epochs: int) -> float:
+        """λ_t of epoch ``epoch`` (from 0) of ``epochs``: ``λ·min(1, epoch/k)``, or λ for k = 0."""
+        if self.lam_warmup_epochs == 0:
+            return self.lam
+        return gamma_t(epoch, epochs, self.lam, (0.0, self.lam_warmup_epochs / epochs))
 
     # -- the loss ------------------------------------------------------------------------------
     def loss(
@@ -256,8 +289,11 @@ class SNS(PGDObjective):
             metrics.update({"loss/ce": ce, "loss/kl": kl})
         if reg is not None:
             metrics["loss/sns"] = reg
-            if self.lam > 0:  # λ = 0 adds nothing, not 0·reg (equal to the base bit for bit)
-                loss = loss + self.lam * reg
+            lam = self.lam_at(ctx.epoch, ctx.epochs)
+            if self.lam_warmup_epochs > 0:
+                metrics["lam_t"] = torch.tensor(lam, device=loss.device)
+            if lam > 0:  # λ = 0 adds nothing, not 0·reg (equal to the base bit for bit)
+                loss = loss + lam * reg
         metrics.update({"acc_adv": accuracy(logits_adv, y), **attack_metrics(adv.info)})
         return ObjectiveOutput(loss, out_logits, detach_metrics(metrics))
 
@@ -330,5 +366,5 @@ class SNS(PGDObjective):
     def __repr__(self) -> str:
         return (f"SNS(lam={self.lam}, layers={self.layers}, ratio={self.ratio}, k=ceil(ratio*C), "
                 f"distance={self.distance!r}, topk={self.topk!r}, base={self.base!r}, "
-                f"attack={self.attack!r})")
+                f"lam_warmup_epochs={self.lam_warmup_epochs:g}, attack={self.attack!r})")
 
