@@ -143,7 +143,7 @@ def test_srd_dat_hyperparameters_match_methods_table():
                 "step_ratio": 0.25, "k_max": 10, "tau_schedule": ((0.4, 0), (0.75, 1), (1.0, 2)),
                 "inner_loss": "kl", "misclassified": "clean", "beta": 6.0, "gamma_max": 1.0,
                 "gamma_ramp": (0.3, 0.6), "omega_max": 5.0, "eta0": 1 / 16, "score_ema": None,
-                "mart_factor": False, "beta_ce": 0.0}
+                "mart_factor": False, "beta_ce": 0.0, "invert_budget": False}
     params = inspect.signature(SRDDAT.__init__).parameters
     assert set(accepted_hparams("srd_dat")) == set(expected)
     built = SRDDAT(_model())

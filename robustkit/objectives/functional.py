@@ -137,8 +137,14 @@ def budget_map(
     eps_hi: float,
     q: float = 1.0,
     misclassified: Literal["clean", "uniform"] = "clean",
+    invert: bool = False,
 ) -> Tensor:
     """Per-sample budget ``ε_i = c_i·[ε_lo + (ε_hi - ε_lo)·r_i^q]`` (methods.md §3.3, item 5).
+
+    ``invert=True`` (an ablation, not methods.md's map) reflects the budget of a correct sample
+    within ``[ε_lo, ε_hi]``: ``ε_i = ε_lo + (ε_hi - ε_lo)·(1 - r_i^q)`` = ``ε_lo + ε_hi`` minus
+    the default budget, so fragile samples (small r) get the larger budget and robust ones the
+    smaller. Misclassified samples keep their budget (0 or ``eps_hi``).
 
     Args:
         score: ``(N,)`` robustness scores in [0, 1].
@@ -147,10 +153,12 @@ def budget_map(
         q: curvature of the map (1 = linear).
         misclassified: ``"clean"`` gives misclassified samples ε = 0 (no perturbation, IAAT),
             ``"uniform"`` gives them ``eps_hi``.
+        invert: use ``1 - r_i^q`` in place of ``r_i^q`` (default False).
 
     Shape: ``(N,) -> (N,)``.
     """
-    eps = eps_lo + (eps_hi - eps_lo) * score.clamp(0, 1).pow(q)
+    power = score.clamp(0, 1).pow(q)
+    eps = eps_lo + (eps_hi - eps_lo) * (1 - power if invert else power)
     other = 0.0 if misclassified == "clean" else eps_hi
     return torch.where(correct, eps, torch.full_like(eps, other))
 

@@ -70,6 +70,8 @@ class SRDDAT(Objective):
             int is a constant τ (``k_max`` never stops); ``None`` disables early stopping.
         inner_loss: ``"kl"`` or ``"ce"`` (default ``"kl"``).
         misclassified: ``"clean"`` (ε = 0, default) or ``"uniform"`` (ε = eps_hi).
+        invert_budget: the ablation ``ε_i = c_i·[ε_lo + (ε_hi - ε_lo)·(1 - r_i^q)]``: fragile
+            correct samples get the larger budget (default False; ``budget_map(invert=)``).
         beta: weight of the KL term (default 6.0).
         gamma_max: largest weight exponent (default 1.0; 0 = uniform weights).
         gamma_ramp: (start, end) of the γ ramp as fractions of T (default (0.3, 0.6)).
@@ -109,6 +111,7 @@ class SRDDAT(Objective):
         score_ema: float | bool | None = None,
         mart_factor: bool = False,
         beta_ce: float = 0.0,
+        invert_budget: bool = False,
     ) -> None:
         self.eps_hi = check_hparam("eps_hi", eps_hi, 0.0, 1.0, low_open=True)
         self.eps_lo = check_hparam("eps_lo", eps_lo, 0.0, self.eps_hi)
@@ -126,6 +129,9 @@ class SRDDAT(Objective):
         if misclassified not in ("clean", "uniform"):
             raise ValueError(f"misclassified must be 'clean' or 'uniform', got {misclassified!r}")
         self.misclassified = misclassified
+        if not isinstance(invert_budget, bool):
+            raise ValueError(f"invert_budget must be true or false, got {invert_budget!r}")
+        self.invert_budget = invert_budget
         self.beta = check_hparam("beta", beta, 0.0)
         self.gamma_max = check_hparam("gamma_max", gamma_max, 0.0)
         if len(tuple(gamma_ramp)) != 2:
@@ -168,7 +174,8 @@ class SRDDAT(Objective):
             mu = self.score_ema
             score = torch.where(torch.isnan(prev), score, mu * prev + (1 - mu) * score)
             self.memory.update("score", ctx.idx, score)
-        eps_i = budget_map(score, correct, self.eps_lo, self.eps_hi, self.q, self.misclassified)
+        eps_i = budget_map(score, correct, self.eps_lo, self.eps_hi, self.q, self.misclassified,
+                           invert=self.invert_budget)
         eps_i = eps_i.to(x.dtype)
         tau = tau_at(ctx.epoch, ctx.epochs, self.tau_schedule)
         # clean_logits: PGD-KL's fixed p(x) is this same eval-mode pass, so no second forward
