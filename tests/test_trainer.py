@@ -1110,6 +1110,55 @@ def test_a_cpu_trainer_is_built_without_a_warning_and_holds_no_loader_yet():
     assert trainer.loader is None  # set by fit()
 
 
+class _Beats:
+    """Stands in for robustkit.heartbeat.Heartbeat in the trainer: records what each epoch's
+    heartbeat was told."""
+
+    made: list = []
+
+    def __init__(self, what, total=None, *, unit="points"):
+        self.row = [what, total, unit, 0]
+        _Beats.made.append(self.row)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def update(self, k=1):
+        self.row[3] += k
+
+
+def test_each_epoch_beats_once_per_batch_unless_a_bar_is_shown(monkeypatch):
+    """A heartbeat per epoch on rank 0 ("epoch e/E", the loader's batch count, one beat per
+    batch); none when a callback shows a progress bar, or on another rank; no total for a
+    loader without a length."""
+    from robustkit.training import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "Heartbeat", _Beats)
+    monkeypatch.setattr(_Beats, "made", [])
+    trainer_for(tiny(), epochs=2).fit(toy_loader(48, 16))
+    assert _Beats.made == [["epoch 1/2", 3, "batches", 3], ["epoch 2/2", 3, "batches", 3]]
+
+    class Bar:
+        shows_bar = True
+
+    _Beats.made.clear()
+    trainer_for(tiny(), epochs=1, callbacks=[Bar()]).fit(toy_loader(48, 16))
+    assert _Beats.made == []
+
+    def unsized():
+        yield from toy_loader(32, 16)
+
+    trainer_for(tiny(), epochs=1).fit(unsized())
+    assert _Beats.made == [["epoch 1/1", None, "batches", 2]]
+    _Beats.made.clear()
+    monkeypatch.setattr(dist, "is_main", lambda: False)
+    trainer_for(tiny(), epochs=1).fit(toy_loader(48, 16))
+    assert _Beats.made == []
+
+
 def test_cpu_batches_keep_their_memory_format():
     """channels_last is for CUDA conv nets only: on the CPU a 4-D batch of a conv model reaches
     the objective as it came (contiguous), with its labels and indices."""
