@@ -273,3 +273,36 @@ def test_a_conv_input_that_needs_its_gradient_later_gets_it():
     _, g_new = grads(model, new, seed=0)
     assert float(g_ref[0].abs()) > 0
     assert_close_grads(g_ref, g_new)
+
+
+def test_a_convolution_of_a_parameter_alone_keeps_its_input_gradient():
+    """A conv whose input depends on parameters but not on x (a learned template): the walk
+    that decides which input gradients the parameter backward may skip must not skip this one."""
+
+    class Template(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.template = nn.Parameter(torch.randn(1, 1, 28, 28) * 0.1)
+            self.mix = nn.Conv2d(1, 1, 3, padding=1)
+            self.net = small_cnn()
+
+        def forward(self, x):
+            # the template itself (a leaf) and a tensor computed from it (not a leaf)
+            return self.net(x + self.mix(self.template) + self.mix(0.5 * self.template.flip(3)))
+
+    torch.manual_seed(0)
+    model = Template().eval()
+    x, y = mnist_batch(8)
+
+    def ref():
+        r, z = reference_sagr(model, x, y, **NONDEG)
+        return F.cross_entropy(z, y) + r.mean()
+
+    def new():
+        terms, z = sagr_terms(model, x, y, **NONDEG)
+        return F.cross_entropy(z, y) + sum(terms.values()).mean()
+
+    _, g_ref = grads(model, ref, seed=0)
+    _, g_new = grads(model, new, seed=0)
+    assert float(g_ref[0].abs().max()) > 0  # the template's gradient exists
+    assert_close_grads(g_ref, g_new)

@@ -94,6 +94,8 @@ class _ConvInputGrad(torch.autograd.Function):
 def _needs_input_grad_later(t: Tensor, leaf: Tensor, limit: int = 64) -> bool:
     """Whether the parameter backward needs the gradient of ``t``: True when its graph reaches a
     leaf other than ``leaf`` (a parameter) or is too big to walk (``limit`` nodes)."""
+    if t.grad_fn is None:  # a leaf itself: a parameter (or the caller's tensor) unless ours
+        return t is not leaf
     todo, seen = [t.grad_fn], set()
     while todo:
         node = todo.pop()
