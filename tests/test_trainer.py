@@ -1138,7 +1138,7 @@ def test_each_epoch_beats_once_per_batch_unless_a_bar_is_shown(monkeypatch):
 
     monkeypatch.setattr(trainer_module, "Heartbeat", _Beats)
     monkeypatch.setattr(_Beats, "made", [])
-    trainer_for(tiny(), epochs=2).fit(toy_loader(48, 16))
+    trainer_for(tiny(), epochs=2, callbacks=[ByEpoch({})]).fit(toy_loader(48, 16))
     assert _Beats.made == [["epoch 1/2", 3, "batches", 3], ["epoch 2/2", 3, "batches", 3]]
 
     class Bar:
