@@ -35,7 +35,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 # bench_srd_dat and bench_speedmap run their --quick forms here (the full speed map, ResNet-18
-# and its compile warm-ups included, takes about 30 minutes on 2 CPU cores: docs/speed.md);
+# and its compile warm-ups included, took an hour on 2 loaded CPU cores: docs/speed.md);
 # bench_gpu measures the GPU map where CUDA is present and writes {"skipped": true} elsewhere.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attacks.py
