@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from types import SimpleNamespace
 
 import pytest
@@ -83,6 +84,14 @@ def test_jsonl_log_every_bounds():
     assert JSONLCallback("m.jsonl").log_every is None
 
 
+def test_jsonl_file_mode_is_0644_less_the_umask(tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    path = tmp_path / "metrics.jsonl"
+    JSONLCallback(path).on_epoch_end(_trainer())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~umask
+
+
 def test_jsonl_epoch_and_step_lines(tmp_path, monkeypatch):
     path = tmp_path / "a" / "b" / "metrics.jsonl"  # parent folders are created
     monkeypatch.setattr(jsonl.time, "time", lambda: 1234.5)
@@ -114,9 +123,21 @@ def test_jsonl_a_failed_append_leaves_no_torn_line(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(jsonl.os, "write", full_disk)
-    with pytest.raises(OutputError, match="metrics.jsonl"):
+    with pytest.raises(OutputError) as err:
         cb.on_epoch_end(_trainer(epoch=2, metrics={"a": 2.0}))
+    assert str(err.value) == (f"cannot write {path}: No space left on device (ENOSPC); its "
+                              "earlier lines are intact")
     assert path.read_bytes() == before
+    real_truncate = os.ftruncate
+
+    def no_truncate(fd, size):  # the cut-back fails too: the write's own error is reported
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(jsonl.os, "ftruncate", no_truncate)
+    with pytest.raises(OutputError, match="No space left on device"):
+        cb.on_epoch_end(_trainer(epoch=2, metrics={"a": 2.0}))
+    monkeypatch.setattr(jsonl.os, "ftruncate", real_truncate)
+    path.write_bytes(before)
     monkeypatch.setattr(jsonl.os, "write", lambda fd, data: real(fd, bytes(data[:3])))
     cb.on_epoch_end(_trainer(epoch=3, metrics={"a": math.pi}))  # short writes are completed
     assert _lines(path)[-1]["a"] == math.pi and len(_lines(path)) == 2
