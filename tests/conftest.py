@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,18 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _logger_levels():
+    """A test that calls a script's ``main`` (a benchmark sets ``robustkit`` to WARNING, a
+    non-zero rank sets the root to WARNING) leaves the levels as it found them: later tests read
+    INFO records with caplog."""
+    loggers = [logging.getLogger(), logging.getLogger("robustkit")]
+    levels = [lg.level for lg in loggers]
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
 
 
 @pytest.fixture(autouse=True)
