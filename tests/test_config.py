@@ -32,7 +32,8 @@ from robustkit.training.checkpoint import check_plain
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIGS = sorted(
     [*(ROOT / "configs" / "train").glob("*.yaml"),
-     *(ROOT / "robustkit" / "assets" / "demo_configs").glob("*.yaml"), ROOT / "configs" / "smoke.yaml"]
+     *(ROOT / "robustkit" / "assets" / "demo_configs").glob("*.yaml"),
+     ROOT / "configs" / "smoke.yaml"]
 )
 SMOKE = ROOT / "configs" / "smoke.yaml"
 # Big inputs or big models: build them, but never run a forward pass in the fast suite.
