@@ -96,7 +96,8 @@ COVERING: dict[str, list[str]] = {
     # of a failed append directly
     "robustkit/training/callbacks/jsonl.py": ["tests/test_callback_edges.py"],
     "robustkit/training/callbacks/tensorboard.py": [
-        "tests/test_trainer.py", "tests/test_saliency_callback.py",
+        "tests/test_tensorboard_callback_edges.py", "tests/test_trainer.py",
+        "tests/test_saliency_callback.py",
         "tests/test_runs_train_dir.py::test_tensorboard_resumes_with_purge_step_after_the_checkpoint"],
     "robustkit/training/callbacks/saliency.py": ["tests/test_saliency_callback.py"],
     "robustkit/training/callbacks/sensitivity.py": ["tests/test_sensitivity_callback.py"],
