@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from robustkit.reports.html import ci, head, num, tail
+from robustkit.reports.html import ci, head, num, table, tail
 
 __all__ = ["grid_figure", "grid_title", "save_png", "write_csv", "write_html", "html_tables",
            "text_table", "write_tensorboard", "grid_filename", "wide_rows", "CMAP",
@@ -295,41 +295,28 @@ def _stability_table(summary: Mapping[str, Any]) -> list[str]:
     rows = summary.get("stability_by_prediction") or []
     if not rows:
         return []
-    e = html.escape
-    parts = ["<h2>Stability x vs x', by whether x' flips the prediction</h2>",
-             "<table><tr><th>explainer</th><th>metric</th><th>model</th><th>prediction</th>"
-             "<th>n</th><th>mean</th><th>95% CI</th></tr>"]
-    for r in rows:
-        parts.append(f"<tr><td>{e(r['explainer'])}</td><td>{e(r['metric'])}</td>"
-                     f"<td>{e(r['model'])}</td><td>{e(r['prediction'])}</td>"
-                     f"<td class=n>{r['n']}</td><td class=n>{num(r['mean'])}</td>"
-                     f"<td class=n>{ci(r['ci95'])}</td></tr>")
-    parts.append("</table>")
-    return parts
+    return ["<h2>Stability x vs x', by whether x' flips the prediction</h2>",
+            *table(["explainer", "metric", "model", "prediction", "n", "mean", "95% CI"],
+                   ([r["explainer"], r["metric"], r["model"], r["prediction"], r["n"],
+                     num(r["mean"]), ci(r["ci95"])] for r in rows),
+                   [False] * 4 + [True] * 3)]
 
 
 def _explainer_table(summary: Mapping[str, Any]) -> list[str]:
     rows = summary.get("explainer_differences") or []
     if not rows:
         return []
-    e = html.escape
-    parts = ["<h2>Which explainer separates the models more?</h2>",
-             "<p>|d_z(second)| − |d_z(first)| over the same images, paired 95% BCa bootstrap "
-             "CI (not corrected for multiplicity); a CI covering 0 cannot decide.</p>",
-             "<table><tr><th>metric</th><th>input</th><th>b − a</th><th>first</th>"
-             "<th>second</th><th>n</th><th>d_z first</th><th>d_z second</th>"
-             "<th>|d_z| difference [95% CI]</th><th>verdict</th></tr>"]
-    for r in rows:
-        parts.append(f"<tr><td>{e(r['metric'])}</td>"
-                     f"<td>{e(INPUT_NAMES.get(r['input'], r['input']))}</td>"
-                     f"<td>{e(r['b'])} − {e(r['a'])}</td><td>{e(r['first'])}</td>"
-                     f"<td>{e(r['second'])}</td><td class=n>{r['n']}</td>"
-                     f"<td class=n>{num(r['d_z_first'])}</td>"
-                     f"<td class=n>{num(r['d_z_second'])}</td>"
-                     f"<td class=n>{num(r['abs_d_z_difference'])} {ci(r['ci95'])}</td>"
-                     f"<td>{e(r['verdict'])}</td></tr>")
-    parts.append("</table>")
-    return parts
+    return ["<h2>Which explainer separates the models more?</h2>",
+            "<p>|d_z(second)| − |d_z(first)| over the same images, paired 95% BCa bootstrap "
+            "CI (not corrected for multiplicity); a CI covering 0 cannot decide.</p>",
+            *table(["metric", "input", "b − a", "first", "second", "n", "d_z first",
+                    "d_z second", "|d_z| difference [95% CI]", "verdict"],
+                   ([r["metric"], INPUT_NAMES.get(r["input"], r["input"]),
+                     f"{r['b']} − {r['a']}", r["first"], r["second"], r["n"],
+                     num(r["d_z_first"]), num(r["d_z_second"]),
+                     f"{num(r['abs_d_z_difference'])} {ci(r['ci95'])}", r["verdict"]]
+                    for r in rows),
+                   [False] * 5 + [True] * 4 + [False])]
 
 
 def _long_rows(summary: Mapping[str, Any]) -> list[str]:
