@@ -101,10 +101,12 @@ def _ci(values):
 
 
 def _run(out, *argv):
+    """The CLI on the sample images; ``--attack pgd{STEPS}`` unless x' is given (--x-adv)."""
     buf = io.StringIO()
+    attack = [] if "--x-adv" in argv else ["--attack", f"pgd{STEPS}"]
     with contextlib.redirect_stdout(buf):
         rc = main(["sensitivity", "--dataset", "sample-mnist", "--n-examples", str(N),
-                   "--attack", f"pgd{STEPS}", "--batch-size", str(BATCH), "--seed", str(SEED),
+                   *attack, "--batch-size", str(BATCH), "--seed", str(SEED),
                    "--draws", "3", "--no-progress", "--out", str(out), *argv])
     return rc, buf.getvalue()
 
@@ -403,3 +405,8 @@ def test_x_adv_flag_mistakes_are_one_line(tmp_path, archs, capsys):
     rc, _ = _run(tmp_path / "o", "--model", archs("tiny_a"), "--model", archs("tiny_b"),
                  "--x-adv", str(tmp_path / "ok.pt"), "--source-model", "tiny_a")
     assert rc == 2 and "--source-model" in _one_line(capsys)
+    # --attack makes x', --x-adv gives it: both at once is refused, not silently half-applied
+    rc, _ = _run(tmp_path / "o", "--model", archs("tiny_a"), "--model", archs("tiny_b"),
+                 "--x-adv", str(tmp_path / "ok.pt"), "--attack", "pgd5")
+    assert rc == 2 and "--attack pgd5" in (line := _one_line(capsys)) and "give one" in line
+    assert not (tmp_path / "o" / "sensitivity.json").exists()

@@ -277,3 +277,14 @@ def test_bad_arguments_are_refused_naming_them(kw, match):
     x, y = _data()
     with pytest.raises(ValueError, match=match):
         compare(_models(), x, y, **kw)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda y: y.float(), "integer class labels, got dtype torch.float32"),
+    (lambda y: torch.where(torch.arange(N) == 2, torch.tensor(10), y), r"in \[0, 10\).*to 10"),
+    (lambda y: torch.where(torch.arange(N) == 0, torch.tensor(-1), y), r"from -1 to"),
+])
+def test_labels_outside_the_models_classes_are_refused_naming_y(bad, match):
+    x, y = _data()
+    with pytest.raises(ValueError, match=r"^y must .*" + match):
+        compare(_models(), x, bad(y), explainers=["gradient"], attack="pgd2", eps=0.3)

@@ -39,7 +39,7 @@ def add_flags(p, what: str, n: str, batch: str, attack: str) -> None:
     a("--dataset", help="mnist, cifar10, cifar100, tinyimagenet, sample-mnist, sample-cifar10")
     a("--data-root", metavar="DIR", help="data folder (default $ROBUSTKIT_DATA, else ./data)")
     a("--n-examples", metavar="N", default=n, help=f"first N test images (default {n})")
-    a("--attack", default="pgd20", help=f"pgdK or cwK: K steps, alpha = eps/4, random start, "
+    a("--attack", default=None, help=f"pgdK or cwK: K steps, alpha = eps/4, random start, "
                                         f"last iterate{attack} (default pgd20)")
     a("--eps", help="L-inf budget in [0, 1] pixel units, number or fraction (default: the "
                     "dataset's, as robustkit evaluate: CIFAR/Tiny-ImageNet 8/255, MNIST 0.3)")
@@ -96,7 +96,7 @@ def parse(args, n_min: int) -> SimpleNamespace:
     labels = model_labels(entries)
     info, eps = dataset_eps(args.dataset, args.eps)
     with user_input(ConfigError, "--attack"):
-        attack = parse_pair_attack(args.attack).name
+        attack = parse_pair_attack(args.attack or "pgd20").name
     return SimpleNamespace(entries=entries, labels=labels, info=info, eps=eps, attack=attack,
                            n=integer(args.n_examples, "--n-examples", n_min),
                            batch_size=integer(args.batch_size, "--batch-size", 1),

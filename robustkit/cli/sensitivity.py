@@ -90,8 +90,8 @@ def add_parser(sub) -> None:
     a("--ratio", default="0.1", help="top-k ratio rho: k = ceil(rho * channels) (default 0.1)")
     a("--draws", default="5", help="random k-neuron sets in the intervention test (default 5)")
     a("--x-adv", metavar="FILE", help="measure on these x' instead of attacking: the adv.pt of "
-      "--save-adv, or one (N, C, H, W) tensor for every model (--attack and --source-model "
-      "then do not apply)")
+      "--save-adv, or one (N, C, H, W) tensor for every model (refused with --attack or "
+      "--source-model, which make x')")
     a("--save-adv", action="store_true", help="also write the adversarial images to DIR/adv.pt")
     p.set_defaults(run=run)
 
@@ -119,6 +119,8 @@ def run(args) -> int:
     draws = integer(args.draws, "--draws", 1)
     if args.x_adv is not None and args.source_model is not None:
         raise CLIError("--x-adv gives the x' of every model; --source-model makes them: give one")
+    if args.x_adv is not None and args.attack is not None:
+        raise CLIError(f"--x-adv gives x', --attack {args.attack} makes it: give one")
     if args.x_adv is not None and not Path(args.x_adv).is_file():
         raise CLIError(f"--x-adv {args.x_adv!r}: file not found")
     out, device, x, y, _, models = load(args, c)

@@ -111,6 +111,8 @@ def _check(models, x, y, explainers, attack, eps, x_adv, boxes, target, subset,
                          f"got {tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     if not isinstance(y, Tensor) or y.shape != x.shape[:1]:
         raise ValueError(f"y must be ({x.shape[0]},) labels of x")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
     if isinstance(explainers, str) or not explainers:
         raise ValueError(f"explainers must be a non-empty list of names, got {explainers!r}")
     unknown = [e for e in explainers if e not in EXPLAINERS]
@@ -227,6 +229,8 @@ def compare(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
     n_given = x.shape[0]
     progress = progress or null_progress
     clean = {lb: _predict(models[lb], x, batch_size) for lb in labels}
+    _check_labels(y, {lb: n_classes for lb, (_, _, n_classes) in clean.items()})
+    clean = {lb: (pred, conf) for lb, (pred, conf, _) in clean.items()}
     keep = None
     if subset == "correct-by-all":
         keep = torch.stack([clean[lb][0] == y for lb in labels]).all(0).nonzero().flatten()
@@ -292,7 +296,7 @@ def compare(models: Mapping[str, nn.Module], x: Tensor, y: Tensor, *,
             inputs["noise"] = noise
         predicted[lb], confidence[lb] = {"clean": clean[lb][0]}, {"clean": clean[lb][1]}
         for key, xi in list(inputs.items())[1:]:
-            predicted[lb][key], confidence[lb][key] = _predict(model, xi, batch_size)
+            predicted[lb][key], confidence[lb][key], _ = _predict(model, xi, batch_size)
         acc = {key: float((predicted[lb][key] == y).float().mean()) for key in ("clean", "adv")}
         flipped[lb] = predicted[lb]["adv"] != predicted[lb]["clean"]
         kind, source = ((kinds[lb], kind_source) if lb in kinds else
@@ -346,17 +350,29 @@ def _eps_text(eps: float) -> str:
     return format_eps(eps)
 
 
-def _predict(model: nn.Module, x: Tensor, bs: int) -> tuple[Tensor, Tensor]:
-    """Predicted class and its softmax probability, ``(N,)`` each on the CPU."""
+def _predict(model: nn.Module, x: Tensor, bs: int) -> tuple[Tensor, Tensor, int]:
+    """Predicted class and its softmax probability, ``(N,)`` each on the CPU, and the number
+    of logits the model returns."""
     device = model_device(model)
-    preds, confs = [], []
+    preds, confs, n_classes = [], [], 0
     with torch.no_grad(), eval_mode(model):
         for j in range(0, x.shape[0], bs):
             p = model(x[j:j + bs].to(device)).float().softmax(1).cpu()
+            n_classes = p.shape[1]
             c, k = p.max(1)
             preds.append(k)
             confs.append(c)
-    return torch.cat(preds), torch.cat(confs)
+    return torch.cat(preds), torch.cat(confs), n_classes
+
+
+def _check_labels(y: Tensor, n_classes: Mapping[str, int]) -> None:
+    """Every label in ``[0, K)`` for each model's ``K`` logits (else an explainer's gather
+    fails deep inside with an index error, or CUDA asserts)."""
+    lo, hi = int(y.min()), int(y.max())
+    for lb, k in n_classes.items():
+        if lo < 0 or hi >= k:
+            raise ValueError(f"y must hold labels in [0, {k}) for model {lb!r} ({k} logits), "
+                             f"got labels from {lo} to {hi}")
 
 
 def _explain_and_score(name, model, inputs, target, boxes, label, rows, bar, *, n_samples,
