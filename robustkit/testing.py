@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TinyCNN", "LinearModel", "ConstantModel", "random_batch", "separable_toy_data",
-           "pyautoattack_resnet18"]
+__all__ = ["TinyCNN", "LinearModel", "IdentityFeatures", "ConstantModel", "random_batch",
+           "separable_toy_data", "pyautoattack_resnet18"]
 
 
 class TinyCNN(nn.Module):
@@ -38,6 +38,28 @@ class LinearModel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(x.flatten(1))
+
+
+class IdentityFeatures(nn.Module):
+    """``net.feat`` is the input itself (``nn.Identity``), then flatten and a linear layer:
+    a feature hook on ``net.feat`` sees F(x) = x exactly, so neuron-level terms (σ, top-k, SNS
+    distances) can be written out by hand from x and x'. Seeded: the same weights every time."""
+
+    def __init__(self, shape: tuple[int, ...] = (10, 2, 2), num_classes: int = 10,
+                 seed: int = 0) -> None:
+        from collections import OrderedDict
+
+        super().__init__()
+        fc = nn.Linear(int(torch.tensor(shape).prod()), num_classes)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            bound = fc.in_features ** -0.5
+            fc.weight.copy_(torch.rand(fc.weight.shape, generator=g) * 2 * bound - bound)
+            fc.bias.copy_(torch.rand(fc.bias.shape, generator=g) * 2 * bound - bound)
+        self.net = nn.Sequential(OrderedDict(feat=nn.Identity(), flat=nn.Flatten(), fc=fc))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 class ConstantModel(nn.Module):

@@ -6,7 +6,6 @@ through both branches, the per-epoch selection and its resume, layers and errors
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from robustkit.attacks.base import AttackResult
 from robustkit.models import create_model
 from robustkit.objectives import PGDAT, SNS, TRADES, TrainContext, create_objective
 from robustkit.objectives.sns import default_layers, neuron_distance
-from robustkit.testing import TinyCNN, random_batch
+from robustkit.testing import IdentityFeatures, TinyCNN, random_batch
 
 N, SHAPE, K = 8, (3, 8, 8), 10
 CTX = TrainContext(epoch=0, epochs=10, step=0, idx=torch.arange(N))
@@ -42,19 +41,6 @@ def _grads(model, loss):
 
 def _hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-class _Probe(nn.Module):
-    """``feat`` is the input itself, so F(x) = x and F(x') = x' are known exactly."""
-
-    def __init__(self, shape=(10, 2, 2)):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(OrderedDict(feat=nn.Identity(), flat=nn.Flatten(),
-                                             fc=nn.Linear(math.prod(shape), K)))
-
-    def forward(self, x):
-        return self.net(x)
 
 
 def _reference_loss(model, x, y, x_adv, layers, lam, ratio):
@@ -134,7 +120,7 @@ def test_loss_and_gradients_match_a_plain_rederivation(layers):
 
 def test_online_topk_is_the_k_largest_sigma_of_the_batch():
     """F = the input: channel c of x' is x + δ_c, so σ_c = |δ_c|; k = ceil(0.3 · 10) = 3."""
-    model = _Probe()
+    model = IdentityFeatures((10, 2, 2), K)
     x = 0.3 + 0.4 * torch.rand(4, 10, 2, 2)
     delta = torch.tensor([0.05, -0.2, 0.01, 0.15, -0.02, 0.0, 0.12, -0.03, 0.08, 0.04])
     x_adv = x + delta.view(1, -1, 1, 1)
@@ -185,7 +171,7 @@ def test_sensitive_set_is_ranked_by_sigma_whatever_the_distance(distance, want):
     """Channel 0 moves by [1, 1, 1, 1] (σ = 1), channel 1 by [3, 0, 0, 0] (σ = 0.75, but squared
     L2 2.25 and 1 − cos > 0): k = 1 picks channel 0 for every distance, so the term is channel
     0's distance: L1 1, squared L2 1, and 1 − cos = 0 (a constant map scaled from 1 to 2)."""
-    model = _Probe(shape=(2, 2, 2))
+    model = IdentityFeatures((2, 2, 2), K)
     x = torch.ones(1, 2, 2, 2)
     x_adv = x + torch.tensor([[[[1.0, 1.0], [1.0, 1.0]], [[3.0, 0.0], [0.0, 0.0]]]])
     obj = SNS(model, lam=1.0, layers=["net.feat"], ratio=0.5, distance=distance, steps=1)
@@ -263,7 +249,7 @@ def test_contract_metrics_modes_hooks_and_grads():
 
 # ------------------------------------------------------------------------- per-epoch top-k
 def test_epoch_topk_fixes_the_set_from_the_previous_epoch_and_survives_resume():
-    model = _Probe()
+    model = IdentityFeatures((10, 2, 2), K)
     y = torch.zeros(4, dtype=torch.long)
     x = 0.3 + 0.4 * torch.rand(4, 10, 2, 2)
 
@@ -301,7 +287,7 @@ def test_a_non_finite_batch_gives_a_non_finite_loss_for_the_trainer_not_an_error
     """An fp16 overflow makes σ NaN: SNS must hand the trainer a non-finite loss (it skips or
     aborts the step) instead of raising, and in "epoch" mode that batch must not poison the
     next epoch's set."""
-    model = _Probe()
+    model = IdentityFeatures((10, 2, 2), K)
     y = torch.zeros(4, dtype=torch.long)
     x = 0.3 + 0.4 * torch.rand(4, 10, 2, 2)
     d = torch.zeros(1, 10, 1, 1)

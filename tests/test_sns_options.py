@@ -6,18 +6,14 @@ its gradient by hand (the denominator a constant), and ``λ·min(1, t/k)`` per e
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from robustkit.attacks.base import AttackResult
 from robustkit.objectives import SNS, TrainContext, create_objective
 from robustkit.objectives.sns import neuron_distance
-from robustkit.testing import TinyCNN, random_batch
+from robustkit.testing import IdentityFeatures, TinyCNN, random_batch
 
 K = 10
 EPS = 1e-6  # the documented eps added to the detached ‖F(x)‖₁
@@ -93,26 +89,13 @@ def test_relative_l1_is_scale_free_and_finite_on_dead_features():
     assert half.mean().item() == pytest.approx(8 / (8 + EPS))  # ‖ΔF‖ = ‖F‖: 1
 
 
-class _Probe(nn.Module):
-    """``feat`` is the input itself: F(x) = x and F(x') = x' are known exactly."""
-
-    def __init__(self, shape=(6, 2, 2)):
-        super().__init__()
-        torch.manual_seed(0)
-        self.net = nn.Sequential(OrderedDict(feat=nn.Identity(), flat=nn.Flatten(),
-                                             fc=nn.Linear(math.prod(shape), K)))
-
-    def forward(self, x):
-        return self.net(x)
-
-
 def test_sns_relative_l1_term_is_the_mean_over_samples_of_the_selected_neurons_ratio():
     """The loss term: top-k by σ (paper L1), then per sample ‖ΔF_S‖₁ / sg(‖F_S(x)‖₁) over the
     selected channels only, mean over samples; the loss is CE(f(x')) + λ·term."""
     x, x_adv = _pair((5, 6, 2, 2), seed=3, double=False)
     x, x_adv = x.abs(), x_adv.abs()
     y = torch.arange(5) % K
-    model = _Probe()
+    model = IdentityFeatures((6, 2, 2), K)
     lam, ratio = 0.4, 0.5  # k = 3 of 6 channels
     obj = SNS(model, lam=lam, layers=["net.feat"], ratio=ratio, distance="relative_l1", steps=1)
     ctx = TrainContext(epoch=0, epochs=1)
