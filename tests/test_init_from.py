@@ -167,11 +167,27 @@ def test_other_keys_are_refused_strictly_naming_them(source, tmp_path):
     torch.save(extra, tmp_path / "extra.pt")
     msg = _one_line_error(tmp_path / "x", tmp_path / "extra.pt", "unexpected keys")
     assert "model.extra.weight" in msg and "missing" not in msg
-    # the architecture without create_model's Normalize wrapper: strict, so refused too
+    # bare-architecture keys with one tensor missing: still strict after the wrapping
+    gone = sorted(k for k in weights if k.startswith("model."))[-1]
+    bare_arch = {k.removeprefix("model."): v for k, v in weights.items()
+                 if not k.startswith("normalize.") and k != gone}
+    torch.save(bare_arch, tmp_path / "arch.pt")
+    assert gone in _one_line_error(tmp_path / "x", tmp_path / "arch.pt", "missing keys")
+
+
+def test_bare_architecture_keys_load_as_evaluate_loads_them_keeping_the_models_normalisation(
+        source, tmp_path):
+    """The architecture's own state_dict (no ``normalize.``/``model.`` prefix, as a user saves
+    ``model.model.state_dict()`` or another codebase's weights): loaded into ``model.``; the
+    normalisation stays the built model's, even when the file's would differ."""
+    weights, _, _ = source
     bare_arch = {k.removeprefix("model."): v for k, v in weights.items()
                  if not k.startswith("normalize.")}
     torch.save(bare_arch, tmp_path / "arch.pt")
-    _one_line_error(tmp_path / "x", tmp_path / "arch.pt", "missing keys")
+    fresh = _build(tmp_path / "fresh").model.state_dict()
+    run = _build(tmp_path / "ft", f"model.init_from={tmp_path / 'arch.pt'}")
+    want = {k: (fresh[k] if k.startswith("normalize.") else v) for k, v in weights.items()}
+    _assert_weights(run.model, want)
 
 
 def test_an_empty_path_is_refused_at_load(tmp_path):

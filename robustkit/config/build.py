@@ -347,7 +347,9 @@ def _init_weights(model: torch.nn.Module, path: Path, given: str, name: str) -> 
     """Load ``model.init_from`` into ``model`` strictly: the weights only, never a resume.
 
     Accepts robustkit's checkpoints (``last.pt``/``best.pt``: the weights under ``"model"``)
-    and a bare ``state_dict`` (``robustkit.models.load_state_dict_file``, ``weights_only``).
+    and a bare ``state_dict`` (``robustkit.models.load_state_dict_file``, ``weights_only``),
+    with the wrapper's keys or the bare architecture's (the model then keeps its mean/std), as
+    ``robustkit evaluate --checkpoint`` accepts them.
 
     Raises:
         ConfigError: unreadable, refused (pickled objects), no state dict, or keys/shapes that
@@ -355,11 +357,11 @@ def _init_weights(model: torch.nn.Module, path: Path, given: str, name: str) -> 
     """
     from robustkit.errors import ModelError
     from robustkit.models._keys import state_dict_mismatch
-    from robustkit.models.loading import load_state_dict_file
+    from robustkit.models.loading import load_state_dict_file, wrapped_state
 
     key = f"config key 'model.init_from' ({given})"
     try:
-        state = load_state_dict_file(path)
+        state = wrapped_state(model, load_state_dict_file(path), path)
     except ModelError as err:
         raise ConfigError(f"{key}: {_short(err, 320)}") from None
     problem = state_dict_mismatch(model, state)

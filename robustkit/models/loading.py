@@ -102,6 +102,18 @@ def _is_wrapper(model: nn.Module) -> bool:
     return isinstance(model, nn.Sequential) and tuple(model._modules) == _WRAPPER_CHILDREN
 
 
+def wrapped_state(model: nn.Module, state: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """``state`` in the key layout of ``model``: bare-architecture keys (none starts with
+    ``normalize.`` or ``model.``) loaded into a ``create_model`` wrapper are prefixed with
+    ``model.`` and get the wrapper's own mean/std; anything else is returned as it is."""
+    if _is_wrapper(model) and not any(k.startswith(_WRAPPER_PREFIXES) for k in state):
+        logger.info("%s holds bare-architecture weights; keeping the model's %s", path,
+                    model.normalize)
+        state = {f"model.{k}": v for k, v in state.items()}
+        state.update({f"normalize.{k}": v for k, v in model.normalize.state_dict().items()})
+    return state
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load the weights in a checkpoint file into ``model`` strictly, returning ``model``.
 
@@ -114,12 +126,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     Raises:
         ModelError: unreadable file, or keys and shapes that do not match (listed).
     """
-    state = load_state_dict_file(path)
-    if _is_wrapper(model) and not any(k.startswith(_WRAPPER_PREFIXES) for k in state):
-        logger.info("%s holds bare-architecture weights; keeping the model's %s", path,
-                    model.normalize)
-        state = {f"model.{k}": v for k, v in state.items()}
-        state.update({f"normalize.{k}": v for k, v in model.normalize.state_dict().items()})
+    state = wrapped_state(model, load_state_dict_file(path), path)
     problem = state_dict_mismatch(model, state)
     if problem:
         raise ModelError(
