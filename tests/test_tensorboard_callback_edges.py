@@ -107,3 +107,88 @@ def test_other_ranks_write_nothing(recorder, tmp_path, monkeypatch):
     trainer.state.batch = {"loss": 1.0}
     cb.on_batch_end(trainer, SimpleNamespace(logits=torch.zeros(2, 10)), None)
     assert recorder.made == []
+
+
+def _epoch_trainer(epochs=5):
+    trainer = _trainer(step=40)
+    trainer.epochs = epochs
+    trainer.model = torch.nn.DataParallel(torch.nn.Linear(2, 2))  # image_fn gets the bare one
+    return trainer
+
+
+def test_epoch_end_logs_epoch_means_eval_and_histograms_at_the_step_not_the_lr(recorder,
+                                                                              tmp_path):
+    """train/<k> -> epoch/<k>, every other metric under its own tag, never lr (a per-step
+    curve already), hist/<k> for the (N,) metrics; all at state.step, then a flush."""
+    cb = TensorBoardCallback(tmp_path)
+    trainer = _epoch_trainer()
+    cb.on_fit_start(trainer)
+    trainer.state.metrics = {"train/loss": 0.5, "eval/clean_acc": 0.9, "lr": 0.01,
+                             "train/lr_like": 3.0, "sensitivity/conv1": 0.2}
+    hist = torch.arange(4.0)
+    trainer.state.histograms = {"sensitivity/conv1": hist}
+    cb.on_epoch_end(trainer)
+    (made,) = recorder.made
+    assert made.calls == [("add_scalar", "epoch/loss", 0.5, 40),
+                          ("add_scalar", "eval/clean_acc", 0.9, 40),
+                          ("add_scalar", "epoch/lr_like", 3.0, 40),
+                          ("add_scalar", "sensitivity/conv1", 0.2, 40),
+                          ("add_histogram", "hist/sensitivity/conv1", hist, 40),
+                          ("flush",)]
+
+
+def test_images_every_image_every_epochs_and_after_the_last_on_the_bare_model(recorder,
+                                                                             tmp_path):
+    seen = []
+
+    def image_fn(model):
+        seen.append(model)
+        return {"saliency/x": torch.zeros(3, 4, 4)}
+
+    cb = TensorBoardCallback(tmp_path, image_fn=image_fn, image_every=2)
+    trainer = _epoch_trainer(epochs=5)
+    cb.on_fit_start(trainer)
+    (made,) = recorder.made
+    logged = []
+    for epoch in range(1, 6):  # state.epoch at on_epoch_end: the epochs finished
+        trainer.state.epoch, trainer.state.step = epoch, 10 * epoch
+        before = len(made.calls)
+        cb.on_epoch_end(trainer)
+        logged += [(epoch, c[1], c[3]) for c in made.calls[before:] if c[0] == "add_image"]
+    assert logged == [(2, "saliency/x", 20), (4, "saliency/x", 40), (5, "saliency/x", 50)]
+    assert len(seen) == 3 and all(m is trainer.model.module for m in seen)
+
+
+def test_other_ranks_neither_log_nor_compute_images_at_epoch_end(recorder, tmp_path,
+                                                                monkeypatch):
+    monkeypatch.setattr(tb_module.dist, "is_main", lambda: False)
+    calls = []
+    cb = TensorBoardCallback(tmp_path, image_fn=lambda m: calls.append(m) or {})
+    trainer = _epoch_trainer(epochs=1)
+    cb.on_fit_start(trainer)
+    trainer.state.epoch, trainer.state.metrics = 1, {"eval/clean_acc": 1.0}
+    cb.on_epoch_end(trainer)
+    assert calls == [] and recorder.made == []
+
+
+def test_fit_end_logs_hparams_with_the_final_metrics_then_closes(recorder, tmp_path):
+    cb = TensorBoardCallback(tmp_path, hparams={"lr": 0.1})
+    trainer = _epoch_trainer()
+    cb.on_fit_start(trainer)
+    trainer.state.metrics = {"eval/clean_acc": 0.9, "train/loss": 0.3}
+    cb.on_fit_end(trainer)
+    (made,) = recorder.made
+    assert made.calls == [("add_hparams", {"lr": 0.1},
+                           {"hparam/eval/clean_acc": 0.9, "hparam/train/loss": 0.3}),
+                          ("close",)]
+    bare = TensorBoardCallback(tmp_path / "b")
+    bare.on_fit_start(trainer)
+    bare.on_fit_end(trainer)
+    assert recorder.made[-1].calls[0][1] == {}  # no hparams given: an empty dict, not None
+
+
+def test_an_exception_closes_the_writer_keeping_what_was_logged(recorder, tmp_path):
+    cb = TensorBoardCallback(tmp_path)
+    cb.on_fit_start(_trainer())
+    cb.on_exception(_trainer(), RuntimeError("x"))
+    assert recorder.made[0].calls == [("close",)]
