@@ -192,3 +192,19 @@ def test_an_exception_closes_the_writer_keeping_what_was_logged(recorder, tmp_pa
     cb.on_fit_start(_trainer())
     cb.on_exception(_trainer(), RuntimeError("x"))
     assert recorder.made[0].calls == [("close",)]
+
+
+def test_defaults_and_bad_intervals_named():
+    cb = TensorBoardCallback("unused")
+    assert (cb.log_every, cb.image_every, cb.hparams, cb.image_fn) == (50, 1, None, None)
+    for kw, name in ((dict(log_every=0), "log_every"), (dict(image_every=0), "image_every")):
+        with pytest.raises(ValueError, match=rf"^{name} must be >= 1, got 0$"):
+            TensorBoardCallback("unused", **kw)
+
+
+def test_an_exception_before_the_writer_exists_closes_nothing_and_raises_nothing(recorder):
+    """An earlier callback's on_fit_start failed: the trainer still calls on_exception on
+    every callback, and this one must not hide the real error behind its own."""
+    cb = TensorBoardCallback("unused")
+    cb.on_exception(_trainer(), RuntimeError("the real error"))
+    assert recorder.made == []
