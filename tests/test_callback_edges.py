@@ -15,8 +15,15 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from robustkit.errors import OutputError
-from robustkit.training.callbacks import jsonl
-from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
+from robustkit.training.callbacks import base, jsonl
+from robustkit.training.callbacks.base import (
+    Callback,
+    check_probe_args,
+    cuda_indices,
+    first_items,
+    probe_due,
+    probe_mode,
+)
 from robustkit.training.callbacks.jsonl import JSONLCallback, MetricsLogger
 
 
@@ -25,6 +32,66 @@ def _perturb(model, x, y, generator):
 
 
 # ---- base ------------------------------------------------------------------------------------
+
+
+def test_probe_due_every_k_epochs_and_after_the_last_on_rank_0_only(monkeypatch):
+    def due(every, epochs):
+        return [e for e in range(1, epochs + 1)
+                if probe_due(SimpleNamespace(state=SimpleNamespace(epoch=e), epochs=epochs),
+                             every)]
+
+    assert due(1, 3) == [1, 2, 3]
+    assert due(3, 7) == [3, 6, 7]
+    assert due(4, 4) == [4]
+    monkeypatch.setattr("robustkit.distributed.is_main", lambda: False)
+    assert due(1, 3) == []
+
+
+def test_cuda_indices_name_the_device_whose_rng_is_forked(monkeypatch):
+    """Pure device arithmetic (no GPU needed): an indexed CUDA device, an unindexed one (the
+    current device), anything else none."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 5)
+    assert cuda_indices(torch.device("cuda", 2)) == [2]
+    assert cuda_indices(torch.device("cuda")) == [5]
+    assert cuda_indices(torch.device("cuda", 0)) == [0]
+    assert cuda_indices(torch.device("cpu")) == [] and cuda_indices(torch.device("meta")) == []
+
+
+class _NoParams(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)
+
+
+def test_probe_mode_yields_the_bare_model_and_its_device_in_eval_mode_with_rng_forked(
+        monkeypatch):
+    forked = []
+    real_fork = torch.random.fork_rng
+
+    def spy(devices=None, **kw):
+        forked.append(devices)
+        return real_fork(devices=devices, **kw)
+
+    monkeypatch.setattr(torch.random, "fork_rng", spy)
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout()).train()
+    wrapped = torch.nn.DataParallel(inner)
+    before = torch.get_rng_state()
+    with probe_mode(wrapped) as (bare, device):
+        assert bare is inner and device == torch.device("cpu")
+        assert not any(m.training for m in inner.modules())
+        assert not torch.is_autocast_enabled("cpu")
+        torch.rand(3)  # a draw inside does not move training's stream
+    assert all(m.training for m in inner.modules()) and torch.equal(torch.get_rng_state(), before)
+    assert forked == [[]]
+    with probe_mode(_NoParams()) as (bare, device):  # nothing to read a device from: the CPU
+        assert device == torch.device("cpu")
+    with probe_mode(inner, "cpu") as (_, device):  # a given device wins, as a torch.device
+        assert device == torch.device("cpu")
+    monkeypatch.setattr(base, "cuda_indices", lambda d: [9] if d.type == "cpu" else [])
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices=None, **kw: (
+        forked.append(devices), real_fork(devices=[], **kw))[1])
+    with probe_mode(inner):
+        pass
+    assert forked[-1] == [9]  # the device's own CUDA index list reaches fork_rng
 
 
 def test_callback_events_are_no_ops():

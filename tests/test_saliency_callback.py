@@ -7,6 +7,7 @@ section and the CLI wiring."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -288,12 +289,57 @@ def test_only_rank_0_explains(monkeypatch):
     ({"n": 0}, "n must"), ({"every": 0}, "every must"), ({"n_samples": 1.5}, "n_samples"),
     ({"explainers": ["gradient", "smoothgrad2"]}, r"unknown \['smoothgrad2'\]; known: .*adaptgrad"),
     ({"explainers": "gradient"}, "non-empty list"), ({"explainers": []}, "non-empty list"),
+    ({"internal_batch_size": 0}, "internal_batch_size must be an int >= 1, got 0"),
 ])
 def test_bad_arguments_raise_naming_them(kw, match):
     with pytest.raises(ValueError, match=match):
         _callback(**kw)
     with pytest.raises(ValueError, match="perturb"):
         SaliencyCallback(_data(4, 0), perturb="pgd")
+
+
+def test_library_defaults():
+    cb = SaliencyCallback(_data(10, 0), _perturb)
+    assert (cb.explainers, cb.n, cb.every, cb.n_samples, cb.seed, cb.internal_batch_size) == (
+        list(NAMES), 8, 1, 16, 0, 256)
+
+
+@pytest.mark.parametrize("name", ["gradient", "smoothgrad", "adaptgrad", "ig-adaptgrad"])
+def test_each_explainer_gets_the_callbacks_settings_it_takes(name):
+    """n_samples, seed and internal_batch_size reach every explainer that takes them, the
+    ig-adaptgrad function's AdaptGrad included (a function, not a class)."""
+    cb = _callback(n_samples=5, seed=7, internal_batch_size=3)
+    e = cb.explainer(name, TinyCNN(3, K, size=8))
+    inner = getattr(e, "inner", None)
+    adapt = inner if name == "ig-adaptgrad" else e
+    assert e.internal_batch_size == 3
+    if name != "gradient":
+        assert (adapt.n_samples, adapt.seed) == (5, 7)
+
+
+def test_epoch_end_measures_on_the_trainers_device_and_logs_the_time(caplog):
+    cb = _callback(explainers=["gradient"])
+    seen = []
+    cb.measure = lambda model, device=None: seen.append(device) or ({"m": 1.0}, {})
+    trainer = _fake_trainer(TinyCNN(3, K, size=8), epoch=1)
+    trainer.device = torch.device("cpu", 0)  # not what the model's parameters say
+    with caplog.at_level("INFO", logger="robustkit.training.callbacks.saliency"):
+        cb.on_epoch_end(trainer)
+    assert seen == [torch.device("cpu", 0)] and trainer.state.metrics["m"] == 1.0
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(rf"saliency panel \({N} images, 1 explainers\) took \d+\.\d\d s", msg)
+
+
+def test_class_names_of_the_dataset_itself_or_of_the_one_under_a_subset():
+    from torch.utils.data import Subset
+
+    from robustkit.training.callbacks.saliency import _class_names
+
+    names = [f"c{k}" for k in range(K)]
+    own = SimpleNamespace(class_names=names, dataset=SimpleNamespace(class_names=["other"]))
+    assert _class_names(own) == names  # its own names first
+    assert _class_names(Subset(SimpleNamespace(class_names=names), [0])) == names
+    assert _class_names(_data(2, 0)) is None
 
 
 # ---------------------------------------------------------------------------- config and CLI

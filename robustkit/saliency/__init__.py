@@ -33,8 +33,9 @@ from robustkit.saliency.smoothgrad import SmoothGrad
 # metrics: robustkit.saliency.metrics
 
 __all__ = ["Explainer", "Target", "Gradient", "GradientXInput", "SmoothGrad", "AdaptGrad",
-           "IntegratedGradients", "EXPLAINERS", "create_explainer", "signed_map", "absolute_map",
-           "percentile_scale", "repo_scale", "compare", "SaliencyReport"]
+           "IntegratedGradients", "EXPLAINERS", "create_explainer", "explainer_params",
+           "signed_map", "absolute_map", "percentile_scale", "repo_scale", "compare",
+           "SaliencyReport"]
 
 
 def _ig_adaptgrad(model: nn.Module, inner: Explainer | None = None, *, n_steps: int = 50,
@@ -65,6 +66,16 @@ EXPLAINERS: dict[str, Callable[..., Explainer]] = {
 }
 
 
+def explainer_params(name: str) -> list[str]:
+    """The keyword arguments ``create_explainer(name, model, ...)`` accepts (its factory's
+    parameters but ``model`` and ``inner``), e.g. to pass only the settings an explainer
+    takes."""
+    if name not in EXPLAINERS:
+        raise ValueError(f"unknown explainer {name!r}; known: {sorted(EXPLAINERS)}")
+    params = inspect.signature(EXPLAINERS[name]).parameters  # a class: its __init__'s
+    return [p for p in params if p not in ("model", "inner")]
+
+
 def create_explainer(name: str, model: nn.Module, inner: Explainer | None = None,
                      **kwargs) -> Explainer:
     """Build an explainer by name, a key of ``EXPLAINERS``.
@@ -86,8 +97,7 @@ def create_explainer(name: str, model: nn.Module, inner: Explainer | None = None
     if name not in EXPLAINERS:
         raise ValueError(f"unknown explainer {name!r}; known: {sorted(EXPLAINERS)}")
     factory = EXPLAINERS[name]
-    params = inspect.signature(factory.__init__ if isinstance(factory, type) else factory)
-    accepted = [p for p in params.parameters if p not in ("self", "model", "inner")]
+    accepted = explainer_params(name)
     bad = [k for k in kwargs if k not in accepted]
     if bad:
         raise ValueError(f"explainer {name!r} does not accept {bad}; accepted: {accepted}")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["Callback", "check_probe_args", "first_items"]
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["Callback", "check_probe_args", "first_items", "probe_due", "probe_mode",
+           "cuda_indices"]
 
 
 class Callback:
@@ -46,3 +51,47 @@ def check_probe_args(data, perturb, **counts):
         if isinstance(value, bool) or not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     return dataset
+
+
+def probe_due(trainer, every: int) -> bool:
+    """Whether a probe callback measures at this ``on_epoch_end``: on rank 0, every ``every``
+    epochs (``trainer.state.epoch`` counts the finished ones) and after the last."""
+    from robustkit import distributed as dist
+
+    done = trainer.state.epoch
+    return (done % every == 0 or done == trainer.epochs) and dist.is_main()
+
+
+def cuda_indices(device) -> list[int]:
+    """The CUDA device whose RNG a fork must save for ``device``: ``[its index]`` (the current
+    CUDA device when it has none) on CUDA, ``[]`` elsewhere (then only the CPU's is forked)."""
+    import torch
+
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
+@contextlib.contextmanager
+def probe_mode(model, device=None) -> Iterator[tuple[Any, Any]]:
+    """A probe callback's measurement surroundings; yields ``(bare, device)``.
+
+    ``bare`` is the bare module (``distributed.unwrap``: DDP and compile wrappers removed);
+    ``device`` the one given, else where the model's first parameter or buffer lives, else the
+    CPU. Inside: the global RNG streams forked (the CPU's and, on CUDA, that device's), so
+    whatever an attack or an explainer draws, training's streams continue as before; the model
+    in eval mode (every submodule's mode restored after); autocast off.
+    """
+    import torch
+
+    from robustkit import distributed as dist
+    from robustkit.utils import eval_mode
+
+    bare = dist.unwrap(model)
+    if device is None:
+        device = next(iter(list(bare.parameters()) + list(bare.buffers())),
+                      torch.empty(0)).device
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=cuda_indices(device)), eval_mode(bare), \
+            torch.autocast(device.type, enabled=False):
+        yield bare, device

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -12,13 +11,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from robustkit import distributed as dist
-from robustkit.saliency import EXPLAINERS, create_explainer
+from robustkit.saliency import EXPLAINERS, create_explainer, explainer_params
 from robustkit.saliency.base import Explainer
 from robustkit.saliency.metrics import sparseness, total_variation
-from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
+from robustkit.training.callbacks.base import (
+    Callback,
+    check_probe_args,
+    first_items,
+    probe_due,
+    probe_mode,
+)
 from robustkit.training.callbacks.sensitivity import Perturb
-from robustkit.utils import eval_mode
 
 __all__ = ["SaliencyCallback"]
 
@@ -104,8 +107,7 @@ class SaliencyCallback(Callback):
         self._pending: dict[str, Tensor] = {}
 
     def on_epoch_end(self, trainer) -> None:
-        done = trainer.state.epoch
-        if not (done % self.every == 0 or done == trainer.epochs) or not dist.is_main():
+        if not probe_due(trainer, self.every):
             return
         start = time.perf_counter()
         metrics, self._pending = self.measure(trainer.model, trainer.device)
@@ -130,9 +132,7 @@ class SaliencyCallback(Callback):
 
     def explainer(self, name: str, model: nn.Module) -> Explainer:
         """Explainer ``name`` on ``model`` with this callback's settings."""
-        factory = EXPLAINERS[name]
-        accepted = inspect.signature(factory.__init__ if isinstance(factory, type)
-                                     else factory).parameters
+        accepted = explainer_params(name)
         settings = {"n_samples": self.n_samples, "seed": self.seed,
                     "internal_batch_size": self.internal_batch_size}
         return create_explainer(name, model, **{k: v for k, v in settings.items()
@@ -142,21 +142,12 @@ class SaliencyCallback(Callback):
         self, model: nn.Module, device: torch.device | str | None = None
     ) -> tuple[dict[str, float], dict[str, Tensor]]:
         """``(metrics, grids)``: the scalars and the image grid of every explainer."""
-        bare = dist.unwrap(model)
-        if device is None:
-            device = next(iter(list(bare.parameters()) + list(bare.buffers())),
-                          torch.empty(0)).device
-        device = torch.device(device)
         from robustkit.reports.tensorboard import figure_image, saliency_panel_figure
 
         x_cpu, y_cpu = self.probe()
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
         metrics: dict[str, float] = {}
         grids: dict[str, Tensor] = {}
-        # fork_rng: whatever perturb or an explainer draws, the training RNG streams are as before
-        with torch.random.fork_rng(devices=cuda), eval_mode(bare), \
-                torch.autocast(device.type, enabled=False):
+        with probe_mode(model, device) as (bare, device):
             x, y = x_cpu.to(device), y_cpu.to(device)
             x_adv = self.perturb(bare, x, y, torch.Generator().manual_seed(self.seed)).detach()
             with torch.no_grad():

@@ -12,10 +12,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from robustkit import distributed as dist
 from robustkit.sensitivity import SensitivityMeter, resolve_layers
-from robustkit.training.callbacks.base import Callback, check_probe_args, first_items
-from robustkit.utils import eval_mode
+from robustkit.training.callbacks.base import (
+    Callback,
+    check_probe_args,
+    first_items,
+    probe_due,
+    probe_mode,
+)
 
 __all__ = ["SensitivityCallback", "Perturb"]
 
@@ -100,8 +104,7 @@ class SensitivityCallback(Callback):
         self._probe: tuple[Tensor, Tensor] | None = None
 
     def on_epoch_end(self, trainer) -> None:
-        done = trainer.state.epoch
-        if not (done % self.every == 0 or done == trainer.epochs) or not dist.is_main():
+        if not probe_due(trainer, self.every):
             return
         start = time.perf_counter()
         sigma, rel = self.measure(trainer.model, trainer.device)
@@ -128,20 +131,10 @@ class SensitivityCallback(Callback):
         Pairs whose x' is NaN or infinite are left out with a warning; ``({}, None)`` when none
         is left (nothing is logged that epoch).
         """
-        bare = dist.unwrap(model)
-        if device is None:
-            device = next(iter(list(bare.parameters()) + list(bare.buffers())),
-                          torch.empty(0)).device
-        device = torch.device(device)
-        layers = resolve_layers(bare, self.layers)
-        meter = SensitivityMeter(bare, layers, self.reduction)
         x_all, y_all = self.probe()
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
-            if device.type == "cuda" else []
         broken = 0
-        # fork_rng: whatever perturb draws, the training RNG streams are as before
-        with torch.random.fork_rng(devices=cuda), eval_mode(bare), \
-                torch.autocast(device.type, enabled=False):
+        with probe_mode(model, device) as (bare, device):
+            meter = SensitivityMeter(bare, resolve_layers(bare, self.layers), self.reduction)
             for b, i in enumerate(range(0, self.n, self.batch_size)):
                 x = x_all[i:i + self.batch_size].to(device)
                 y = y_all[i:i + self.batch_size].to(device)
