@@ -141,6 +141,10 @@ def test_cli_bad_file_exits_2_with_one_line(tmp_path, capsys):
     assert err.startswith("robustkit sweep: error:") and "\n" not in err
     assert main(["sweep", str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
+    assert main(["sweep", str(SMOKE), "--out", str(tmp_path / "o"), "--only", "jr,nope",
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--only: 'nope' names no run" in err and "\n" not in err
 
 
 # --- statistics against plain computations -------------------------------------------------
@@ -469,3 +473,24 @@ def test_slurm_without_a_cluster_is_one_user_error(tmp_path, monkeypatch):
     spec = parse_sweep(_sweep(out=str(tmp_path)))
     with pytest.raises(ConfigError, match="--executor slurm: .*srun"):
         run(spec, executor="slurm")
+
+
+def test_only_runs_the_named_part_and_names_unknown_entries(smoke, monkeypatch):
+    """only= picks labels, run names and names without the seed, in file order; the rest is
+    neither run nor skipped-as-finished; a name of nothing is a one-line error."""
+    from robustkit.sweep.launch import _select
+
+    spec, _ = smoke
+    names = [r.name for r in spec.runs]
+    assert [r.name for r in _select(spec, ["natural"])] == ["natural_seed0"]
+    assert [r.name for r in _select(spec, ["jr_lam0.1", "natural_seed0"])] == [
+        n for n in names if n in ("jr_lam0.1_seed0", "natural_seed0")]
+    assert [r.name for r in _select(spec, ["jr"])] == [n for n in names if n.startswith("jr")]
+    assert _select(spec, None) == spec.runs
+    for bad, match in ((["nope", "jr"], r"'nope' names no run of sweep .*labels: "),
+                       ([], "non-empty list"), ("jr", "non-empty list")):
+        with pytest.raises(ConfigError, match=match):
+            run(spec, only=bad, dry_run=True)
+    monkeypatch.chdir(ROOT)
+    part = run(spec, only=["jr"], dry_run=True)
+    assert sorted(part.skipped) == sorted(n for n in names if n.startswith("jr"))

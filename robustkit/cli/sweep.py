@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
                    help="none: processes here; local: submitit's LocalExecutor; slurm: "
                    "submitit on a SLURM cluster (the file's slurm: options)")
     p.add_argument("--out", metavar="DIR", help="output root (replaces the file's out:)")
+    p.add_argument("--only", metavar="NAMES", help="comma-separated labels or run names: run "
+                   "only those (split a sweep over processes sharing its output root)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state only")
     p.add_argument("--collect", action="store_true", help="only collect the finished runs")
     p.add_argument("--baseline", metavar="NAME", help="the paired tests' reference (a run "
@@ -39,9 +41,10 @@ def run(args: argparse.Namespace) -> int:
     from robustkit import sweep
 
     spec = sweep.load_sweep(args.file, out=args.out)
+    only = None if args.only is None else [s.strip() for s in args.only.split(",") if s.strip()]
     if args.dry_run or not args.collect:
         res = sweep.run(spec, jobs=args.jobs, executor=args.executor, dry_run=args.dry_run,
-                        collect=False)
+                        collect=False, only=only)
         for r in spec.runs:
             extra = " ".join(r.overrides[:-4])  # the last four: seed, out_dir, resume, progress
             print(f"{sweep.status(r, spec.eval):8s} {r.name}  ({r.config} {extra})")
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ran {len(res.ran)}, skipped {len(res.skipped)} finished, failed "
               f"{len(res.failed)}" + "".join(f"\n  {k}: {v}" for k, v in res.failed.items()))
         if res.failed or any(sweep.status(r, spec.eval) != "done" for r in spec.runs):
-            return 1
+            return 1  # with --only, the other part may still be running: collect later
     table = sweep.collect(spec, baseline=args.baseline)
     paths = table.save(spec.out)
     cols = ["run", "clean", "robust", "robust_lo", "robust_hi", "penalty_init", "train_s"]

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -73,7 +74,7 @@ def _plain_eval(ev: EvalSpec) -> dict[str, Any]:
 
 
 def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool = True,
-        dry_run: bool = False) -> SweepResult:
+        dry_run: bool = False, only: Sequence[str] | None = None) -> SweepResult:
     """Train and evaluate every unfinished run of ``spec``; finished runs are skipped.
 
     Args:
@@ -82,9 +83,13 @@ def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool
         executor: ``"none"``, ``"local"`` or ``"slurm"`` (module docstring).
         collect: build the table (``result.table``) when no run is left unfinished.
         dry_run: decide what would run; run nothing.
+        only: run only these groups (labels) or runs (names, with or without ``_seed<k>``),
+            to split one sweep over processes or machines that share its output folder
+            (give each a disjoint part); the others are neither run nor counted as failed.
 
     Raises:
-        ConfigError: a bad ``jobs``/``executor``, or ``eval`` missing from the sweep.
+        ConfigError: a bad ``jobs``/``executor``, ``eval`` missing from the sweep, or an
+            ``only`` entry that names no label or run (the labels listed).
     """
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"--jobs: an integer >= 1, got {jobs!r}")
@@ -93,8 +98,9 @@ def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool
     if spec.eval is None:
         raise ConfigError("sweep key 'eval' is missing: every run is evaluated after training")
     result = SweepResult(spec)
-    todo = [r for r in spec.runs if status(r, spec.eval) != "done"]
-    result.skipped = [r.name for r in spec.runs if r not in todo]
+    chosen = _select(spec, only)
+    todo = [r for r in chosen if status(r, spec.eval) != "done"]
+    result.skipped = [r.name for r in chosen if r not in todo]
     logger.info("sweep %s: %d runs, %d finished, %d to run (%s, %d at a time)", spec.name,
                 len(spec.runs), len(result.skipped), len(todo), executor, jobs)
     if dry_run or not todo:
@@ -112,6 +118,23 @@ def run(spec: SweepSpec, *, jobs: int = 1, executor: str = "none", collect: bool
             result.failed[r.name] = err
             logger.error("run %s failed: %s", r.name, err)
     return _finish(result, collect)
+
+
+def _select(spec: SweepSpec, only: Sequence[str] | None) -> list[RunSpec]:
+    """The runs ``only`` names (labels, run names, run names without the seed), in file order."""
+    if only is None:
+        return list(spec.runs)
+    if isinstance(only, str) or not only:
+        raise ConfigError(f"--only: a non-empty list of labels or run names, got {only!r}")
+    known = {r.label for r in spec.runs} | {r.name for r in spec.runs} | \
+        {r.stem for r in spec.runs}
+    unknown = [o for o in only if o not in known]
+    if unknown:
+        labels = ", ".join(dict.fromkeys(r.label for r in spec.runs))
+        raise ConfigError(f"--only: {', '.join(map(repr, unknown))} names no run of sweep "
+                          f"{spec.name!r} (labels: {labels})")
+    wanted = set(only)
+    return [r for r in spec.runs if wanted & {r.label, r.name, r.stem}]
 
 
 def run_one(r: RunSpec, ev: EvalSpec) -> dict[str, Any]:
