@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,15 +140,17 @@ def test_diverged_adversarial_images_are_left_out_with_a_warning(caplog):
     torch.manual_seed(0)
     model = TinyCNN(3, K, size=8).eval()
 
-    def half_broken(model, x, y, generator):
+    def half_broken(model, x, y, generator):  # every 4th pair: 2 + 2 + 1 of batches 8, 8, 4
         x_adv = _perturb(model, x, y, generator).clone()
-        x_adv[::2] = float("nan")
+        x_adv[::4] = float("nan")
         return x_adv
 
     cb = _callback(half_broken)
     with caplog.at_level(logging.WARNING):
         sigma, _ = cb.measure(model)
-    assert "10 of 20 adversarial images were NaN" in caplog.text
+    (msg,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert msg == ("sensitivity probe: 5 of 20 adversarial images were NaN or infinite (the "
+                   "attack diverged); sigma is over the other 15")
     x, y = cb.probe()
     x_adv = torch.cat([half_broken(model, x[i:i + 8], y[i:i + 8],
                                    torch.Generator().manual_seed(cb.seed + b))
@@ -160,6 +163,48 @@ def test_diverged_adversarial_images_are_left_out_with_a_warning(caplog):
     trainer = _fake_trainer(model, epoch=1)
     all_broken.on_epoch_end(trainer)
     assert not any(k.startswith("sensitivity") for k in trainer.state.metrics)
+
+
+class _NoEmptyBatch(torch.nn.Module):
+    """A model that refuses an empty batch (as some do: a reshape by the batch size, a check)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.shape[0] == 0:
+            raise RuntimeError("empty batch")
+        return self.inner(x)
+
+
+def test_a_batch_whose_pairs_all_diverged_is_not_forwarded():
+    torch.manual_seed(0)
+    model = _NoEmptyBatch(TinyCNN(3, K, size=8)).eval()
+
+    def first_batch_broken(model, x, y, generator):
+        x_adv = _perturb(model, x, y, generator)
+        return torch.full_like(x, float("nan")) if generator.initial_seed() == 0 else x_adv
+
+    cb = SensitivityCallback(_data(24, seed=3), first_batch_broken, layers=["inner.fc"], n=16,
+                             batch_size=8)
+    sigma, _ = cb.measure(model)
+    assert set(sigma) == {"inner.fc"} and torch.isfinite(sigma["inner.fc"]).all()
+
+
+def test_epoch_end_measures_on_the_trainers_device_and_logs_the_time(caplog):
+    cb = _callback()
+    seen = []
+    cb.measure = lambda model, device=None: seen.append(device) or (
+        {"fc": torch.tensor([1.0, 3.0])}, None)
+    trainer = _fake_trainer(TinyCNN(3, K, size=8), epoch=1)
+    trainer.device = torch.device("cpu", 0)  # not what the model's parameters say
+    with caplog.at_level(logging.INFO, logger="robustkit.training.callbacks.sensitivity"):
+        cb.on_epoch_end(trainer)
+    assert seen == [torch.device("cpu", 0)]
+    assert trainer.state.metrics == {"sensitivity/fc": 2.0}  # relative=None: no rel key
+    (msg,) = [r.getMessage() for r in caplog.records]
+    assert re.fullmatch(r"sensitivity probe \(20 pairs, 1 layers\) took \d+\.\d\d s", msg)
 
 
 def test_fixed_probe_gives_the_same_numbers_in_a_fresh_callback():
