@@ -207,6 +207,30 @@ def test_epoch_end_measures_on_the_trainers_device_and_logs_the_time(caplog):
     assert re.fullmatch(r"sensitivity probe \(20 pairs, 1 layers\) took \d+\.\d\d s", msg)
 
 
+def test_library_defaults_and_a_copy_of_the_layer_list():
+    cb = SensitivityCallback(_data(300, seed=0), _perturb)
+    assert (cb.layers, cb.n, cb.every, cb.batch_size, cb.seed, cb.relative, cb.reduction) == (
+        "auto", 256, 1, 256, 0, True, "elementwise")
+    layers = ["fc"]
+    cb = SensitivityCallback(_data(4, seed=0), _perturb, layers=layers,
+                             reduction="spatial_mean")
+    layers.append("features.0")  # the caller's list changes later: the callback's does not
+    assert cb.layers == ["fc"] and cb.reduction == "spatial_mean"
+
+
+def test_a_probe_larger_than_the_held_out_set_says_so_once(caplog):
+    name = "robustkit.training.callbacks.sensitivity"
+    with caplog.at_level(logging.INFO, logger=name):
+        SensitivityCallback(_data(24, seed=0), _perturb, n=24)
+        SensitivityCallback(_data(24, seed=0), _perturb, n=23)
+    assert caplog.records == []  # enough images: nothing to say
+    with caplog.at_level(logging.INFO, logger=name):
+        cb = SensitivityCallback(_data(24, seed=0), _perturb, n=100)
+    assert cb.n == 24
+    assert [r.getMessage() for r in caplog.records] == [
+        "sensitivity probe: 100 images requested, the held-out set has 24"]
+
+
 def test_fixed_probe_gives_the_same_numbers_in_a_fresh_callback():
     """Nothing to checkpoint: a resumed run's new callback measures exactly the same pairs."""
     torch.manual_seed(0)
