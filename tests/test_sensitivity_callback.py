@@ -204,7 +204,27 @@ def test_epoch_end_measures_on_the_trainers_device_and_logs_the_time(caplog):
     assert seen == [torch.device("cpu", 0)]
     assert trainer.state.metrics == {"sensitivity/fc": 2.0}  # relative=None: no rel key
     (msg,) = [r.getMessage() for r in caplog.records]
-    assert re.fullmatch(r"sensitivity probe \(20 pairs, 1 layers\) took \d+\.\d\d s", msg)
+    took = re.fullmatch(r"sensitivity probe \(20 pairs, 1 layers\) took (\d+\.\d\d) s", msg)
+    assert took and float(took[1]) < 30  # the elapsed time, not a clock reading
+
+
+@pytest.mark.parametrize("reduction", ["elementwise", "spatial_mean"])
+def test_each_reduction_equals_the_direct_measurement(reduction):
+    """The callback's σ (absolute and relative) under either convention equals
+    neuron_sensitivity on the same pairs: the reduction reaches the meter."""
+    torch.manual_seed(0)
+    model = TinyCNN(3, K, size=8).eval()
+    cb = _callback(reduction=reduction)
+    sigma, rel = cb.measure(model)
+    x, y = cb.probe()
+    x_adv = torch.cat([_perturb(model, x[i:i + 8], y[i:i + 8],
+                                torch.Generator().manual_seed(cb.seed + b))
+                       for b, i in enumerate(range(0, 20, 8))])
+    for relative, got in ((False, sigma), (True, rel)):
+        direct = neuron_sensitivity(model, x, x_adv, layers=LAYERS, reduction=reduction,
+                                    relative=relative)
+        for name in LAYERS:
+            torch.testing.assert_close(got[name], direct[name])
 
 
 def test_library_defaults_and_a_copy_of_the_layer_list():
