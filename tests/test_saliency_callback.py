@@ -327,7 +327,8 @@ def test_epoch_end_measures_on_the_trainers_device_and_logs_the_time(caplog):
         cb.on_epoch_end(trainer)
     assert seen == [torch.device("cpu", 0)] and trainer.state.metrics["m"] == 1.0
     (msg,) = [r.getMessage() for r in caplog.records]
-    assert re.fullmatch(rf"saliency panel \({N} images, 1 explainers\) took \d+\.\d\d s", msg)
+    took = re.fullmatch(rf"saliency panel \({N} images, 1 explainers\) took (\d+\.\d\d) s", msg)
+    assert took and float(took[1]) < 30  # the elapsed time, not a clock reading
 
 
 def test_class_names_of_the_dataset_itself_or_of_the_one_under_a_subset():
