@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -137,13 +138,31 @@ def rss_growth(fn: Callable[[], object]) -> int | None:
     return _status_bytes("VmHWM") - before
 
 
+@contextlib.contextmanager
+def _native_stderr_to_devnull():
+    """File descriptor 2 pointed at /dev/null for the block: the CPU profiler's kineto writes
+    ``USDT:... profiler_start`` / ``profiler_stop`` lines straight to it (``KINETO_LOG_LEVEL``
+    does not silence them), two per measurement, which buried ``make bench``'s tables."""
+    import sys
+
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def cpu_tensor_peak(fn: Callable[[], object]) -> int:
     """Peak of CPU tensor bytes allocated during ``fn()`` above the level at its start, from the
     profiler's allocator events in start order (each operator's own net allocation at its start;
     frees outside operators as ``[memory]`` events)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_stderr_to_devnull():
         warnings.simplefilter("ignore")
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
