@@ -34,14 +34,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
-# bench_srd_dat and bench_speedmap run their --quick forms here (the full speed map, ResNet-18
-# and its compile warm-ups included, took an hour on 2 loaded CPU cores: docs/speed.md);
+# bench_saliency, bench_srd_dat and bench_speedmap run their --quick forms here: on 2 loaded
+# CPU cores the full speed map (ResNet-18 and its compile warm-ups) took an hour, and the full
+# saliency benchmark's ResNet-18 part (16 images x n = 50) 21 minutes for AdaptGrad alone
+# (docs/speed.md, docs/experiments.md); run them without --quick on a GPU or a quiet machine;
 # bench_gpu measures the GPU map where CUDA is present and writes {"skipped": true} elsewhere.
 bench: $(STAMP)
 	$(PY) benchmarks/bench_attacks.py
 	$(PY) benchmarks/bench_training.py
 	$(PY) benchmarks/bench_regularisers.py
-	$(PY) benchmarks/bench_saliency.py
+	$(PY) benchmarks/bench_saliency.py --quick
 	$(PY) benchmarks/bench_srd_dat.py --quick
 	$(PY) benchmarks/bench_speedmap.py --quick
 	$(PY) benchmarks/bench_gpu.py
