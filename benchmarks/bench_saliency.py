@@ -65,6 +65,7 @@ from _common import (  # noqa: E402
 )
 
 from robustkit.saliency import AdaptGrad, Gradient, SmoothGrad  # noqa: E402
+from robustkit.saliency.base import DEFAULT_ROWS  # noqa: E402
 from robustkit.utils import resolve_device  # noqa: E402
 
 log = logging.getLogger("bench_saliency")
@@ -204,13 +205,18 @@ def adaptgrad_section(label: str, model: nn.Module, x: Tensor, n: int, device: t
         out["time_ratio"][key] = r
         out["time_ratio_of_minima"][key] = ratio(times, num, den)
         what = {"robustkit": f"AdaptGrad (ibs={best})",
-                "robustkit_default": f"AdaptGrad default (ibs=N={n_img})"}[num]
+                "robustkit_default": f"AdaptGrad default ({_default_rows(n_img)})"}[num]
         ref_name = {"ideal": f"ideal (chunk {best})", "official_loop": "official loop"}[den]
         rows_out.append({"name": f"{label} {what} / {ref_name}", "value": r, "target": target,
                          "ok": None if target is None else r <= target,
                          "note": f"{n_img} img x {n + 1}; {median(times[num]):.3g} s"})
     log.info("%s AdaptGrad measured in %.0f s", label, time.perf_counter() - t0)
     return out
+
+
+def _default_rows(n_img: int) -> str:
+    """The rows per pass an explainer built without ``internal_batch_size`` uses."""
+    return f"ibs=max(N, {DEFAULT_ROWS})={max(n_img, DEFAULT_ROWS)}"
 
 
 def smoothgrad_section(label: str, model: nn.Module, x: Tensor, n: int, device: torch.device,
@@ -245,7 +251,7 @@ def smoothgrad_section(label: str, model: nn.Module, x: Tensor, n: int, device: 
         out["time_ratio"][key] = r
         out["time_ratio_of_minima"][key] = ratio(times, num, "captum")
         what = (f"SmoothGrad (ibs=N*n={n_img * n})" if num == "robustkit"
-                else f"SmoothGrad default (ibs=N={n_img})")
+                else f"SmoothGrad default ({_default_rows(n_img)})")
         rows_out.append({"name": f"{label} {what} / captum NoiseTunnel", "value": r,
                          "target": target, "ok": None if target is None else r <= target,
                          "note": f"{n_img} img x {n}; {median(times[num]):.3g} s"})
