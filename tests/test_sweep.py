@@ -494,3 +494,25 @@ def test_only_runs_the_named_part_and_names_unknown_entries(smoke, monkeypatch):
     monkeypatch.chdir(ROOT)
     part = run(spec, only=["jr"], dry_run=True)
     assert sorted(part.skipped) == sorted(n for n in names if n.startswith("jr"))
+
+
+def test_a_half_finished_group_is_paired_run_by_run_when_the_spec_is_given(tmp_path,
+                                                                          monkeypatch):
+    """Grid sizes come from the spec: igr's finished second point is paired with jr's second
+    while igr's first is still running. From the folder alone the finished igr run looks like a
+    one-point grid and is not paired (the spec is what knows the grid)."""
+    monkeypatch.chdir(ROOT)
+    spec = parse_sweep({"name": "half", "out": str(tmp_path), "baseline": "jr", "groups": [
+        {"label": label, "base": f"configs/train/mnist_{label}.yaml",
+         "grid": {"objective.params.lam": [0.1, 1.0]}} for label in ("jr", "igr")]})
+    rng = np.random.default_rng(1)
+    flags = {name: (rng.random(80) < 0.6).astype(int).tolist()
+             for name in ("jr_lam0.1_seed0", "jr_lam1_seed0", "igr_lam1_seed0")}
+    for name, fl in flags.items():
+        label, lam = name.split("_lam")[0], float(name.split("_lam")[1].split("_")[0])
+        _fake_run(tmp_path, name, label, [0.1, 1.0].index(lam), fl, {"objective.params.lam": lam})
+    tests = collect(spec).tests.set_index("run")
+    assert dict(tests["baseline"]) == {"igr_lam1_seed0": "jr_lam1_seed0"}
+    e01, e10, _ = _plain_mcnemar(flags["igr_lam1_seed0"], flags["jr_lam1_seed0"])
+    assert (tests.loc["igr_lam1_seed0", "b"], tests.loc["igr_lam1_seed0", "c"]) == (e01, e10)
+    assert collect(tmp_path, baseline="jr").tests.empty

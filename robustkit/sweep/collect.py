@@ -139,7 +139,9 @@ def collect(source: Any, baseline: str | None = None, metric: str = "robust") ->
             sub-folder holding ``sweep_done.json``).
         baseline: the reference run's name without ``_seed<k>``, or a label: each run of a
             group with as many grid points is paired with the baseline group's run at the same
-            position and seed (default: the spec's).
+            position and seed (default: the spec's). Grid points are counted in the spec when
+            ``source`` is one, so a half-finished group is paired run by run; from a folder,
+            among the finished runs.
         metric: the accuracy column the paired tests compare (``robust``, ``clean`` or an
             attack's name).
 
@@ -151,11 +153,14 @@ def collect(source: Any, baseline: str | None = None, metric: str = "robust") ->
 
     from robustkit.sweep.spec import DONE
 
+    sizes = None  # grid points per label: from the spec (finished or not) when there is one
     if isinstance(source, (str, os.PathLike)):
         folders = sorted(p.parent for p in Path(source).glob(f"*/{DONE}"))
     else:
         folders = [r.out_dir for r in source.runs if (r.out_dir / DONE).is_file()]
         baseline = baseline if baseline is not None else source.baseline
+        sizes = {lab: len({r.index for r in source.runs if r.label == lab})
+                 for lab in {r.label for r in source.runs}}
     if not folders:
         where = source if isinstance(source, (str, os.PathLike)) else source.out
         raise ConfigError(f"no finished run in {where}")
@@ -186,12 +191,12 @@ def collect(source: Any, baseline: str | None = None, metric: str = "robust") ->
                    eval_s=rec.get("eval_s"), epochs=rec.get("epochs"))
         rows.append(row)
     runs = pd.DataFrame(rows)
-    tests, family = _tests(records, flags, baseline, metric)
+    tests, family = _tests(records, flags, baseline, metric, sizes)
     return SweepTable(runs, tests, family, params, baseline, metric)
 
 
 def _tests(records: list[dict[str, Any]], flags: dict[str, Any], baseline: str | None,
-           metric: str) -> tuple[Any, str]:
+           metric: str, sizes: dict[str, int] | None = None) -> tuple[Any, str]:
     import pandas as pd
 
     columns = ["run", "baseline", "metric", "n", "acc", "acc_baseline", "diff", "b", "c",
@@ -204,8 +209,10 @@ def _tests(records: list[dict[str, Any]], flags: dict[str, Any], baseline: str |
     if baseline in labels:  # matched grids: the baseline group's run at the same position
         refs = {(r["seed"], r.get("index", 0)): r["name"] for r in records
                 if r["label"] == baseline}
-        size = {lab: len({r.get("index", 0) for r in records if r["label"] == lab})
-                for lab in labels}
+        # a group's grid size: the spec's when given, so that a half-finished group is
+        # paired run by run as it finishes; from a bare folder, the finished runs' positions
+        size = sizes or {lab: len({r.get("index", 0) for r in records if r["label"] == lab})
+                         for lab in labels}
 
         def reference(rec: dict[str, Any]) -> str | None:
             if rec["label"] == baseline or size[rec["label"]] != size[baseline]:
