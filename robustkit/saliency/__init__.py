@@ -94,10 +94,8 @@ def create_explainer(name: str, model: nn.Module, inner: Explainer | None = None
         >>> sg = create_explainer("smoothgrad", model, stdev=0.2, seed=0)
         >>> ig_sg = create_explainer("ig", model, inner=sg, n_steps=20)
     """
-    if name not in EXPLAINERS:
-        raise ValueError(f"unknown explainer {name!r}; known: {sorted(EXPLAINERS)}")
+    accepted = explainer_params(name)  # raises for an unknown name, listing the known ones
     factory = EXPLAINERS[name]
-    accepted = explainer_params(name)
     bad = [k for k in kwargs if k not in accepted]
     if bad:
         raise ValueError(f"explainer {name!r} does not accept {bad}; accepted: {accepted}")

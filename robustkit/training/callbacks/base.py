@@ -85,13 +85,11 @@ def probe_mode(model, device=None) -> Iterator[tuple[Any, Any]]:
     import torch
 
     from robustkit import distributed as dist
+    from robustkit.sensitivity.pairs import model_device
     from robustkit.utils import eval_mode
 
     bare = dist.unwrap(model)
-    if device is None:
-        device = next(iter(list(bare.parameters()) + list(bare.buffers())),
-                      torch.empty(0)).device
-    device = torch.device(device)
+    device = model_device(bare) if device is None else torch.device(device)
     with torch.random.fork_rng(devices=cuda_indices(device)), eval_mode(bare), \
             torch.autocast(device.type, enabled=False):
         yield bare, device
